@@ -1,0 +1,155 @@
+"""create_app(): the FastAPI application and its lifespan (the typed State)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import structlog
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
+
+from converge import __version__
+from converge.config import Settings
+from converge.control.events.api import router as events_router
+from converge.control.events.broadcaster import Broadcaster
+from converge.control.ops.api import router as ops_router
+from converge.control.projects.api import router as projects_router
+from converge.control.projects.auth import PrincipalDep
+from converge.control.projects.bootstrap import ensure_admin_key
+from converge.control.projects.oidc import OidcVerifier
+from converge.errors import PROBLEM_SCHEMA, install_error_handlers
+from converge.kit.observability import Metrics, RequestContextMiddleware
+from converge.state import State
+from converge.storage.db import (
+    make_engine,
+    make_sessionmaker,
+    migrate_and_bootstrap,
+    start_database,
+    transaction,
+)
+
+log = structlog.get_logger(__name__)
+DESCRIPTION = (
+    "Converge: a self-hosted AI factory. "
+    "Every route but /health, /readiness and /metrics needs a bearer credential."
+)
+
+
+def _print_first_key(token: str) -> None:
+    # stdout, not the log: the key is shown once to the person starting Converge and never logged.
+    print(
+        f"\nFirst start: an organisation admin key was created. It is shown only now:\n\n  {token}\n",
+        file=sys.stdout,
+        flush=True,
+    )
+
+
+def create_app(
+    settings: Settings, *, on_first_key: Callable[[str], None] | None = _print_first_key
+) -> FastAPI:
+    metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        database = await asyncio.to_thread(start_database, settings)
+        head = await asyncio.to_thread(migrate_and_bootstrap, database)
+        engine = make_engine(database, settings)
+        sessions = make_sessionmaker(engine)
+        metrics.watch_pool(lambda: _pool_stats(engine))
+        http = httpx.AsyncClient(timeout=10.0)
+        broadcaster = Broadcaster(
+            conninfo=database.url.replace("postgresql+psycopg://", "postgresql://"), sessions=sessions
+        )
+        oidc = OidcVerifier(settings=settings.auth, http=http) if settings.auth.oidc_jwks_url else None
+        state = State(
+            settings=settings,
+            database=database,
+            engine=engine,
+            sessions=sessions,
+            http=http,
+            broadcaster=broadcaster,
+            oidc=oidc,
+            head_revision=head,
+            services=[broadcaster],
+            extras={"metrics": metrics},
+        )
+        app.state.converge = state
+        async with transaction(sessions) as session:
+            token = await ensure_admin_key(session, settings)
+        if token and on_first_key:
+            on_first_key(token)
+        await broadcaster.start()
+        log.info("converge_started", url=settings.base_url, embedded_db=database.embedded is not None)
+        try:
+            yield
+        finally:
+            await broadcaster.stop()
+            await http.aclose()
+            await engine.dispose()
+            log.info("converge_stopped")
+
+    app = FastAPI(
+        title="Converge",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        openapi_url="/openapi.json" if settings.server.public_docs else None,
+        docs_url="/docs" if settings.server.public_docs else None,
+        redoc_url=None,
+    )
+    install_error_handlers(app)
+    for router in (ops_router, projects_router, events_router):
+        app.include_router(router)
+    _complete_openapi(app)
+    if not settings.server.public_docs:
+        _protected_openapi(app)
+    if settings.server.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.server.cors_origins,
+            allow_credentials=True,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["x-request-id"],
+        )
+    app.add_middleware(
+        RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.server.max_body_bytes
+    )
+    return app
+
+
+def _complete_openapi(app: FastAPI) -> None:
+    """Add the shared Problem schema that every route's error responses reference."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            schema.setdefault("components", {}).setdefault("schemas", {})["Problem"] = PROBLEM_SCHEMA
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _protected_openapi(app: FastAPI) -> None:
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(_: PrincipalDep) -> dict[str, Any]:
+        return app.openapi()
+
+
+def _pool_stats(engine: Any) -> dict[str, int]:
+    pool = engine.pool
+    return {
+        "size": pool.size(),
+        "checked_out": pool.checkedout(),
+        "overflow": pool.overflow(),
+        "checked_in": pool.checkedin(),
+    }

@@ -1,0 +1,49 @@
+"""`converge up`: run the API with uvicorn in this process."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import uvicorn
+from pydantic import ValidationError
+from rich.console import Console
+
+from converge.cli.client import Profile, save_profile
+from converge.config import Settings
+from converge.kit.observability import configure_logging
+
+console = Console()
+
+
+def serve(*, host: str | None, port: int | None) -> None:
+    overrides: dict[str, Any] = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        console.print(f"[red]Invalid configuration:[/] {exc.errors()[0]['msg']}")
+        raise SystemExit(2) from None
+    configure_logging(settings.server.log_level, json_logs=not os.isatty(2))
+
+    from converge.app import create_app
+
+    def first_key(token: str) -> None:
+        path = save_profile("local", Profile(url=settings.base_url, key=token))
+        console.print(
+            "\n[bold green]First start:[/] an organisation admin key was created. It is shown only now:\n\n"
+            f"  [bold]{token}[/]\n\n(saved as the CLI profile 'local' in {path})\n"
+        )
+
+    app = create_app(settings, on_first_key=first_key)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+    )
+    server = uvicorn.Server(config)
+    console.print(f"Converge starting on [bold]{settings.base_url}[/] (data: {settings.data_dir})")
+    server.run()

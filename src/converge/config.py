@@ -1,0 +1,105 @@
+"""Typed configuration: one Settings object, read from CONVERGE_* environment variables.
+
+Top-level names (CONVERGE_DATA_DIR, CONVERGE_HOST, CONVERGE_PORT, CONVERGE_DATABASE_URL,
+CONVERGE_BOOTSTRAP_TOKEN) are fixed because operators and scripts rely on them; everything
+else is nested per subsystem, e.g. CONVERGE_AUTH__OIDC_JWKS_URL.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_SECRET = "converge-dev-secret-change-me"
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "converge"
+
+
+class DatabaseSettings(BaseModel):
+    pool_size: int = 10
+    max_overflow: int = 20
+    pool_timeout_s: float = 10.0
+    echo: bool = False
+
+
+class AuthSettings(BaseModel):
+    # Pepper for API-key hashes: a leaked database alone cannot be used to test key guesses.
+    secret_key: SecretStr = SecretStr(DEV_SECRET)
+    key_last_used_resolution_s: int = 60
+    oidc_jwks_url: str | None = None
+    oidc_issuer: str | None = None
+    oidc_audience: str | None = None
+    oidc_roles_claim: str = "converge_roles"
+    oidc_subject_claim: str = "sub"
+    oidc_admin_value: str = "admin"
+    oidc_jwks_cache_s: int = 300
+
+
+class ServerSettings(BaseModel):
+    cors_origins: list[str] = Field(default_factory=list)
+    max_body_bytes: int = 1 << 20
+    public_docs: bool = False
+    log_level: str = "INFO"
+    sse_heartbeat_s: float = 15.0
+
+
+class LibrarySettings(BaseModel):
+    approvals_required: int = 1
+    max_upload_bytes: int = 50 << 30
+    sync_interval_s: float = 30.0
+    seed_catalogue: bool = True
+    artifact_store_url: str | None = None  # None = <data_dir>/artifacts; s3://bucket/prefix for S3
+    s3_endpoint: str | None = None
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CONVERGE_", env_nested_delimiter="__", extra="ignore", frozen=True
+    )
+
+    env: Literal["dev", "production"] = "dev"
+    data_dir: Path = Field(default_factory=default_data_dir)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    database_url: str | None = None
+    bootstrap_token: SecretStr | None = None
+    run_workers: bool = True
+
+    database: DatabaseSettings = DatabaseSettings()
+    auth: AuthSettings = AuthSettings()
+    server: ServerSettings = ServerSettings()
+    library: LibrarySettings = LibrarySettings()
+
+    @model_validator(mode="after")
+    def _refuse_default_secrets(self) -> Settings:
+        if self.env != "dev" and self.auth.secret_key.get_secret_value() == DEV_SECRET:
+            raise ValueError(
+                "CONVERGE_AUTH__SECRET_KEY still has its development default; "
+                "set a random secret (e.g. `openssl rand -hex 32`) or run with CONVERGE_ENV=dev"
+            )
+        if self.bootstrap_token is not None and len(self.bootstrap_token.get_secret_value()) < 16:
+            raise ValueError("CONVERGE_BOOTSTRAP_TOKEN must be at least 16 characters")
+        return self
+
+    @cached_property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def pg_dir(self) -> Path:
+        return self.data_dir / "postgres"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.data_dir / "artifacts"

@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated
+
+from pydantic import Field, StringConstraints
+
+from converge.core.rbac import Role
+from converge.kit.schemas import Input, Output
+
+ProjectName = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=63, pattern=r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"),
+    Field(description="DNS-label style: lowercase letters, digits and '-', 1-63 characters"),
+]
+Subject = Annotated[str, StringConstraints(min_length=1, max_length=255)]
+
+
+class Quotas(Input):
+    cpu: float | None = Field(default=None, ge=0, description="CPU cores; null = unlimited")
+    memory_bytes: int | None = Field(default=None, ge=0)
+    gpus: int | None = Field(default=None, ge=0)
+
+
+class ProjectCreate(Input):
+    name: ProjectName
+    description: str = Field(default="", max_length=1000)
+    quotas: Quotas = Quotas()
+
+
+class ProjectUpdate(Input):
+    description: str | None = Field(default=None, max_length=1000)
+    quotas: Quotas | None = None
+
+
+class ProjectRead(Output):
+    id: uuid.UUID
+    name: str
+    description: str
+    quotas: dict[str, float | int | None]
+    created_at: datetime
+    updated_at: datetime
+    your_role: Role | None = None
+
+
+class MemberCreate(Input):
+    subject: Subject = Field(description="The OIDC subject (the `sub` claim) of the user")
+    role: Role
+
+
+class MemberUpdate(Input):
+    role: Role
+
+
+class MemberRead(Output):
+    id: uuid.UUID
+    project_id: uuid.UUID
+    subject: str
+    role: Role
+    added_by: str
+    created_at: datetime
+
+
+class KeyCreate(Input):
+    name: Annotated[str, StringConstraints(min_length=1, max_length=100)]
+    role: Role = Field(default=Role.DEVELOPER, description="At most the caller's own role")
+    expires_in_days: int | None = Field(default=90, ge=1, le=3650, description="null = never expires")
+
+
+class OrgKeyCreate(Input):
+    name: Annotated[str, StringConstraints(min_length=1, max_length=100)]
+    expires_in_days: int | None = Field(default=None, ge=1, le=3650)
+
+
+class KeyRead(Output):
+    id: uuid.UUID
+    name: str
+    prefix: str
+    project_id: uuid.UUID | None
+    role: Role
+    created_by: str
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+
+
+class KeyCreated(KeyRead):
+    token: str = Field(description="The key itself. Shown once; store it now.")
+
+
+class WhoAmI(Output):
+    subject: str
+    kind: str
+    is_admin: bool
+    roles: dict[str, Role]

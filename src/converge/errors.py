@@ -1,0 +1,166 @@
+"""One error family for the control path, rendered once as RFC 9457 problem+json."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
+
+PROBLEM_JSON = "application/problem+json"
+TYPE_BASE = "https://converge.dev/problems/"
+log = structlog.get_logger(__name__)
+
+
+class AppError(Exception):
+    status_code = 400
+    type = "bad-request"
+    title = "Bad request"
+
+    def __init__(self, detail: str, *, extra: dict[str, Any] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra or {}
+
+
+class BadRequest(AppError):
+    pass
+
+
+class Unauthorized(AppError):
+    status_code, type, title = 401, "unauthorized", "Authentication required"
+
+
+class Forbidden(AppError):
+    status_code, type, title = 403, "forbidden", "Not allowed"
+
+
+class NotFound(AppError):
+    status_code, type, title = 404, "not-found", "Not found"
+
+
+class Conflict(AppError):
+    status_code, type, title = 409, "conflict", "Conflict"
+
+
+class PolicyDenied(AppError):
+    status_code, type, title = 409, "policy-denied", "Denied by policy"
+
+
+class QuotaExceeded(AppError):
+    status_code, type, title = 409, "quota-exceeded", "Quota exceeded"
+
+
+class PayloadTooLarge(AppError):
+    status_code, type, title = 413, "payload-too-large", "Request body too large"
+
+
+class Unprocessable(AppError):
+    status_code, type, title = 422, "validation-error", "Invalid request"
+
+
+def problem(
+    *, status: int, type_: str, title: str, detail: str, instance: str | None = None, **extra: Any
+) -> JSONResponse:
+    body: dict[str, Any] = {
+        "type": TYPE_BASE + type_,
+        "title": title,
+        "status": status,
+        "detail": detail,
+    }
+    if instance:
+        body["instance"] = instance
+    body.update(extra)
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+def _validation_detail(errors: list[dict[str, Any]]) -> tuple[int, str, list[dict[str, Any]]]:
+    if any(e.get("type") == "json_invalid" for e in errors):
+        msg = next(e for e in errors if e.get("type") == "json_invalid").get("ctx", {}).get("error", "")
+        return 400, f"Malformed JSON body: {msg}".rstrip(": "), []
+    shown = []
+    for e in errors:
+        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+        shown.append({"field": loc, "message": e.get("msg", ""), "type": e.get("type", "")})
+    text = "; ".join(f"{s['field'] or '(body)'}: {s['message']}" for s in shown)
+    return 422, text, shown
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(AppError)
+    async def _app_error(request: Request, exc: AppError) -> JSONResponse:
+        return problem(
+            status=exc.status_code,
+            type_=exc.type,
+            title=exc.title,
+            detail=exc.detail,
+            instance=request.url.path,
+            **exc.extra,
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        status, detail, errors = _validation_detail(list(exc.errors()))
+        extra = {"errors": errors} if errors else {}
+        type_ = "malformed-json" if status == 400 else "validation-error"
+        title = "Malformed JSON" if status == 400 else "Invalid request"
+        return problem(
+            status=status, type_=type_, title=title, detail=detail, instance=request.url.path, **extra
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        titles = {404: "Not found", 405: "Method not allowed", 401: "Authentication required"}
+        return problem(
+            status=exc.status_code,
+            type_={404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error"),
+            title=titles.get(exc.status_code, "HTTP error"),
+            detail=str(exc.detail),
+            instance=request.url.path,
+        )
+
+    @app.exception_handler(Exception)
+    async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled_error", path=request.url.path)
+        return problem(
+            status=500,
+            type_="internal",
+            title="Internal error",
+            detail="An unexpected error occurred; the request id identifies it in the server log.",
+            instance=request.url.path,
+        )
+
+
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "title": "Problem",
+    "description": "RFC 9457 problem details",
+    "properties": {
+        "type": {"type": "string", "format": "uri"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "instance": {"type": "string"},
+        "errors": {"type": "array", "items": {"type": "object"}},
+    },
+    "required": ["type", "title", "status", "detail"],
+}
+
+PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {
+        "description": desc,
+        "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+    }
+    for code, desc in {
+        400: "Malformed request",
+        401: "Missing or invalid credential",
+        403: "Not allowed",
+        404: "Not found (or not visible to the caller)",
+        409: "Conflict with current state",
+        422: "Validation error",
+    }.items()
+}

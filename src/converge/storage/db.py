@@ -1,0 +1,117 @@
+"""Database plumbing: the embedded PostgreSQL, the async engine, sessions, migrations."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+from sqlalchemy import create_engine, text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from converge.config import Settings
+
+log = structlog.get_logger(__name__)
+
+# Fixed key for pg_advisory_lock: serialises migrations and first-start bootstrap across
+# every process that starts against the same database.
+MIGRATION_LOCK_KEY = 0x43_6F_6E_76  # "Conv"
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+
+@dataclass
+class Database:
+    url: str  # libpq-style URL, e.g. postgresql://user@host/db
+    embedded: Any | None = None  # pgserver.PostgresServer when we started one
+
+    @property
+    def async_url(self) -> str:
+        return to_driver_url(self.url)
+
+
+def to_driver_url(url: str) -> str:
+    for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    raise ValueError(f"unsupported database URL scheme: {url.split(':', 1)[0]}")
+
+
+def start_database(settings: Settings) -> Database:
+    """Use CONVERGE_DATABASE_URL, or start the embedded PostgreSQL in the data directory."""
+    if settings.database_url:
+        return Database(url=settings.database_url)
+    import pgserver  # imported lazily: external-database deployments never need it
+
+    settings.pg_dir.mkdir(parents=True, exist_ok=True)
+    # cleanup_mode="stop": the server stops when the last process using it exits.
+    server = pgserver.get_server(settings.pg_dir, cleanup_mode="stop")
+    log.info("embedded_postgres_started", data=str(settings.pg_dir))
+    return Database(url=server.get_uri(), embedded=server)
+
+
+def make_engine(db: Database, settings: Settings) -> AsyncEngine:
+    return create_async_engine(
+        db.async_url,
+        pool_size=settings.database.pool_size,
+        max_overflow=settings.database.max_overflow,
+        pool_timeout=settings.database.pool_timeout_s,
+        pool_pre_ping=True,
+        echo=settings.database.echo,
+    )
+
+
+def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+def _alembic_config(connection: Any) -> Any:
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+def migrate_and_bootstrap(db: Database, bootstrap: Any = None) -> str:
+    """Apply migrations to head under an advisory lock, then run `bootstrap(connection)`.
+
+    Two processes starting together both call this; the lock makes the second wait and
+    then find nothing to do. Returns the head revision.
+    """
+    from alembic import command
+    from alembic.script import ScriptDirectory
+
+    engine = create_engine(to_driver_url(db.url))
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
+            try:
+                cfg = _alembic_config(conn)
+                command.upgrade(cfg, "head")
+                conn.commit()
+                if bootstrap is not None:
+                    bootstrap(conn)
+                    conn.commit()
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": MIGRATION_LOCK_KEY})
+                conn.commit()
+        return ScriptDirectory.from_config(_alembic_config(None)).get_current_head() or ""
+    finally:
+        engine.dispose()
+
+
+async def current_revision(engine: AsyncEngine) -> str | None:
+    async with engine.connect() as conn:
+        row = await conn.execute(text("SELECT version_num FROM alembic_version"))
+        return row.scalar_one_or_none()
+
+
+@contextlib.asynccontextmanager
+async def transaction(maker: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+    """A unit of work for background services: commit on success, roll back on error."""
+    async with maker() as session, session.begin():
+        yield session
