@@ -6,10 +6,8 @@ start real servers; everything else runs inside a transaction that is rolled bac
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
-import socket
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable
@@ -18,22 +16,17 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from sqlalchemy.ext.asyncio import AsyncSession
 
 warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
 
+from support import LiveServer, free_port, make_settings  # noqa: E402
+
 from converge.app import create_app  # noqa: E402
 from converge.config import Settings  # noqa: E402
+from converge.kit.observability import configure_logging  # noqa: E402
 
-BOOTSTRAP = "test-bootstrap-token-0123456789"
-ADMIN = {"Authorization": f"Bearer {BOOTSTRAP}"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+configure_logging("WARNING")
 
 
 @pytest.fixture(scope="session")
@@ -49,17 +42,6 @@ def pg_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     yield server.get_uri(name)
     with contextlib.suppress(Exception):
         server.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE);")
-
-
-def make_settings(pg_url: str, tmp: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "database_url": pg_url,
-        "data_dir": tmp,
-        "bootstrap_token": BOOTSTRAP,
-        "server": {"sse_heartbeat_s": 1.0},
-        **overrides,
-    }
-    return Settings(**values)
 
 
 @pytest.fixture(scope="session")
@@ -102,42 +84,7 @@ async def committed_client(app: Any) -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
-class LiveServer:
-    def __init__(self, app: Any, port: int) -> None:
-        self.app, self.port = app, port
-        self.url = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-        )
-        self.task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> LiveServer:
-        self.task = asyncio.create_task(self.server.serve())
-        while not self.server.started:
-            await asyncio.sleep(0.02)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        assert self.task is not None
-        await self.task
-
-
 @pytest.fixture
 def live_server(app: Any) -> Callable[..., LiveServer]:
     """`async with live_server() as srv:` serves the session app on a real loopback port."""
     return lambda application=None: LiveServer(application or app, free_port())
-
-
-async def make_project(client: httpx.AsyncClient, name: str | None = None) -> dict[str, Any]:
-    resp = await client.post("/projects", json={"name": name or f"p-{uuid.uuid4().hex[:10]}"}, headers=ADMIN)
-    assert resp.status_code == 201, resp.text
-    return resp.json()
-
-
-async def make_key(client: httpx.AsyncClient, project_id: str, role: str, **extra: Any) -> dict[str, str]:
-    resp = await client.post(
-        f"/projects/{project_id}/keys", json={"name": f"{role}-key", "role": role, **extra}, headers=ADMIN
-    )
-    assert resp.status_code == 201, resp.text
-    return {"Authorization": f"Bearer {resp.json()['token']}"}

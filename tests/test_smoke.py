@@ -1,4 +1,4 @@
-from conftest import ADMIN
+from support import ADMIN
 
 
 async def test_health_and_readiness_answer_without_credentials(client):

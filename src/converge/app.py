@@ -18,11 +18,16 @@ from converge import __version__
 from converge.config import Settings
 from converge.control.events.api import router as events_router
 from converge.control.events.broadcaster import Broadcaster
+from converge.control.library.acquire import artifact_store
+from converge.control.library.api import UPLOAD_PATH_SUFFIX
+from converge.control.library.api import router as library_router
 from converge.control.ops.api import router as ops_router
+from converge.control.policies.api import router as policies_router
 from converge.control.projects.api import router as projects_router
 from converge.control.projects.auth import PrincipalDep
 from converge.control.projects.bootstrap import ensure_admin_key
 from converge.control.projects.oidc import OidcVerifier
+from converge.control.sources.api import router as sources_router
 from converge.errors import PROBLEM_SCHEMA, install_error_handlers
 from converge.kit.observability import Metrics, RequestContextMiddleware
 from converge.state import State
@@ -33,6 +38,7 @@ from converge.storage.db import (
     start_database,
     transaction,
 )
+from converge.workers.registry_sync import CatalogueSeeder, RegistrySync
 
 log = structlog.get_logger(__name__)
 DESCRIPTION = (
@@ -77,7 +83,7 @@ def create_app(
             oidc=oidc,
             head_revision=head,
             services=[broadcaster],
-            extras={"metrics": metrics},
+            extras={"metrics": metrics, "artifacts": artifact_store(settings)},
         )
         app.state.converge = state
         async with transaction(sessions) as session:
@@ -85,11 +91,19 @@ def create_app(
         if token and on_first_key:
             on_first_key(token)
         await broadcaster.start()
+        if settings.run_workers:
+            store = state.extras["artifacts"]
+            state.services.append(RegistrySync(sessions=sessions, settings=settings, store=store))
+            if settings.library.seed_catalogue:
+                state.services.append(CatalogueSeeder(sessions=sessions, settings=settings, store=store))
+            for service in state.services[1:]:
+                await service.start()
         log.info("converge_started", url=settings.base_url, embedded_db=database.embedded is not None)
         try:
             yield
         finally:
-            await broadcaster.stop()
+            for service in reversed(state.services):
+                await service.stop()
             await http.aclose()
             await engine.dispose()
             log.info("converge_stopped")
@@ -104,7 +118,14 @@ def create_app(
         redoc_url=None,
     )
     install_error_handlers(app)
-    for router in (ops_router, projects_router, events_router):
+    for router in (
+        ops_router,
+        projects_router,
+        events_router,
+        library_router,
+        policies_router,
+        sources_router,
+    ):
         app.include_router(router)
     _complete_openapi(app)
     if not settings.server.public_docs:
@@ -119,7 +140,10 @@ def create_app(
             expose_headers=["x-request-id"],
         )
     app.add_middleware(
-        RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.server.max_body_bytes
+        RequestContextMiddleware,
+        metrics=metrics,
+        max_body_bytes=settings.server.max_body_bytes,
+        unlimited_suffixes=(UPLOAD_PATH_SUFFIX,),
     )
     return app
 

@@ -114,10 +114,17 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        titles = {404: "Not found", 405: "Method not allowed", 401: "Authentication required"}
+        titles = {
+            404: "Not found",
+            405: "Method not allowed",
+            401: "Authentication required",
+            413: "Request body too large",
+        }
         return problem(
             status=exc.status_code,
-            type_={404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error"),
+            type_={404: "not-found", 405: "method-not-allowed", 413: "payload-too-large"}.get(
+                exc.status_code, "http-error"
+            ),
             title=titles.get(exc.status_code, "HTTP error"),
             detail=str(exc.detail),
             instance=request.url.path,

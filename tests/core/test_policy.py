@@ -127,7 +127,7 @@ def test_default_policy_outcome(name: str, facts: dict[str, Any], expected: Outc
 def test_unsafe_artifact_is_denied_with_the_rule_message() -> None:
     decision = evaluate(DEFAULT_POLICIES, clean_upload(scan={"status": "unsafe"}), scope="registration")
     assert decision.allowed is False
-    assert decision.reasons == ["artifact contains unsafe pickle code"]
+    assert decision.reasons == ["artifact contains unsafe pickle code or could not be scanned"]
     assert [o.rule for o in decision.denials] == ["deny-unsafe-pickles"]
 
 
@@ -215,7 +215,7 @@ def test_decision_is_json_serialisable() -> None:
         "rule": "deny-unsafe-pickles",
         "effect": "deny",
         "outcome": "fail",
-        "message": "artifact contains unsafe pickle code",
+        "message": "artifact contains unsafe pickle code or could not be scanned",
     }
 
 

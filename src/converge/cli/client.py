@@ -43,6 +43,7 @@ def save_profile(name: str, profile: Profile) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     # The file holds a credential: readable by its owner only, like a kubeconfig.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # O_CREAT's mode only applies to new files
     with os.fdopen(fd, "w") as fh:
         json.dump(data, fh, indent=2)
     return path
@@ -61,12 +62,15 @@ class Api:
         headers = {"Authorization": f"Bearer {profile.key}"} if profile.key else {}
         self.http = httpx.Client(base_url=profile.url, headers=headers, timeout=timeout)
 
-    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
-            resp = self.http.request(method, path, **kwargs)
+            return self.http.request(method, path, **kwargs)
         except httpx.ConnectError:
             err.print(f"[red]Cannot reach Converge at {self.http.base_url}[/] - is `converge up` running?")
             raise typer.Exit(2) from None
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        resp = self.request(method, path, **kwargs)
         if resp.status_code >= 400:
             fail(resp)
         if resp.status_code == 204 or not resp.content:

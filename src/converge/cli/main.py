@@ -50,7 +50,7 @@ def up(
 def status(profile: ProfileOpt = None) -> None:
     """Readiness of the server and who you are logged in as."""
     client = api(profile)
-    resp = client.http.get("/readiness")
+    resp = client.request("GET", "/readiness")
     ready = resp.json()
     colour = "green" if resp.status_code == 200 else "red"
     out.print(f"[bold]{client.http.base_url}[/]: [{colour}]{ready['status']}[/]")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -75,12 +76,12 @@ class RequestContextMiddleware:
     BaseHTTPMiddleware task) so it stays cheap and never buffers streaming responses."""
 
     def __init__(
-        self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int, unlimited_prefixes: tuple[str, ...] = ()
+        self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int, unlimited_suffixes: tuple[str, ...] = ()
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body = max_body_bytes
-        self.unlimited = unlimited_prefixes
+        self.unlimited = unlimited_suffixes
         self.log = structlog.get_logger("converge.access")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -94,7 +95,8 @@ class RequestContextMiddleware:
         structlog.contextvars.bind_contextvars(request_id=rid)
         status = 500
         start = time.perf_counter()
-        limited = not scope["path"].startswith(self.unlimited)
+        # Uploads stream to disk and enforce their own, much larger limit.
+        limited = not (self.unlimited and scope["path"].endswith(self.unlimited))
 
         if limited and int(headers.get(b"content-length", b"0") or 0) > self.max_body:
             await self._too_large(send)
@@ -146,8 +148,6 @@ class RequestContextMiddleware:
             )
 
     async def _too_large(self, send: Send) -> None:
-        import json
-
         body = json.dumps(
             {
                 "type": "https://converge.dev/problems/payload-too-large",

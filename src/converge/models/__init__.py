@@ -4,7 +4,25 @@ from converge.models.api_key import ApiKey
 from converge.models.audit import AuditRecord
 from converge.models.base import Base
 from converge.models.event import Event
+from converge.models.library import Approval, Artifact, LibraryModel, ModelVersion
 from converge.models.member import Member
+from converge.models.policy import Policy, PolicyRevision
 from converge.models.project import Project
+from converge.models.source import Source, SourceItem
 
-__all__ = ["ApiKey", "AuditRecord", "Base", "Event", "Member", "Project"]
+__all__ = [
+    "ApiKey",
+    "Approval",
+    "Artifact",
+    "AuditRecord",
+    "Base",
+    "Event",
+    "LibraryModel",
+    "Member",
+    "ModelVersion",
+    "Policy",
+    "PolicyRevision",
+    "Project",
+    "Source",
+    "SourceItem",
+]

@@ -4,7 +4,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, DateTime, Identity, String
+from sqlalchemy import BigInteger, Boolean, DateTime, Identity, String
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -14,7 +14,8 @@ from converge.models.base import Base, utcnow
 class Event(Base):
     """The outbox: written in the mutation's transaction, then NOTIFY'd; SSE and /events read it.
 
-    `project_id` NULL means organisation-wide (visible to every authenticated principal).
+    `project_id` NULL means organisation-wide: visible to every authenticated principal unless
+    `restricted`, then to admins only.
     """
 
     __tablename__ = "events"
@@ -25,3 +26,4 @@ class Event(Base):
     kind: Mapped[str] = mapped_column(String(64), index=True)
     object_id: Mapped[str] = mapped_column(String(64))
     data: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    restricted: Mapped[bool] = mapped_column(Boolean, default=False)

@@ -7,12 +7,12 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Header, Query
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from converge.control.events import repository
-from converge.control.events.broadcaster import Published, Subscription
+from converge.control.events.broadcaster import Published
 from converge.control.projects.auth import PrincipalDep
 from converge.control.projects.principal import Principal
 from converge.deps import SessionDep, StateDep
@@ -134,7 +134,6 @@ async def list_audit(
     responses={200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"}},
 )
 async def stream(
-    request: Request,
     state: StateDep,
     principal: PrincipalDep,
     project: ProjectQ = None,
@@ -144,20 +143,20 @@ async def stream(
     """Live events the caller may see. Reconnect with `Last-Event-ID` to replay what was missed."""
     f = _filter(principal, project, kind)
     resume = _int_cursor(last_event_id, "Last-Event-ID")
-    # Subscribe before replaying so nothing committed in between is lost; duplicates are dropped.
-    sub = state.broadcaster.subscribe(
-        visible=principal.visible_projects, project_id=f.project_id, kinds=f.kinds
-    )
     return EventSourceResponse(
-        _events(state=state, principal=principal, sub=sub, resume=resume, request=request),
+        _events(state=state, principal=principal, filter_=f, resume=resume),
         ping=state.settings.server.sse_heartbeat_s,
         headers={"X-Accel-Buffering": "no"},
     )
 
 
 async def _events(
-    *, state: Any, principal: Principal, sub: Subscription, resume: int | None, request: Request
+    *, state: Any, principal: Principal, filter_: _Filter, resume: int | None
 ) -> AsyncIterator[ServerSentEvent]:
+    # Subscribe before replaying so nothing committed in between is lost; duplicates are dropped.
+    sub = state.broadcaster.subscribe(
+        visible=principal.visible_projects, project_id=filter_.project_id, kinds=filter_.kinds
+    )
     replayed: set[int] = set()
     try:
         if resume is not None:

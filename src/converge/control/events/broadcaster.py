@@ -31,11 +31,18 @@ class Published:
     id: int
     kind: str
     project_id: uuid.UUID | None
+    restricted: bool
     json: str
 
     @classmethod
     def of(cls, event: Event) -> Published:
-        return cls(id=event.id, kind=event.kind, project_id=event.project_id, json=event_json(event))
+        return cls(
+            id=event.id,
+            kind=event.kind,
+            project_id=event.project_id,
+            restricted=event.restricted,
+            json=event_json(event),
+        )
 
 
 def event_json(event: Event) -> str:
@@ -67,7 +74,7 @@ class Subscription:
                 return False
             if self.project_id is not None and ev.project_id != self.project_id:
                 return False
-        elif self.project_id is not None:
+        elif self.project_id is not None or (ev.restricted and self.visible is not None):
             return False
         if self.kinds:
             return any(ev.kind == k or ev.kind.startswith(k + ".") for k in self.kinds)

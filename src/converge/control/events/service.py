@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from converge.control.events import repository
 from converge.control.projects.principal import Principal
 from converge.kit.context import request_id_var
-from converge.models import AuditRecord, Event
+from converge.models import AuditRecord
 
 
 async def record(
@@ -23,11 +23,13 @@ async def record(
     object_id: object,
     changes: dict[str, Any] | None = None,
     event_data: dict[str, Any] | None = None,
-) -> Event:
-    """Write the audit record and the event; NOTIFY fires when the caller's transaction commits.
+    restricted: bool = False,
+) -> None:
+    """Write the audit record now and the event at commit (NOTIFY fires when it commits).
 
     `action` is `<object_type>.<verb>` and doubles as the event kind. `changes` must never
-    hold secrets: it is shown to auditors and streamed to subscribers.
+    hold secrets: it is shown to auditors and streamed to subscribers. `restricted` keeps an
+    organisation-wide event (no project) for admins only.
     """
     changes = changes or {}
     repository.insert_audit(
@@ -44,6 +46,11 @@ async def record(
         ),
     )
     data = {"actor": principal.subject if principal else "system", **(event_data or changes)}
-    return await repository.insert_event(
-        session, project_id=project_id, kind=action, object_id=str(object_id), data=data
+    repository.queue_event(
+        session,
+        project_id=project_id,
+        kind=action,
+        object_id=str(object_id),
+        data=data,
+        restricted=restricted,
     )

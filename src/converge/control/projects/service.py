@@ -44,9 +44,8 @@ async def create_project(session: AsyncSession, principal: Principal, *, body: P
     except IntegrityError as exc:
         raise Conflict(f"A project named '{body.name}' already exists") from exc
     if principal.kind == "oidc":  # a person who creates a project owns it
-        session.add(
-            Member(project_id=project.id, subject=principal.subject, role=Role.OWNER, added_by="system")
-        )
+        subject = principal.subject.removeprefix("oidc:")  # members are stored by the raw claim
+        session.add(Member(project_id=project.id, subject=subject, role=Role.OWNER, added_by="system"))
     await record(
         session,
         principal,
@@ -210,6 +209,7 @@ async def _issue_key(
         object_type="api_key",
         object_id=key.id,
         changes={"name": name, "prefix": key.prefix, "role": role},
+        restricted=project_id is None,
     )
     return key, new.token
 
@@ -265,5 +265,6 @@ async def revoke_key(
             object_type="api_key",
             object_id=key.id,
             changes={"name": key.name, "prefix": key.prefix},
+            restricted=project_id is None,
         )
     return key

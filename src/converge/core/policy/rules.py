@@ -78,8 +78,9 @@ def _coerce(kind: type[_E], value: object, *, field: str) -> _E:
 DEFAULT_POLICIES: tuple[Rule, ...] = (
     Rule(
         name="deny-unsafe-pickles",
-        expression='scan.status != "unsafe"',
-        message="artifact contains unsafe pickle code",
+        # Fail closed: a pickle that could not be scanned is as untrusted as an unsafe one.
+        expression='scan.status != "unsafe" && scan.status != "error"',
+        message="artifact contains unsafe pickle code or could not be scanned",
         effect=Effect.DENY,
         scope=Scope.REGISTRATION,
     ),

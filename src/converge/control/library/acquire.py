@@ -1,0 +1,186 @@
+"""Bring an artifact into the content-addressed store, from an upload or a URI.
+
+Every path ends the same way: the bytes are in the artifact store under their sha256 (stored
+once however often they arrive) and a verified copy is materialised in the local cache, where
+inspection and scans read it and where local replicas later load it from.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import obstore
+from obstore.store import S3Store
+
+from converge.config import Settings
+from converge.errors import BadRequest, Forbidden
+from converge.storage.artifacts import ArtifactStore, StoredBlob
+from converge.storage.oci import OciClient, OciRef
+
+
+@dataclass
+class Acquired:
+    blob: StoredBlob
+    is_directory: bool
+    filename: str
+    local_path: Path
+    kind: str  # upload | path | s3 | oci | builtin | sync
+    uri: str
+
+
+def artifact_store(settings: Settings) -> ArtifactStore:
+    lib = settings.library
+    if lib.artifact_store_url and lib.artifact_store_url.startswith("s3://"):
+        parsed = urlparse(lib.artifact_store_url)
+        return ArtifactStore.s3(
+            bucket=parsed.netloc,
+            prefix=parsed.path.strip("/") or None,
+            endpoint=lib.s3_endpoint,
+            region=lib.s3_region,
+            access_key_id=lib.s3_access_key_id,
+            secret_access_key=lib.s3_secret_access_key.get_secret_value()
+            if lib.s3_secret_access_key
+            else None,
+            staging_dir=settings.data_dir / "staging",
+        )
+    return ArtifactStore.local(lib.artifact_store_url or settings.artifacts_dir)
+
+
+def cache_dir(settings: Settings) -> Path:
+    return settings.data_dir / "cache" / "artifacts"
+
+
+async def _materialise(
+    store: ArtifactStore, settings: Settings, blob: StoredBlob, *, kind: str, uri: str, filename: str
+) -> Acquired:
+    is_dir = await store.is_directory(blob.sha256)
+    local = await store.fetch_to(blob.sha256, cache_dir(settings))
+    return Acquired(blob=blob, is_directory=is_dir, filename=filename, local_path=local, kind=kind, uri=uri)
+
+
+async def from_stream(
+    store: ArtifactStore,
+    settings: Settings,
+    chunks: AsyncIterator[bytes],
+    *,
+    filename: str,
+    expected_sha256: str | None,
+) -> Acquired:
+    blob = await store.put_stream(
+        chunks, expected_sha256=expected_sha256, max_bytes=settings.library.max_upload_bytes
+    )
+    return await _materialise(
+        store, settings, blob, kind="upload", uri=f"upload:{filename}", filename=filename
+    )
+
+
+async def from_path(
+    store: ArtifactStore, settings: Settings, path: Path, *, expected_sha256: str | None, kind: str = "path"
+) -> Acquired:
+    if not path.exists():
+        raise BadRequest(f"No file or directory at {path} on the server")
+    if path.is_dir():
+        blob = await store.put_directory(path, expected_sha256=expected_sha256)
+    else:
+        blob = await store.put_file(path, expected_sha256=expected_sha256)
+    return await _materialise(store, settings, blob, kind=kind, uri=str(path), filename=path.name)
+
+
+async def from_s3(
+    store: ArtifactStore,
+    settings: Settings,
+    uri: str,
+    *,
+    expected_sha256: str | None,
+    options: dict[str, Any],
+) -> Acquired:
+    parsed = urlparse(uri)
+    key = parsed.path.lstrip("/")
+    if not parsed.netloc or not key:
+        raise BadRequest(f"S3 URI must look like s3://bucket/key, got {uri}")
+    s3 = s3_store(settings, bucket=parsed.netloc, options=options)
+    try:
+        result = await obstore.get_async(s3, key)
+    except FileNotFoundError as exc:
+        raise BadRequest(f"No object at {uri}") from exc
+
+    async def chunks() -> AsyncIterator[bytes]:
+        async for chunk in result.stream():
+            yield bytes(chunk)
+
+    blob = await store.put_stream(
+        chunks(), expected_sha256=expected_sha256, max_bytes=settings.library.max_upload_bytes
+    )
+    return await _materialise(store, settings, blob, kind="s3", uri=uri, filename=Path(key).name)
+
+
+def s3_store(settings: Settings, *, bucket: str, options: dict[str, Any]) -> S3Store:
+    lib = settings.library
+    endpoint = options.get("endpoint") or lib.s3_endpoint
+    secret = options.get("secret_access_key") or (
+        lib.s3_secret_access_key.get_secret_value() if lib.s3_secret_access_key else None
+    )
+    config: dict[str, Any] = {"region": options.get("region") or lib.s3_region}
+    if endpoint:
+        config["endpoint"] = endpoint
+    if key_id := options.get("access_key_id") or lib.s3_access_key_id:
+        config["access_key_id"] = key_id
+        config["secret_access_key"] = secret
+    else:
+        config["skip_signature"] = True
+    client_options = {"allow_http": True} if str(endpoint or "").startswith("http://") else None
+    return S3Store(bucket, config=config, client_options=client_options)  # type: ignore[arg-type]
+
+
+async def from_oci(
+    store: ArtifactStore, settings: Settings, uri: str, *, expected_sha256: str | None
+) -> Acquired:
+    ref = OciRef.parse(uri)
+    work = Path(tempfile.mkdtemp(prefix="oci-", dir=_tmp(settings)))
+    try:
+        files = await OciClient().pull(ref, work)
+        if len(files) == 1 and files[0].is_file():
+            blob = await store.put_file(files[0], expected_sha256=expected_sha256)
+            name = files[0].name
+        else:
+            blob = await store.put_directory(work, expected_sha256=expected_sha256)
+            name = ref.repository.rsplit("/", 1)[-1]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return await _materialise(store, settings, blob, kind="oci", uri=uri, filename=name)
+
+
+def _tmp(settings: Settings) -> Path:
+    path = settings.data_dir / "tmp"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+async def from_uri(
+    store: ArtifactStore,
+    settings: Settings,
+    uri: str,
+    *,
+    expected_sha256: str | None,
+    may_read_server_paths: bool,
+    options: dict[str, Any] | None = None,
+) -> Acquired:
+    scheme = urlparse(uri).scheme
+    if scheme == "s3":
+        return await from_s3(store, settings, uri, expected_sha256=expected_sha256, options=options or {})
+    if scheme == "oci":
+        return await from_oci(store, settings, uri, expected_sha256=expected_sha256)
+    if scheme in ("", "file"):
+        if not may_read_server_paths:
+            raise Forbidden("Registering a path on the server's disk is for admins; upload the file instead")
+        path = Path(urlparse(uri).path if scheme == "file" else uri)
+        if not path.is_absolute():
+            raise BadRequest("A server path must be absolute")
+        return await from_path(store, settings, path, expected_sha256=expected_sha256)
+    raise BadRequest(f"Unsupported URI scheme '{scheme}': use s3://, oci:// or an absolute server path")

@@ -1,0 +1,302 @@
+"""HTTP for the Model Library: models, versions, uploads, approvals."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from starlette.requests import ClientDisconnect
+
+from converge.control.library import acquire, repository, service
+from converge.control.library.schemas import (
+    ApprovalRead,
+    ModelCreate,
+    ModelDetail,
+    ModelRead,
+    ModelUpdate,
+    VerdictBody,
+    VersionName,
+    VersionRead,
+    VersionRegister,
+)
+from converge.control.projects.auth import PrincipalDep
+from converge.control.sources.repository import source_for_uri
+from converge.core.lifecycle import VersionState
+from converge.deps import SessionDep, StateDep
+from converge.errors import PROBLEM_RESPONSES, BadRequest
+from converge.kit.pagination import Page, PageDep, page_of, uuid_after
+from converge.models import ModelVersion
+from converge.storage.artifacts import ArtifactTooLarge, DigestMismatch
+
+router = APIRouter(prefix="/models", tags=["library"], responses=PROBLEM_RESPONSES)
+UPLOAD_PATH_SUFFIX = "/versions/upload"  # exempt from the body limit; capped by max_upload_bytes
+
+
+async def _versions_read(session: SessionDep, versions: list[ModelVersion]) -> list[VersionRead]:
+    approvals = await repository.approvals_for(session, [v.id for v in versions])
+    out = []
+    for v in versions:
+        read = VersionRead.model_validate(v)
+        read.approvals = [ApprovalRead.model_validate(a) for a in approvals if a.version_id == v.id]
+        out.append(read)
+    return out
+
+
+@router.post("", response_model=ModelRead, status_code=201)
+async def create_model(body: ModelCreate, session: SessionDep, principal: PrincipalDep) -> ModelRead:
+    return ModelRead.model_validate(await service.create_model(session, principal, body=body))
+
+
+@router.get("", response_model=Page[ModelRead])
+async def list_models(
+    session: SessionDep,
+    principal: PrincipalDep,
+    page: PageDep,
+    name: Annotated[str | None, Query(description="Substring of the model name")] = None,
+    tag: Annotated[str | None, Query(description="Models carrying this tag")] = None,
+    format: Annotated[
+        str | None, Query(description="Models with a version of this format, e.g. gguf")
+    ] = None,
+    state: Annotated[VersionState | None, Query(description="Models with a version in this state")] = None,
+) -> Page[ModelRead]:
+    rows = await repository.list_models(
+        session,
+        visible=principal.visible_projects,
+        name=name,
+        tag=tag,
+        format=format,
+        state=state.value if state else None,
+        after=uuid_after(page),
+        limit=page.limit,
+    )
+    return page_of(rows, limit=page.limit, schema=ModelRead)
+
+
+@router.get("/{model_id}", response_model=ModelDetail)
+async def get_model(model_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> ModelDetail:
+    model = await service.visible_model(session, principal, model_id)
+    versions = await repository.list_versions(session, model.id, limit=1000)
+    return ModelDetail.model_validate(
+        {**ModelRead.model_validate(model).model_dump(), "versions": await _versions_read(session, versions)}
+    )
+
+
+@router.patch("/{model_id}", response_model=ModelRead)
+async def update_model(
+    model_id: uuid.UUID, body: ModelUpdate, session: SessionDep, principal: PrincipalDep
+) -> ModelRead:
+    return ModelRead.model_validate(
+        await service.update_model(session, principal, model_id=model_id, body=body)
+    )
+
+
+@router.get("/{model_id}/versions", response_model=Page[VersionRead])
+async def list_versions(
+    model_id: uuid.UUID,
+    session: SessionDep,
+    principal: PrincipalDep,
+    page: PageDep,
+    state: Annotated[VersionState | None, Query()] = None,
+) -> Page[VersionRead]:
+    model = await service.visible_model(session, principal, model_id)
+    rows = await repository.list_versions(
+        session, model.id, state=state.value if state else None, after=uuid_after(page), limit=page.limit
+    )
+    more = len(rows) > page.limit
+    items = await _versions_read(session, rows[: page.limit])
+    return Page(
+        items=items,
+        next_cursor=page_of(rows, limit=page.limit, schema=VersionRead).next_cursor if more else None,
+    )
+
+
+@router.get("/{model_id}/versions/{version_id}", response_model=VersionRead)
+async def get_version(
+    model_id: uuid.UUID, version_id: uuid.UUID, session: SessionDep, principal: PrincipalDep
+) -> VersionRead:
+    _, version = await service.visible_version(session, principal, model_id, version_id)
+    return (await _versions_read(session, [version]))[0]
+
+
+@router.post("/{model_id}/versions", response_model=VersionRead, status_code=201)
+async def register_version(
+    model_id: uuid.UUID, body: VersionRegister, session: SessionDep, principal: PrincipalDep, state: StateDep
+) -> VersionRead:
+    """Register a version from a URI: `s3://`, `oci://`, or (admins) a path on the server."""
+    model = await service.visible_model(session, principal, model_id)
+    service.require_submit(principal)
+    source = await source_for_uri(session, body.uri)
+    store = state.extras["artifacts"]
+    try:
+        acquired = await acquire.from_uri(
+            store,
+            state.settings,
+            body.uri,
+            expected_sha256=body.sha256,
+            may_read_server_paths=principal.is_admin,
+            options=source.options if source else None,
+        )
+    except DigestMismatch as exc:
+        raise _digest_problem(exc) from exc
+    provenance = {
+        "kind": acquired.kind,
+        "uri": body.uri,
+        "known": source is not None,
+        "name": source.name if source else None,
+    }
+    version = await service.register_version(
+        session,
+        principal,
+        model=model,
+        version=body.version,
+        acquired=acquired,
+        source=provenance,
+        approvals_required=state.settings.library.approvals_required,
+    )
+    return (await _versions_read(session, [version]))[0]
+
+
+def _digest_problem(exc: DigestMismatch) -> BadRequest:
+    return BadRequest(
+        f"Digest mismatch: you declared sha256 {exc.expected} but the bytes received hash to {exc.actual}; "
+        "nothing was registered",
+        extra={"expected_sha256": exc.expected, "actual_sha256": exc.actual},
+    )
+
+
+@router.post(
+    "/{model_id}" + UPLOAD_PATH_SUFFIX,
+    response_model=VersionRead,
+    status_code=201,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        }
+    },
+)
+async def upload_version(
+    model_id: uuid.UUID,
+    request: Request,
+    session: SessionDep,
+    principal: PrincipalDep,
+    state: StateDep,
+    version: Annotated[VersionName, Query(description="Version name, e.g. v1")],
+    filename: Annotated[str, Query(min_length=1, max_length=255, description="Original file name")],
+    sha256: Annotated[
+        str | None, Query(pattern=r"^(sha256:)?[0-9a-f]{64}$", description="Expected digest")
+    ] = None,
+) -> VersionRead:
+    """Upload the artifact as the raw request body (streamed, constant memory, size-limited)."""
+    model = await service.visible_model(session, principal, model_id)
+    service.require_submit(principal)
+    declared = request.headers.get("content-length")
+
+    async def chunks() -> AsyncIterator[bytes]:
+        received = 0
+        try:
+            async for chunk in request.stream():
+                received += len(chunk)
+                yield chunk
+        except ClientDisconnect as exc:
+            raise BadRequest(f"Upload interrupted after {received} bytes; nothing was registered") from exc
+        if declared is not None and received != int(declared):
+            raise BadRequest(
+                f"Truncated upload: {received} of {declared} bytes arrived; nothing was registered"
+            )
+
+    try:
+        acquired = await acquire.from_stream(
+            state.extras["artifacts"], state.settings, chunks(), filename=filename, expected_sha256=sha256
+        )
+    except DigestMismatch as exc:
+        raise _digest_problem(exc) from exc
+    except ArtifactTooLarge as exc:
+        from converge.errors import PayloadTooLarge
+
+        raise PayloadTooLarge(f"Upload exceeds the limit of {exc.limit} bytes") from exc
+    provenance = {"kind": "upload", "uri": f"upload:{filename}", "known": True, "name": None}
+    row = await service.register_version(
+        session,
+        principal,
+        model=model,
+        version=version,
+        acquired=acquired,
+        source=provenance,
+        approvals_required=state.settings.library.approvals_required,
+    )
+    return (await _versions_read(session, [row]))[0]
+
+
+@router.post("/{model_id}/versions/{version_id}/approve", response_model=VersionRead)
+async def approve_version(
+    model_id: uuid.UUID,
+    version_id: uuid.UUID,
+    body: VerdictBody,
+    session: SessionDep,
+    principal: PrincipalDep,
+    state: StateDep,
+) -> VersionRead:
+    """Approve (needs `library:approve`; never your own submission)."""
+    version = await service.approve(
+        session,
+        principal,
+        model_id=model_id,
+        version_id=version_id,
+        note=body.note,
+        approvals_required=state.settings.library.approvals_required,
+    )
+    return (await _versions_read(session, [version]))[0]
+
+
+@router.post("/{model_id}/versions/{version_id}/reject", response_model=VersionRead)
+async def reject_version(
+    model_id: uuid.UUID,
+    version_id: uuid.UUID,
+    body: VerdictBody,
+    session: SessionDep,
+    principal: PrincipalDep,
+) -> VersionRead:
+    version = await service.reject(
+        session, principal, model_id=model_id, version_id=version_id, note=body.note
+    )
+    return (await _versions_read(session, [version]))[0]
+
+
+async def _state_change(
+    target: VersionState,
+    model_id: uuid.UUID,
+    version_id: uuid.UUID,
+    body: VerdictBody,
+    session: SessionDep,
+    principal: PrincipalDep,
+) -> VersionRead:
+    version = await service.change_state(
+        session, principal, model_id=model_id, version_id=version_id, target=target, note=body.note
+    )
+    return (await _versions_read(session, [version]))[0]
+
+
+@router.post("/{model_id}/versions/{version_id}/revoke", response_model=VersionRead)
+async def revoke_version(
+    model_id: uuid.UUID,
+    version_id: uuid.UUID,
+    body: VerdictBody,
+    session: SessionDep,
+    principal: PrincipalDep,
+) -> VersionRead:
+    """Revoke: emits `model_version.revoked`, which deployments act on."""
+    return await _state_change(VersionState.REVOKED, model_id, version_id, body, session, principal)
+
+
+@router.post("/{model_id}/versions/{version_id}/deprecate", response_model=VersionRead)
+async def deprecate_version(
+    model_id: uuid.UUID,
+    version_id: uuid.UUID,
+    body: VerdictBody,
+    session: SessionDep,
+    principal: PrincipalDep,
+) -> VersionRead:
+    return await _state_change(VersionState.DEPRECATED, model_id, version_id, body, session, principal)

@@ -1,0 +1,70 @@
+"""Helpers shared by test modules (import as `from support import ...`; fixtures live in conftest)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+
+from converge.config import Settings
+
+BOOTSTRAP = "test-bootstrap-token-0123456789"
+ADMIN = {"Authorization": f"Bearer {BOOTSTRAP}"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_settings(pg_url: str, tmp: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "database_url": pg_url,
+        "data_dir": tmp,
+        "bootstrap_token": BOOTSTRAP,
+        "server": {"sse_heartbeat_s": 1.0},
+        "library": {"seed_catalogue": False},
+        **overrides,
+    }
+    return Settings(**values)
+
+
+class LiveServer:
+    def __init__(self, app: Any, port: int) -> None:
+        self.app, self.port = app, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+        )
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> LiveServer:
+        self.task = asyncio.create_task(self.server.serve())
+        while not self.server.started:
+            await asyncio.sleep(0.02)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        assert self.task is not None
+        await self.task
+
+
+async def make_project(client: httpx.AsyncClient, name: str | None = None) -> dict[str, Any]:
+    resp = await client.post("/projects", json={"name": name or f"p-{uuid.uuid4().hex[:10]}"}, headers=ADMIN)
+    assert resp.status_code == 201, resp.text
+    return resp.json()
+
+
+async def make_key(client: httpx.AsyncClient, project_id: str, role: str, **extra: Any) -> dict[str, str]:
+    resp = await client.post(
+        f"/projects/{project_id}/keys", json={"name": f"{role}-key", "role": role, **extra}, headers=ADMIN
+    )
+    assert resp.status_code == 201, resp.text
+    return {"Authorization": f"Bearer {resp.json()['token']}"}
