@@ -7,6 +7,7 @@ start real servers; everything else runs inside a transaction that is rolled bac
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import uuid
 import warnings
@@ -36,7 +37,10 @@ def pg_url(tmp_path_factory: pytest.TempPathFactory) -> str:
 
     # Short path: the Unix socket lives in the data dir and socket paths are limited to ~100 bytes.
     root = Path(os.environ.get("CONVERGE_TEST_PG", f"/tmp/cvg-test-pg-{os.getuid()}"))
-    server = pgserver.get_server(root, cleanup_mode="stop")
+    # xdist workers share the server: the first one to arrive initialises it, the rest wait.
+    with open(f"{root}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        server = pgserver.get_server(root, cleanup_mode="stop")
     name = f"t_{uuid.uuid4().hex[:12]}"
     server.psql(f"CREATE DATABASE {name};")
     yield server.get_uri(name)
