@@ -30,6 +30,7 @@ def make_settings(pg_url: str, tmp: Path, **overrides: Any) -> Settings:
         "bootstrap_token": BOOTSTRAP,
         "server": {"sse_heartbeat_s": 1.0},
         "library": {"seed_catalogue": False},
+        "deploy_defaults": False,
         **overrides,
     }
     return Settings(**values)

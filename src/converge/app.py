@@ -16,6 +16,8 @@ from fastapi.openapi.utils import get_openapi
 
 from converge import __version__
 from converge.config import Settings
+from converge.control.builds.api import router as builds_router
+from converge.control.deployments.api import router as deployments_router
 from converge.control.events.api import router as events_router
 from converge.control.events.broadcaster import Broadcaster
 from converge.control.library.acquire import artifact_store
@@ -30,6 +32,7 @@ from converge.control.projects.oidc import OidcVerifier
 from converge.control.sources.api import router as sources_router
 from converge.errors import PROBLEM_SCHEMA, install_error_handlers
 from converge.kit.observability import Metrics, RequestContextMiddleware
+from converge.runtime.base import RuntimeBackend
 from converge.state import State
 from converge.storage.db import (
     make_engine,
@@ -38,6 +41,9 @@ from converge.storage.db import (
     start_database,
     transaction,
 )
+from converge.workers.builds import BuildRunner
+from converge.workers.controller import Controller
+from converge.workers.defaults import DefaultDeployer
 from converge.workers.registry_sync import CatalogueSeeder, RegistrySync
 
 log = structlog.get_logger(__name__)
@@ -56,9 +62,19 @@ def _print_first_key(token: str) -> None:
     )
 
 
+def _local_runtime(settings: Settings) -> RuntimeBackend:
+    from converge.runtime.local import LocalBackend, LocalConfig
+
+    return LocalBackend(LocalConfig(state_dir=settings.data_dir / "runtime"))
+
+
 def create_app(
-    settings: Settings, *, on_first_key: Callable[[str], None] | None = _print_first_key
+    settings: Settings,
+    *,
+    on_first_key: Callable[[str], None] | None = _print_first_key,
+    runtime: RuntimeBackend | None = None,
 ) -> FastAPI:
+    """The application. `runtime` replaces the local process supervisor (tests pass a fake)."""
     metrics = Metrics()
 
     @contextlib.asynccontextmanager
@@ -82,6 +98,7 @@ def create_app(
             broadcaster=broadcaster,
             oidc=oidc,
             head_revision=head,
+            runtime=runtime or _local_runtime(settings),
             services=[broadcaster],
             extras={"metrics": metrics, "artifacts": artifact_store(settings)},
         )
@@ -93,17 +110,38 @@ def create_app(
         await broadcaster.start()
         if settings.run_workers:
             store = state.extras["artifacts"]
-            state.services.append(RegistrySync(sessions=sessions, settings=settings, store=store))
-            if settings.library.seed_catalogue:
-                state.services.append(CatalogueSeeder(sessions=sessions, settings=settings, store=store))
+            await state.runtime.start()
+            state.services += [
+                RegistrySync(sessions=sessions, settings=settings, store=store),
+                Controller(
+                    sessions=sessions,
+                    settings=settings,
+                    store=store,
+                    runtime=state.runtime,
+                    conninfo=database.url.replace("postgresql+psycopg://", "postgresql://"),
+                ),
+                BuildRunner(sessions=sessions, settings=settings, store=store),
+            ]
             for service in state.services[1:]:
                 await service.start()
+            if settings.library.seed_catalogue:
+                seeder = CatalogueSeeder(sessions=sessions, settings=settings, store=store)
+                await seeder.start()
+                state.services.append(seeder)
+                if settings.deploy_defaults:
+                    deployer = DefaultDeployer(
+                        sessions=sessions, settings=settings, runtime=state.runtime, after=seeder.task
+                    )
+                    await deployer.start()
+                    state.services.append(deployer)
         log.info("converge_started", url=settings.base_url, embedded_db=database.embedded is not None)
         try:
             yield
         finally:
             for service in reversed(state.services):
                 await service.stop()
+            if settings.run_workers:
+                await state.runtime.stop()
             await http.aclose()
             await engine.dispose()
             log.info("converge_stopped")
@@ -125,6 +163,8 @@ def create_app(
         library_router,
         policies_router,
         sources_router,
+        deployments_router,
+        builds_router,
     ):
         app.include_router(router)
     _complete_openapi(app)

@@ -75,6 +75,7 @@ class Settings(BaseSettings):
     database_url: str | None = None
     bootstrap_token: SecretStr | None = None
     run_workers: bool = True
+    deploy_defaults: bool = True  # build and deploy the built-in models on first start
 
     database: DatabaseSettings = DatabaseSettings()
     auth: AuthSettings = AuthSettings()

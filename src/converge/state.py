@@ -13,6 +13,7 @@ from converge.config import Settings
 if TYPE_CHECKING:
     from converge.control.events.broadcaster import Broadcaster
     from converge.control.projects.oidc import OidcVerifier
+    from converge.runtime.base import RuntimeBackend
     from converge.storage.db import Database
 
 
@@ -26,5 +27,6 @@ class State:
     broadcaster: Broadcaster
     oidc: OidcVerifier | None
     head_revision: str
+    runtime: RuntimeBackend
     services: list[Any] = field(default_factory=list)  # background services with .healthy
     extras: dict[str, Any] = field(default_factory=dict)

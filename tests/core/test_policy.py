@@ -91,7 +91,7 @@ def test_missing_key_is_an_evaluation_error() -> None:
 def test_every_default_policy_compiles_and_passes_a_clean_upload() -> None:
     for name, default in DEFAULTS.items():
         compile_expression(default.expression)
-        facts = clean_upload(version={"state": "approved"})
+        facts = clean_upload(version={"state": "approved"}, request={"build_succeeded": True})
         expected = Outcome.FAIL if default.effect is Effect.APPROVE else Outcome.PASS
         assert outcome_of(DEFAULT_POLICIES, facts, name) is expected, name
 

@@ -177,6 +177,25 @@ def test_concurrent_migrations_take_turns_and_leave_one_head_row(fresh_db_url: s
     assert rows == [(heads[0],)]
 
 
+def failing_bootstrap(conn: Any) -> None:
+    conn.execute(text("SELECT 1/0"))
+
+
+def test_a_failed_start_up_releases_the_lock_for_the_next_one(fresh_db_url: str) -> None:
+    with pytest.raises(Exception):  # noqa: B017 - which error is raised is the next test's concern
+        migrate_and_bootstrap(Database(url=fresh_db_url), failing_bootstrap)
+
+    with psycopg.connect(fresh_db_url, autocommit=True) as conn:
+        free = conn.execute("SELECT pg_try_advisory_lock(%s)", (MIGRATION_LOCK_KEY,)).fetchone()
+        conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
+    assert free == (True,)
+
+
+def test_a_failed_start_up_reports_its_own_error(fresh_db_url: str) -> None:
+    with pytest.raises(Exception, match="division by zero"):
+        migrate_and_bootstrap(Database(url=fresh_db_url), failing_bootstrap)
+
+
 async def test_two_app_startups_together_create_exactly_one_organisation_key(
     fresh_db_url: str, tmp_path: Path
 ) -> None:

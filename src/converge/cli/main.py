@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from converge.cli.client import Api, Profile, current_profile, err, save_profile
+from converge.cli.library import models, policies, sources
 
 app = typer.Typer(help="Converge: a self-hosted AI factory.", no_args_is_help=True)
 projects = typer.Typer(help="Projects (tenants).", no_args_is_help=True)
@@ -17,6 +18,9 @@ members = typer.Typer(help="Project members and their roles.", no_args_is_help=T
 app.add_typer(projects, name="projects")
 app.add_typer(keys, name="keys")
 app.add_typer(members, name="members")
+app.add_typer(models, name="models")
+app.add_typer(policies, name="policies")
+app.add_typer(sources, name="sources")
 out = Console()
 
 ProfileOpt = Annotated[str | None, typer.Option("--profile", help="Saved profile to use")]

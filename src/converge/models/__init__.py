@@ -3,6 +3,7 @@
 from converge.models.api_key import ApiKey
 from converge.models.audit import AuditRecord
 from converge.models.base import Base
+from converge.models.deployment import Build, Deployment, DeploymentRevision
 from converge.models.event import Event
 from converge.models.library import Approval, Artifact, LibraryModel, ModelVersion
 from converge.models.member import Member
@@ -16,6 +17,9 @@ __all__ = [
     "Artifact",
     "AuditRecord",
     "Base",
+    "Build",
+    "Deployment",
+    "DeploymentRevision",
     "Event",
     "LibraryModel",
     "Member",

@@ -97,6 +97,7 @@ def migrate_and_bootstrap(db: Database, bootstrap: Any = None) -> str:
                     bootstrap(conn)
                     conn.commit()
             finally:
+                conn.rollback()  # a failed step leaves the transaction aborted; unlock needs a clean one
                 conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": MIGRATION_LOCK_KEY})
                 conn.commit()
         return ScriptDirectory.from_config(_alembic_config(None)).get_current_head() or ""

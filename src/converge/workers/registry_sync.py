@@ -81,9 +81,9 @@ class CatalogueSeeder:
     async def start(self) -> None:
         self._task = asyncio.create_task(catalogue.seed(self._sessions, self._settings, self._store))
 
-    async def wait(self) -> list[str]:
-        assert self._task is not None
-        return await self._task
+    @property
+    def task(self) -> asyncio.Task[list[str]] | None:
+        return self._task
 
     async def stop(self) -> None:
         if self._task is not None and not self._task.done():

@@ -139,12 +139,17 @@ def s3_store(settings: Settings, *, bucket: str, options: dict[str, Any]) -> S3S
 
 
 async def from_oci(
-    store: ArtifactStore, settings: Settings, uri: str, *, expected_sha256: str | None
+    store: ArtifactStore,
+    settings: Settings,
+    uri: str,
+    *,
+    expected_sha256: str | None,
+    insecure: bool | None = None,
 ) -> Acquired:
     ref = OciRef.parse(uri)
     work = Path(tempfile.mkdtemp(prefix="oci-", dir=_tmp(settings)))
     try:
-        files = await OciClient().pull(ref, work)
+        files = await OciClient(insecure=insecure).pull(ref, work)
         if len(files) == 1 and files[0].is_file():
             blob = await store.put_file(files[0], expected_sha256=expected_sha256)
             name = files[0].name
@@ -175,7 +180,9 @@ async def from_uri(
     if scheme == "s3":
         return await from_s3(store, settings, uri, expected_sha256=expected_sha256, options=options or {})
     if scheme == "oci":
-        return await from_oci(store, settings, uri, expected_sha256=expected_sha256)
+        return await from_oci(
+            store, settings, uri, expected_sha256=expected_sha256, insecure=(options or {}).get("insecure")
+        )
     if scheme in ("", "file"):
         if not may_read_server_paths:
             raise Forbidden("Registering a path on the server's disk is for admins; upload the file instead")

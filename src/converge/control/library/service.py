@@ -86,6 +86,7 @@ async def create_model(
         principal,
         action="model.created",
         project_id=None,
+        restricted=model.visibility == "restricted",
         object_type="model",
         object_id=model.id,
         changes={"name": model.name, "visibility": model.visibility, "tags": model.tags},
@@ -111,11 +112,18 @@ async def update_model(
         principal,
         action="model.updated",
         project_id=None,
+        restricted=model.visibility == "restricted",
         object_type="model",
         object_id=model.id,
         changes=changes,
     )
     return model
+
+
+async def _restricted(session: AsyncSession, model_id: uuid.UUID) -> bool:
+    """Events of a restricted model are for admins only: they would name it to every project."""
+    model = await session.get(LibraryModel, model_id)
+    return model is not None and model.visibility == "restricted"
 
 
 async def _move(
@@ -132,6 +140,7 @@ async def _move(
         principal,
         action=f"model_version.{target.value}",
         project_id=None,
+        restricted=await _restricted(session, version.model_id),
         object_type="model_version",
         object_id=version.id,
         changes={"model_id": str(version.model_id), "version": version.version, "reason": reason},
@@ -225,6 +234,7 @@ async def register_version(
         principal,
         action="model_version.registered",
         project_id=None,
+        restricted=model.visibility == "restricted",
         object_type="model_version",
         object_id=row.id,
         changes={
@@ -237,6 +247,8 @@ async def register_version(
     await _move(session, principal, row, S.SCANNING)
     row.inspection, row.scan = await asyncio.to_thread(_inspect_and_scan, acquired.local_path)
     row.format = row.inspection.get("format") or "unknown"
+    if not acquired.is_directory:  # the cache names the file by digest; facts use its real name
+        row.inspection = {**row.inspection, "files": [acquired.filename]}
     facts = version_facts(
         model,
         row,
@@ -248,7 +260,7 @@ async def register_version(
     decision = evaluate(await rules_for(session, "registration"), facts, scope="registration")
     row.decision = decision.to_dict()
     if not decision.allowed:
-        await _move(session, principal, row, S.REJECTED, reason="; ".join(decision.reasons))
+        await _move(session, principal, row, S.REJECTED, reason=_rejection(decision, row.scan))
         return row
     await _move(session, principal, row, S.PENDING_APPROVAL, reason=_warnings(decision))
     if decision.approve:
@@ -257,6 +269,16 @@ async def register_version(
         )
         await _maybe_approve(session, None, row, required=approvals_required)
     return row
+
+
+def _rejection(decision: Decision, scan: dict[str, Any]) -> str:
+    """The failed rules, and the scan findings that made them fail, as one readable reason."""
+    reason = "; ".join(decision.reasons)
+    dangerous = [f for f in scan.get("findings", []) if f.get("severity") in ("dangerous", "error")]
+    if dangerous:
+        found = ", ".join(f"{f.get('global') or f.get('message')} in {f.get('file')}" for f in dangerous[:5])
+        reason += f" (scan findings: {found})"
+    return reason
 
 
 def _warnings(decision: Decision) -> str:
@@ -336,6 +358,7 @@ async def approve(
         principal,
         action="model_version.approval_added",
         project_id=None,
+        restricted=model.visibility == "restricted",
         object_type="model_version",
         object_id=version.id,
         changes={"note": note, "count": len(approvers), "required": approvals_required},

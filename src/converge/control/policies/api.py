@@ -80,7 +80,8 @@ async def policy_revisions(
 
 @router.post("/{policy_id}/dry-run", response_model=DryRunResult)
 async def dry_run(
-    policy_id: uuid.UUID, body: DryRunRequest, session: SessionDep, principal: PrincipalDep, state: StateDep
+    policy_id: uuid.UUID, body: DryRunRequest, session: SessionDep, principal: PoliciesWrite, state: StateDep
 ) -> DryRunResult:
-    """Evaluate the policy, or a draft of it, against existing versions. Nothing changes."""
+    """Evaluate the policy, or a draft of it, against existing versions (all of them, restricted
+    ones too, so this is for policy authors). Nothing changes."""
     return await service.dry_run(session, policy_id=policy_id, body=body, settings=state.settings)

@@ -21,7 +21,14 @@ from converge.control.policies.schemas import (
     PolicyUpdate,
 )
 from converge.control.projects.principal import Principal
-from converge.core.policy import PolicySyntaxError, Rule, build_facts, compile_expression, evaluate
+from converge.core.policy import (
+    InvalidRuleError,
+    PolicySyntaxError,
+    Rule,
+    build_facts,
+    compile_expression,
+    evaluate,
+)
 from converge.errors import Conflict, NotFound, Unprocessable
 from converge.models import LibraryModel, ModelVersion, Policy, PolicyRevision
 
@@ -68,9 +75,16 @@ def _revision(policy: Policy, author: str) -> PolicyRevision:
 
 async def create(session: AsyncSession, principal: Principal, *, body: PolicyCreate) -> Policy:
     check_expression(body.expression)
-    Rule(
-        name=body.name, expression=body.expression, message=body.message, effect=body.effect, scope=body.scope
-    )
+    try:
+        Rule(
+            name=body.name,
+            expression=body.expression,
+            message=body.message,
+            effect=body.effect,
+            scope=body.scope,
+        )
+    except InvalidRuleError as exc:
+        raise Unprocessable(str(exc)) from exc
     policy = Policy(
         name=body.name,
         expression=body.expression,
@@ -158,7 +172,10 @@ async def dry_run(
     draft = {k: v for k, v in body.model_dump(exclude_none=True, exclude={"limit"}).items()}
     if "expression" in draft:
         check_expression(draft["expression"])
-    rule = repository.to_rule(policy, enabled=True, **draft)
+    try:
+        rule = repository.to_rule(policy, enabled=True, **draft)
+    except InvalidRuleError as exc:
+        raise Unprocessable(str(exc)) from exc
     q = (
         select(ModelVersion, LibraryModel)
         .join(LibraryModel, LibraryModel.id == ModelVersion.model_id)

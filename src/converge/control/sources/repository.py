@@ -36,7 +36,7 @@ async def source_for_uri(session: AsyncSession, uri: str) -> Source | None:
     """The registered source a URI comes from, if any: what makes a source 'known'."""
     for source in (await session.scalars(select(Source))).all():
         base = source.uri.rstrip("/")
-        if uri == base or uri.startswith(base + "/") or uri.startswith(base + ":"):
+        if uri == base or uri.startswith((base + "/", base + ":", base + "@")):
             return source
     return None
 

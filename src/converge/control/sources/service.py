@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import uuid
 import zlib
@@ -120,9 +121,7 @@ async def list_remote(source: Source, settings: Settings) -> list[RemoteItem]:
         items = []
         for tag in sorted(await client.list_tags(ref)):
             tagged = ref.with_tag(tag)
-            items.append(
-                RemoteItem(key=tag, digest=await client.manifest_digest(tagged), uri=f"oci://{tagged}")
-            )
+            items.append(RemoteItem(key=tag, digest=await client.manifest_digest(tagged), uri=str(tagged)))
         return items
     parsed = urlparse(source.uri)
     store = acquire.s3_store(settings, bucket=parsed.netloc, options=source.options)
@@ -200,6 +199,18 @@ async def _finish(session: AsyncSession, source: Source, *, created: list[str], 
     )
 
 
+async def _free_version_name(session: AsyncSession, model_id: uuid.UUID, item: RemoteItem, kind: str) -> str:
+    """The tag or object name; if taken (a tag moved to new content, or another key has the same
+    file name), suffixed with the content digest, then with a hash of key and digest."""
+    base = version_name(item, kind)
+    digest = item.digest.removeprefix("sha256:")[:12]
+    keyed = hashlib.sha256(f"{item.key}@{item.digest}".encode()).hexdigest()[:12]
+    for name in (base, f"{base}-{digest}", f"{base}-{keyed}"):
+        if await library_repo.version_by_name(session, model_id, name) is None:
+            return name
+    raise Conflict(f"No free version name for {item.key}")
+
+
 async def _register(
     session: AsyncSession, source: Source, item: RemoteItem, *, settings: Settings, store: ArtifactStore
 ) -> str:
@@ -211,9 +222,7 @@ async def _register(
     acquired = await acquire.from_uri(
         store, settings, item.uri, expected_sha256=None, may_read_server_paths=False, options=source.options
     )
-    name = version_name(item, source.kind)
-    if await library_repo.version_by_name(session, model.id, name) is not None:
-        name = f"{name}-{item.digest.removeprefix('sha256:')[:12]}"  # the tag moved to new content
+    name = await _free_version_name(session, model.id, item, source.kind)
     provenance = {"kind": "sync", "uri": item.uri, "known": True, "name": source.name, "digest": item.digest}
     version = await library.register_version(
         session,

@@ -114,4 +114,11 @@ DEFAULT_POLICIES: tuple[Rule, ...] = (
         effect=Effect.DENY,
         scope=Scope.DEPLOYMENT,
     ),
+    Rule(
+        name="deployment-requires-build",
+        expression="has(request.build_succeeded) && request.build_succeeded",
+        message="no successful build of this version for the requested profile; build it first",
+        effect=Effect.DENY,
+        scope=Scope.DEPLOYMENT,
+    ),
 )

@@ -222,7 +222,8 @@ def _digest(sha256: str) -> str:
 def _timestamp(moment: datetime) -> str:
     if moment.tzinfo is None:
         raise ValueError(f"Timestamp {moment.isoformat()} has no time zone; pass an aware datetime")
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # isoformat, not strftime: it always writes a four-digit year, as RFC 3339 requires.
+    return moment.astimezone(UTC).replace(microsecond=0, tzinfo=None).isoformat() + "Z"
 
 
 def _slug(text: str) -> str:

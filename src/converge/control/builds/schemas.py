@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import Field
+
+from converge.control.deployments.schemas import Profile
+from converge.kit.schemas import Input, Output
+
+
+class BuildState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINAL = frozenset({BuildState.SUCCEEDED, BuildState.FAILED, BuildState.CANCELLED})
+
+
+class BuildCreate(Input):
+    project_id: uuid.UUID
+    model_version_id: uuid.UUID
+    profile: Profile = Field(default="cpu", description="Target profile the benchmark figures are for")
+
+
+class BuildRead(Output):
+    id: uuid.UUID
+    project_id: uuid.UUID
+    model_version_id: uuid.UUID
+    profile: str
+    server: str
+    state: BuildState
+    reason: str
+    results: dict[str, Any]
+    cancel_requested: bool
+    started_at: datetime | None
+    finished_at: datetime | None
+    created_by: str
+    created_at: datetime

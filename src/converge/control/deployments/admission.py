@@ -1,0 +1,155 @@
+"""Admission: may this spec run? Fields, zones, deployment policies, project quota."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from converge.config import Settings
+from converge.control.deployments import repository
+from converge.control.deployments.schemas import DeploymentSpecIn
+from converge.control.library import repository as library_repo
+from converge.control.library.service import version_facts
+from converge.control.policies.repository import rules_for
+from converge.control.projects.principal import Principal
+from converge.core.lifecycle import VersionState
+from converge.core.policy import evaluate
+from converge.errors import PolicyDenied, QuotaExceeded, Unprocessable
+from converge.models import Build, LibraryModel, ModelVersion, Project
+from converge.runtime.base import ServerKind, Zone
+
+SERVER_FOR_FORMAT = {
+    "gguf": ServerKind.LLAMA_CPP,
+    "sentence-transformers": ServerKind.EMBEDDINGS,
+    "pickle": ServerKind.V2,
+    "onnx": ServerKind.V2,
+    "mlflow": ServerKind.V2,
+}
+
+
+def server_for(version: ModelVersion, requested: ServerKind | None) -> ServerKind:
+    if requested is not None:
+        return requested
+    kind = SERVER_FOR_FORMAT.get(version.format)
+    if kind is None:
+        raise Unprocessable(
+            f"No model server serves format '{version.format}'; set `server` explicitly",
+            extra={"field": "server"},
+        )
+    return kind
+
+
+async def load_version(
+    session: AsyncSession, project: Project, spec: DeploymentSpecIn
+) -> tuple[LibraryModel, ModelVersion]:
+    version = await library_repo.get_version(session, spec.model_version_id)
+    model = await library_repo.get_model(session, version.model_id) if version else None
+    visible = model is not None and (model.visibility == "public" or project.id in model.projects)
+    if version is None or model is None or not visible:
+        raise Unprocessable(
+            f"model_version_id: no model version {spec.model_version_id} is visible to this project",
+            extra={"field": "model_version_id"},
+        )
+    return model, version
+
+
+def check_zones(spec: DeploymentSpecIn, zones: list[Zone]) -> None:
+    known = {z.name: z for z in zones}
+    for name in spec.zones:
+        zone = known.get(name)
+        if zone is None:
+            raise Unprocessable(
+                f"zones: unknown zone '{name}'; known: {', '.join(known)}", extra={"field": "zones"}
+            )
+        res = spec.resources
+        for field, asked, has in (
+            ("cpu", res.cpu, zone.cpu),
+            ("memory_bytes", res.memory_bytes, zone.memory_bytes),
+            ("gpus", res.gpus, len(zone.gpus)),
+        ):
+            if asked > has:
+                raise Unprocessable(
+                    f"resources.{field}: {asked} per replica is more than zone '{name}' has ({has})",
+                    extra={"field": f"resources.{field}"},
+                )
+
+
+async def build_succeeded(session: AsyncSession, version_id: Any, profile: str) -> bool:
+    q = select(Build.id).where(
+        Build.model_version_id == version_id, Build.profile == profile, Build.state == "succeeded"
+    )
+    return (await session.scalar(q.limit(1))) is not None
+
+
+async def check_policies(
+    session: AsyncSession,
+    principal: Principal | None,
+    *,
+    project: Project,
+    model: LibraryModel,
+    version: ModelVersion,
+    spec: DeploymentSpecIn,
+    settings: Settings,
+) -> None:
+    request = {
+        "principal": principal.subject if principal else "system",
+        "project": project.name,
+        "action": "deploy",
+        "profile": spec.profile,
+        "build_succeeded": await build_succeeded(session, version.id, spec.profile),
+        "replicas_max": spec.replicas.max,
+    }
+    facts = version_facts(
+        model, version, approvers=[], required=settings.library.approvals_required, request=request
+    )
+    decision = evaluate(await rules_for(session, "deployment"), facts, scope="deployment")
+    reasons = list(decision.reasons)
+    if version.state == VersionState.REVOKED:  # whatever the policies say, revoked never serves
+        reasons.append("the model version is revoked")
+    if reasons:
+        raise PolicyDenied(
+            "Deployment refused: " + "; ".join(reasons),
+            extra={"reasons": reasons, "decision": decision.to_dict()},
+        )
+
+
+def _footprint(spec: dict[str, Any]) -> dict[str, float]:
+    res, count = spec.get("resources", {}), spec.get("replicas", {}).get("max", 1)
+    return {
+        "cpu": res.get("cpu", 1.0) * count,
+        "memory_bytes": res.get("memory_bytes", 0) * count,
+        "gpus": res.get("gpus", 0) * count,
+    }
+
+
+async def check_quota(
+    session: AsyncSession, *, project: Project, spec: DeploymentSpecIn, exclude: Any
+) -> None:
+    """Sum of (replicas.max x resources) over the project's deployments must fit its quota."""
+    quotas = {k: v for k, v in (project.quotas or {}).items() if v is not None}
+    if not quotas:
+        return
+    used = {"cpu": 0.0, "memory_bytes": 0.0, "gpus": 0.0}
+    for deployment_id, other in await repository.current_specs(session, project.id):
+        if deployment_id != exclude:
+            for k, v in _footprint(other).items():
+                used[k] += v
+    asked = _footprint(spec.model_dump(mode="json"))
+    over = {
+        k: {"quota": quotas[k], "used": used[k], "requested": asked[k]}
+        for k in quotas
+        if k in asked and used[k] + asked[k] > quotas[k] + 1e-9
+    }
+    if over:
+        text = "; ".join(
+            f"{k}: quota {_fmt(v['quota'])}, in use {_fmt(v['used'])}, this deployment {_fmt(v['requested'])}"
+            for k, v in over.items()
+        )
+        raise QuotaExceeded(f"Project '{project.name}' quota exceeded - {text}", extra={"quota": over})
+
+
+def _fmt(value: float) -> str:
+    return str(int(value)) if math.isclose(value, round(value)) else f"{value:.2f}"

@@ -1,0 +1,143 @@
+"""The one interface between the control plane and whatever runs model servers.
+
+The controller hands a backend the *desired* state of a deployment (`apply`), reads back what
+is *observed* (`observe`), and never cares whether replicas are local processes or Kubernetes
+pods. Backends converge like a Kubernetes Deployment: a new revision is rolled out one replica
+at a time (surge 1, unavailable 0), and an old replica is drained before it stops.
+"""
+
+from __future__ import annotations
+
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from datetime import datetime
+from enum import StrEnum
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ServerKind(StrEnum):
+    LLAMA_CPP = "llama-cpp"  # GGUF chat and completions (OpenAI-compatible)
+    EMBEDDINGS = "embeddings"  # sentence-transformers, OpenAI /v1/embeddings
+    V2 = "v2"  # Open Inference Protocol (MLServer: sklearn, ONNX, MLflow)
+
+
+class Resources(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    cpu: float = Field(default=1.0, gt=0, description="CPU cores per replica")
+    memory_bytes: int = Field(default=1 << 30, gt=0, description="Memory per replica (a hard limit locally)")
+    gpus: int = Field(default=0, ge=0)
+    gpu_type: str | None = None
+    mig_profile: str | None = Field(default=None, description="e.g. 1g.10gb")
+
+
+class ReplicaTemplate(BaseModel):
+    """What every replica of one revision runs."""
+
+    model_config = ConfigDict(frozen=True)
+
+    server: ServerKind
+    model_name: str = Field(description="The name the server answers to (OpenAI `model`)")
+    artifact_path: str = Field(description="Verified local copy of the artifact")
+    args: tuple[str, ...] = ()
+    env: dict[str, str] = Field(default_factory=dict)
+    resources: Resources = Resources()
+
+
+class DeploymentSpec(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    deployment_id: uuid.UUID
+    name: str
+    revision: int
+    template: ReplicaTemplate
+    replicas: int = Field(ge=0)
+    zones: tuple[str, ...] = ("local",)
+    restart_generation: int = Field(default=0, description="Bumped by redeploy: replace every replica")
+
+
+class ReplicaPhase(StrEnum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    BACKOFF = "backoff"  # crashed; waiting before the next restart
+    FAILED = "failed"
+
+
+class Replica(BaseModel):
+    id: str
+    deployment_id: uuid.UUID
+    revision: int
+    generation: int = 0
+    phase: ReplicaPhase
+    zone: str
+    endpoint: str | None = None
+    pid: int | None = None
+    restarts: int = 0
+    in_flight: int = 0
+    queue_depth: int = 0
+    started_at: datetime | None = None
+    last_exit: str | None = None
+
+
+class Condition(BaseModel):
+    type: str  # Ready | Progressing | Degraded
+    status: bool
+    reason: str
+    message: str = ""
+
+
+class Observation(BaseModel):
+    deployment_id: uuid.UUID
+    replicas: list[Replica] = Field(default_factory=list)
+    conditions: list[Condition] = Field(default_factory=list)
+
+    @property
+    def ready(self) -> list[Replica]:
+        return [r for r in self.replicas if r.phase == ReplicaPhase.READY]
+
+    def condition(self, type_: str) -> Condition | None:
+        return next((c for c in self.conditions if c.type == type_), None)
+
+
+class Gpu(BaseModel):
+    index: int
+    name: str
+    memory_bytes: int
+    mig_profiles: list[str] = Field(default_factory=list)
+
+
+class Zone(BaseModel):
+    name: str
+    cpu: float
+    memory_bytes: int
+    gpus: list[Gpu] = Field(default_factory=list)
+
+
+class RuntimeBackend(ABC):
+    type: ClassVar[str]
+    config_model: ClassVar[type[BaseModel]]
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Adopt or clean up what a previous process left running."""
+
+    async def stop(self) -> None:  # noqa: B027 - optional hook
+        """Release resources held by this process (not the replicas themselves)."""
+
+    @abstractmethod
+    async def apply(self, *, spec: DeploymentSpec) -> None: ...
+
+    @abstractmethod
+    async def observe(self, *, deployment_id: uuid.UUID) -> Observation: ...
+
+    @abstractmethod
+    async def delete(self, *, deployment_id: uuid.UUID) -> None: ...
+
+    @abstractmethod
+    def logs(self, *, replica_id: str, tail: int = 100, follow: bool = False) -> AsyncIterator[str]: ...
+
+    @abstractmethod
+    async def zones(self) -> list[Zone]: ...

@@ -1,0 +1,44 @@
+"""Loopback ports for replicas: free according to the OS, and never handed out twice by us.
+
+Asking the OS for port 0 gives a port nobody is listening on *now*; between closing that probe
+socket and the replica binding it, another process (or another replica still importing its
+model) could take it. The in-process reservation closes the second hole; the first is handled
+by the supervisor: a replica that fails to bind exits, and its restart gets a different port.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+
+
+def os_free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class PortAllocator:
+    def __init__(self, *, candidate: Callable[[], int] = os_free_port, attempts: int = 64) -> None:
+        self._candidate, self._attempts = candidate, attempts
+        self._reserved: set[int] = set()
+
+    @property
+    def reserved(self) -> frozenset[int]:
+        return frozenset(self._reserved)
+
+    def allocate(self) -> int:
+        for _ in range(self._attempts):
+            port = self._candidate()
+            if port not in self._reserved:
+                self._reserved.add(port)
+                return port
+        raise RuntimeError(f"no free loopback port after {self._attempts} attempts")
+
+    def reserve(self, port: int) -> None:
+        """Keep `port` (held by an adopted replica) out of future allocations."""
+        self._reserved.add(port)
+
+    def release(self, port: int | None) -> None:
+        if port is not None:
+            self._reserved.discard(port)

@@ -1,0 +1,169 @@
+"""Replica processes: spawn, identity (for adoption), exit detection, signals, memory limit.
+
+A replica runs in its own session (`setsid`): a controller that crashes or is stopped with ^C
+does not take its replicas with it, so a new controller can adopt them; and one `killpg` stops
+a server together with any workers it forked.
+
+Memory limit: RLIMIT_DATA, not RLIMIT_AS. RLIMIT_AS counts every mapping, including model
+weights that llama.cpp maps read-only from the GGUF file (shared, reclaimable page cache) and
+the huge address ranges torch and CUDA reserve, so a limit near the real budget kills healthy
+servers. RLIMIT_DATA counts private writable memory (heap, anonymous mappings, thread stacks):
+the part that actually grows when a server leaks or a model is too big. It also counts memory
+reserved but never touched (8 MiB per thread stack), hence `memory_limit_factor` (2x by
+default) over `resources.memory_bytes`. GPU replicas get no limit: the CUDA driver's writable
+host mappings are not the memory we budget. The limit is set with prlimit(2) right after exec
+(no preexec_fn, which is unsafe in a threaded process); the interpreter has barely started by
+then. Where prlimit is missing (not Linux) replicas run without a limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from converge.runtime.base import ReplicaTemplate, Resources
+
+# Clock adjustments shift psutil's create_time (it adds the boot time); pid reuse within a
+# second with the same command line (which holds the replica's port) does not happen.
+_CREATE_TIME_TOLERANCE_S = 1.0
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What tells our replica apart from an unrelated process that reused its pid."""
+
+    pid: int
+    create_time: float
+    cmdline: tuple[str, ...]
+
+
+def current_identity(pid: int) -> Identity | None:
+    """The live (non-zombie) process with this pid, or None."""
+    try:
+        proc = psutil.Process(pid)
+        with proc.oneshot():
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return None
+            return Identity(pid=pid, create_time=proc.create_time(), cmdline=tuple(proc.cmdline()))
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def is_same_process(recorded: Identity) -> bool:
+    now = current_identity(recorded.pid)
+    return (
+        now is not None
+        and abs(now.create_time - recorded.create_time) < _CREATE_TIME_TOLERANCE_S
+        and now.cmdline == recorded.cmdline
+    )
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+class ProcessHandle:
+    """A replica's process, whether this process spawned it (a child) or adopted it."""
+
+    def __init__(self, identity: Identity) -> None:
+        self.identity = identity
+        self.exit: str | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.identity.pid
+
+    def poll(self) -> str | None:
+        """None while the process runs; how it ended once it has (reaping it if it is our child)."""
+        if self.exit is not None:
+            return self.exit
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            # Adopted (not our child), or reaped elsewhere: ask the OS whether it still runs.
+            if is_same_process(self.identity):
+                return None
+            self.exit = "exited (status unknown: not a child of this process)"
+            return self.exit
+        if pid == 0:
+            return None
+        self.exit = describe_exit(os.waitstatus_to_exitcode(status))
+        # The leader is gone; workers it forked must not keep its port or memory. (Only right
+        # after reaping our own child: its pid cannot have been reused yet.)
+        with contextlib.suppress(OSError):
+            os.killpg(self.pid, signal.SIGKILL)
+        return self.exit
+
+    def signal(self, sig: signal.Signals) -> None:
+        """Signal the replica's process group, unless the process is gone (its pid may be reused)."""
+        if self.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, sig)
+
+
+def memory_limit_bytes(resources: Resources, *, factor: float) -> int | None:
+    if resources.gpus > 0:
+        return None
+    return int(resources.memory_bytes * factor)
+
+
+def apply_memory_limit(pid: int, limit: int) -> bool:
+    prlimit = getattr(resource, "prlimit", None)
+    if prlimit is None:
+        return False
+    try:
+        prlimit(pid, resource.RLIMIT_DATA, (limit, limit))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def replica_argv(*, prefix: list[str], template: ReplicaTemplate, port: int) -> list[str]:
+    """The replica contract's command line (see converge.serving)."""
+    t = template
+    return [
+        *prefix,
+        *(t.server.value, "--model-path", t.artifact_path, "--model-name", t.model_name),
+        *("--host", "127.0.0.1", "--port", str(port)),
+        *t.args,
+    ]
+
+
+def spawn(*, argv: list[str], env: dict[str, str], log_path: Path) -> ProcessHandle:
+    """Start `argv` in a new session, stdout and stderr appended to `log_path`, stdin /dev/null.
+
+    Raises OSError when the program cannot be executed.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    actions = [
+        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_DUP2, fd, 1),
+        (os.POSIX_SPAWN_DUP2, fd, 2),
+    ]
+    # Python ignores SIGPIPE and SIGXFSZ; an exec'd server must get the defaults back.
+    sigdef = (signal.SIGPIPE, signal.SIGXFSZ)
+    try:
+        try:
+            pid = os.posix_spawnp(argv[0], argv, env, file_actions=actions, setsid=True, setsigdef=sigdef)
+        except NotImplementedError:  # no POSIX_SPAWN_SETSID: a process group of its own still works
+            pid = os.posix_spawnp(argv[0], argv, env, file_actions=actions, setpgroup=0, setsigdef=sigdef)
+    finally:
+        os.close(fd)
+    try:
+        create_time = psutil.Process(pid).create_time()
+    except psutil.Error:  # already gone: poll() reports how it ended
+        create_time = 0.0
+    return ProcessHandle(Identity(pid=pid, create_time=create_time, cmdline=tuple(argv)))

@@ -1,0 +1,124 @@
+"""Rolling-update planning and status conditions, shared by the local and fake backends (pure).
+
+The rules are a Kubernetes Deployment's with `maxSurge: 1, maxUnavailable: 0`, with one local
+twist: a draining replica still holds memory (and maybe a GPU) until it exits, so it counts
+against the surge. A rollout therefore goes: start one new replica, wait until it is ready,
+drain one old replica, wait until it has exited, repeat. Unready old replicas serve nothing and
+are stopped as soon as the new ones can cover for them; ready ones are drained only while the
+ready count stays at or above the desired count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from converge.runtime.base import Condition, ReplicaPhase
+
+
+@dataclass(frozen=True)
+class ReplicaView:
+    """What planning needs to know about one replica."""
+
+    id: str
+    current: bool  # runs the desired (revision, restart_generation)
+    phase: ReplicaPhase
+
+    @property
+    def ready(self) -> bool:
+        return self.phase == ReplicaPhase.READY
+
+
+@dataclass(frozen=True)
+class Plan:
+    start: int = 0  # new replicas of the desired revision to start
+    drain: tuple[str, ...] = ()  # ready replicas to take out of rotation, then stop
+    stop: tuple[str, ...] = ()  # replicas that serve nothing: stop now
+
+
+def plan(*, desired: int, replicas: Sequence[ReplicaView]) -> Plan:
+    """The next step towards `desired` ready replicas of the current revision."""
+    draining = [r for r in replicas if r.phase == ReplicaPhase.DRAINING]
+    active = [r for r in replicas if r.phase != ReplicaPhase.DRAINING]
+    cur = [r for r in active if r.current]
+    old = [r for r in active if not r.current]
+    drain: list[str] = []
+    stop: list[str] = []
+
+    # Too many of the current revision (scale down): the unready go first.
+    surplus = len(cur) - desired
+    if surplus > 0:
+        for r in sorted(cur, key=lambda r: r.ready)[:surplus]:
+            (drain if r.ready else stop).append(r.id)
+        cur = [r for r in cur if r.id not in drain and r.id not in stop]
+    if not old:
+        return Plan(start=max(0, desired - len(cur)), drain=tuple(drain), stop=tuple(stop))
+
+    # Rolling: never more than desired + 1 processes, draining ones included.
+    processes = len(cur) + len(old) + len(draining) + len(drain)
+    start = max(0, min(desired - len(cur), desired + 1 - processes))
+    new_unavailable = sum(1 for r in cur if not r.ready) + start
+    # Unready old replicas can go whenever that leaves room for the new ones to become available.
+    budget = len(cur) + start + len(old) - desired - new_unavailable
+    for r in [r for r in old if not r.ready][: max(0, budget)]:
+        stop.append(r.id)
+    # Ready old replicas drain only while availability stays >= desired.
+    available = sum(1 for r in cur if r.ready) + sum(1 for r in old if r.ready)
+    for r in [r for r in old if r.ready][: max(0, available - desired)]:
+        drain.append(r.id)
+    return Plan(start=start, drain=tuple(drain), stop=tuple(stop))
+
+
+def is_complete(*, desired: int, replicas: Sequence[ReplicaView]) -> bool:
+    """Every replica runs the current revision, is ready, and there are exactly `desired`."""
+    return len(replicas) == desired and all(r.current and r.ready for r in replicas)
+
+
+def conditions(
+    *,
+    desired: int,
+    revision: int,
+    replicas: Sequence[ReplicaView],
+    crash_loop: str | None = None,
+    deadline_exceeded: bool = False,
+) -> list[Condition]:
+    """Ready, Progressing and Degraded, with a reason and a message a person can act on.
+
+    `crash_loop` names what is crash-looping (None when nothing is); `deadline_exceeded` says the
+    rollout made no progress within the backend's deadline.
+    """
+    active = [r for r in replicas if r.phase != ReplicaPhase.DRAINING]
+    ready_cur = sum(1 for r in active if r.current and r.ready)
+    old = sum(1 for r in active if not r.current)
+    counts = f"{ready_cur}/{desired} replicas ready at revision {revision}"
+    if desired == 0 and not active:
+        ready = Condition(type="Ready", status=True, reason="ScaledToZero", message="no replicas desired")
+    elif ready_cur >= desired and not old:
+        ready = Condition(type="Ready", status=True, reason="ReplicasReady", message=counts)
+    else:
+        reason = "RollingUpdate" if old else "ReplicasNotReady"
+        ready = Condition(type="Ready", status=False, reason=reason, message=counts)
+
+    complete = is_complete(desired=desired, replicas=replicas)
+    if complete:
+        progressing = Condition(type="Progressing", status=True, reason="RolloutComplete", message=counts)
+    elif deadline_exceeded:
+        progressing = Condition(
+            type="Progressing",
+            status=False,
+            reason="ProgressDeadlineExceeded",
+            message=f"revision {revision} made no progress in time; {counts}",
+        )
+    else:
+        reason = "RollingUpdate" if old else "Scaling"
+        progressing = Condition(type="Progressing", status=True, reason=reason, message=counts)
+
+    if crash_loop is not None:
+        degraded = Condition(type="Degraded", status=True, reason="CrashLoop", message=crash_loop)
+    elif deadline_exceeded and not complete:
+        degraded = Condition(
+            type="Degraded", status=True, reason="ProgressDeadlineExceeded", message=progressing.message
+        )
+    else:
+        degraded = Condition(type="Degraded", status=False, reason="AsExpected")
+    return [ready, progressing, degraded]

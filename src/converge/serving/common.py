@@ -1,0 +1,270 @@
+"""What every model server shares: request counting, health and stats routes, the runner.
+
+A `ModelHost` answers `/health/live` as soon as the HTTP server is up, loads the model in a
+background thread, and only then hands inference routes to the model's own ASGI app. The
+supervisor reads `/health/ready` to route traffic and `/converge/stats` to scale and drain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+import uvicorn
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route, Router
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger("converge.serving")
+
+LIVE_PATH = "/health/live"
+READY_PATH = "/health/ready"
+STATS_PATH = "/converge/stats"
+# Draining replicas finish what they hold; the supervisor kills after its own grace period.
+GRACEFUL_SHUTDOWN_S = 30
+
+
+@dataclass
+class RequestStats:
+    """Counters behind `/converge/stats`; touched only from the event loop."""
+
+    max_concurrency: int = 1
+    in_flight: int = 0
+    requests_total: int = 0
+
+    @property
+    def queue_depth(self) -> int:
+        return max(0, self.in_flight - self.max_concurrency)
+
+
+class InFlightMiddleware:
+    """Counts requests on inference routes from arrival until their body ends.
+
+    Pure ASGI so streaming responses pass through untouched. A request stops counting at the
+    first of: the last body chunk, the client disconnecting, or the app returning or raising.
+    """
+
+    def __init__(self, app: ASGIApp, *, stats: RequestStats, paths: Iterable[str]) -> None:
+        self.app = app
+        self.stats = stats
+        self.paths = frozenset(paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+
+        stats = self.stats
+        stats.in_flight += 1
+        stats.requests_total += 1
+        done = False
+
+        def finish() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                stats.in_flight -= 1
+
+        async def counted_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                finish()
+            return message
+
+        async def counted_send(message: Message) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                finish()
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, counted_send)
+        finally:
+            finish()
+
+
+def openai_error(status_code: int, message: str, *, type_: str, param: str | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": None}}
+    return JSONResponse(body, status_code=status_code)
+
+
+class ModelHost:
+    """Serves one model's ASGI app behind Converge's health and stats routes.
+
+    `load` runs once, off the event loop, and returns the ASGI app that serves the loaded
+    model. Until it returns, inference routes answer 503 and `/health/ready` says so.
+    """
+
+    def __init__(
+        self,
+        *,
+        kind: str,
+        model_name: str,
+        load: Callable[[], ASGIApp],
+        inference_paths: Iterable[str],
+        max_concurrency: int = 1,
+    ) -> None:
+        self.kind = kind
+        self.model_name = model_name
+        self.stats = RequestStats(max_concurrency=max_concurrency)
+        self.model_app: ASGIApp | None = None
+        self.load_error: BaseException | None = None
+        self.load_seconds: float | None = None
+        self.on_load_failed: Callable[[], None] = lambda: None
+        self._load = load
+        self._control = Router(
+            routes=[
+                Route(LIVE_PATH, self._live, methods=["GET"]),
+                Route(READY_PATH, self._ready, methods=["GET"]),
+                Route(STATS_PATH, self._stats, methods=["GET"]),
+            ],
+            lifespan=self._lifespan,
+        )
+        self.app: ASGIApp = InFlightMiddleware(self._dispatch, stats=self.stats, paths=inference_paths)
+
+    @property
+    def ready(self) -> bool:
+        return self.model_app is not None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[None]:
+        """Start loading the model; the server accepts connections meanwhile."""
+        task = asyncio.create_task(self._load_model(), name="load-model")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def _lifespan(self, _app: Any) -> contextlib.AbstractAsyncContextManager[None]:
+        return self.lifespan()
+
+    async def _load_model(self) -> None:
+        log.info("loading %s model %r", self.kind, self.model_name)
+        started = time.perf_counter()
+        try:
+            app = await _run_in_daemon_thread(self._load)
+        except Exception as exc:
+            self.load_error = exc
+            log.error("model %r failed to load: %s", self.model_name, exc, exc_info=exc)
+            self.on_load_failed()
+            return
+        self.load_seconds = time.perf_counter() - started
+        self.model_app = app
+        log.info("model %r ready in %.2f s", self.model_name, self.load_seconds)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan" or scope.get("path") in (LIVE_PATH, READY_PATH, STATS_PATH):
+            await self._control(scope, receive, send)
+        elif self.model_app is not None:
+            await self.model_app(scope, receive, send)
+        elif scope["type"] == "http":
+            response = openai_error(503, "The model is still loading", type_="service_unavailable")
+            response.headers["Retry-After"] = "1"
+            await response(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1013})
+
+    async def _live(self, _request: Request) -> JSONResponse:
+        return JSONResponse({"status": "alive"})
+
+    async def _ready(self, _request: Request) -> JSONResponse:
+        if self.model_app is not None:
+            return JSONResponse({"status": "ready", "model": self.model_name})
+        if self.load_error is not None:
+            return JSONResponse({"status": "failed", "error": str(self.load_error)}, status_code=503)
+        return JSONResponse({"status": "loading"}, status_code=503)
+
+    async def _stats(self, _request: Request) -> JSONResponse:
+        return JSONResponse(
+            {
+                "in_flight": self.stats.in_flight,
+                "queue_depth": self.stats.queue_depth,
+                "requests_total": self.stats.requests_total,
+                "model": self.model_name,
+                "kind": self.kind,
+            }
+        )
+
+
+async def _run_in_daemon_thread(fn: Callable[[], ASGIApp]) -> ASGIApp:
+    """Run `fn` in a daemon thread: a SIGTERM during a long load must not wait for it."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[ASGIApp] = loop.create_future()
+
+    def settle(result: ASGIApp | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def work() -> None:
+        try:
+            result, error = fn(), None
+        except BaseException as exc:  # handed to the loop, which logs it
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop closed while we loaded
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=work, name="model-loader", daemon=True).start()
+    return await future
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts such as threads and batch sizes."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def configure_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
+
+
+def _exit_cleanly(signum: int, _frame: FrameType | None) -> None:
+    # Before uvicorn installs its handlers this stops a replica that has not started serving;
+    # afterwards uvicorn re-raises the signal once it has shut down gracefully. Either way a
+    # requested stop is a clean exit, not death by signal.
+    raise SystemExit(0)
+
+
+def serve(host: ModelHost, *, bind: str, port: int) -> int:
+    """Serve until SIGTERM/SIGINT (exit 0) or a failed model load (exit 1)."""
+    config = uvicorn.Config(
+        host.app,
+        host=bind,
+        port=port,
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    )
+    server = uvicorn.Server(config)
+
+    def stop() -> None:
+        server.should_exit = True
+
+    host.on_load_failed = stop
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_cleanly)
+    server.run()
+    return 1 if host.load_error is not None else 0

@@ -1,0 +1,92 @@
+"""GGUF chat and completions: llama-cpp-python's own OpenAI-compatible server app.
+
+Chat completions (streaming and not), completions and `/v1/models` are llama-cpp-python's
+implementation; Converge only adds its health and stats routes around it. llama.cpp runs one
+generation at a time, so the host's max concurrency is 1 and anything beyond queues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from starlette.types import ASGIApp
+
+from converge.serving.common import ModelHost, positive_int
+
+KIND = "llama-cpp"
+INFERENCE_PATHS = frozenset(
+    {
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/embeddings",
+        "/v1/engines/copilot-codex/completions",
+    }
+)
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # honours CPU pinning, unlike os.cpu_count()
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--n-ctx", type=positive_int, default=2048, help="context size in tokens (default: 2048)"
+    )
+    parser.add_argument(
+        "--n-threads", type=positive_int, default=cpu_count(), help="CPU threads (default: all usable CPUs)"
+    )
+    parser.add_argument(
+        "--chat-format", default=None, help="llama-cpp-python chat format (default: the GGUF's template)"
+    )
+
+
+def load_app(
+    *, model_path: str, model_name: str, n_ctx: int, n_threads: int, chat_format: str | None
+) -> ASGIApp:
+    """Load the model and build llama-cpp-python's app around it (blocking)."""
+    from llama_cpp.server.app import create_app
+    from llama_cpp.server.settings import ModelSettings, ServerSettings
+
+    # create_app would read a whole configuration from this file instead of our arguments.
+    os.environ.pop("CONFIG_FILE", None)
+    # model_validate, not the constructor: the settings classes would otherwise also read
+    # stray environment variables (API_KEY, N_GPU_LAYERS, ...) of the replica's process.
+    server_settings = ServerSettings.model_validate(
+        {
+            # A second request waits for the first instead of cutting its stream short.
+            "interrupt_requests": False,
+        }
+    )
+    model_settings = ModelSettings.model_validate(
+        {
+            "model": model_path,
+            "model_alias": model_name,
+            "n_ctx": n_ctx,
+            "n_threads": n_threads,
+            "n_threads_batch": n_threads,
+            "chat_format": chat_format,
+            "verbose": False,
+        }
+    )
+    # create_app loads the model (LlamaProxy) before it returns.
+    return create_app(server_settings=server_settings, model_settings=[model_settings])
+
+
+def build_host(args: argparse.Namespace) -> ModelHost:
+    return ModelHost(
+        kind=KIND,
+        model_name=args.model_name,
+        load=lambda: load_app(
+            model_path=args.model_path,
+            model_name=args.model_name,
+            n_ctx=args.n_ctx,
+            n_threads=args.n_threads,
+            chat_format=args.chat_format,
+        ),
+        inference_paths=INFERENCE_PATHS,
+        max_concurrency=1,
+    )

@@ -1,0 +1,201 @@
+"""The build runner: fetch (verified), smoke-load in the target server, benchmark, record."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, TextIO
+
+import httpx
+import structlog
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from converge.config import Settings
+from converge.control.builds import service
+from converge.control.builds.api import log_path
+from converge.control.builds.benchmark import benchmark_embeddings, benchmark_llm
+from converge.control.builds.schemas import BuildState
+from converge.control.library import acquire
+from converge.control.library import repository as library_repo
+from converge.models import Build
+from converge.runtime.base import ServerKind
+from converge.storage.artifacts import ArtifactStore
+from converge.storage.db import transaction
+
+log = structlog.get_logger(__name__)
+READY_TIMEOUT_S = 300
+
+
+class Cancelled(Exception):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class BuildRunner:
+    name = "build-runner"
+
+    def __init__(
+        self,
+        *,
+        sessions: async_sessionmaker[AsyncSession],
+        settings: Settings,
+        store: ArtifactStore,
+        concurrency: int = 1,
+        poll_s: float = 1.0,
+    ) -> None:
+        self._sessions, self._settings, self._store = sessions, settings, store
+        self._concurrency, self._poll_s = concurrency, poll_s
+        self._task: asyncio.Task[None] | None = None
+        self._active: set[asyncio.Task[None]] = set()
+
+    @property
+    def healthy(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def start(self) -> None:
+        async with transaction(self._sessions) as session:
+            if count := await service.requeue_interrupted(session):
+                log.info("builds_requeued", count=count)
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        for task in [self._task, *self._active]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                while len(self._active) < self._concurrency:
+                    async with transaction(self._sessions) as session:
+                        build = await service.claim_next(session)
+                    if build is None:
+                        break
+                    task = asyncio.create_task(self._run(build.id))
+                    self._active.add(task)
+                    task.add_done_callback(self._active.discard)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("build_claim_failed")
+            await asyncio.sleep(self._poll_s)
+
+    async def _cancel_requested(self, build_id: uuid.UUID) -> bool:
+        async with self._sessions() as session:
+            build = await session.get(Build, build_id)
+            return build is None or build.cancel_requested
+
+    async def _run(self, build_id: uuid.UUID) -> None:
+        path = log_path(self._settings.data_dir, build_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", buffering=1) as out:
+            try:
+                results = await self._steps(build_id, out)
+                state, reason = BuildState.SUCCEEDED, ""
+            except Cancelled:
+                results, state, reason = None, BuildState.CANCELLED, "cancelled"
+            except Exception as exc:  # the reason is shown to the user; the log has the detail
+                log.warning("build_failed", build_id=str(build_id), error=str(exc))
+                results, state, reason = None, BuildState.FAILED, f"{type(exc).__name__}: {exc}"[:2000]
+            _say(out, f"build {state.value}{': ' + reason if reason else ''}")
+        async with transaction(self._sessions) as session:
+            build = await session.get(Build, build_id, with_for_update=True)
+            if build is not None:
+                await service.finish(session, build, state, reason=reason, results=results)
+
+    async def _steps(self, build_id: uuid.UUID, out: TextIO) -> dict[str, Any]:
+        async with self._sessions() as session:
+            build = await session.get(Build, build_id)
+            assert build is not None
+            version = await library_repo.get_version(session, build.model_version_id)
+            assert version is not None
+            model = await library_repo.get_model(session, version.model_id)
+            assert model is not None
+        kind = ServerKind(build.server)
+        _say(
+            out,
+            f"build {build_id}: {model.name}:{version.version} ({version.format}) -> {kind}, profile {build.profile}",
+        )
+        _say(out, f"fetch: {version.artifact_sha256} into the runtime cache (verified)")
+        t0 = time.perf_counter()
+        local = await self._store.fetch_to(version.artifact_sha256, acquire.cache_dir(self._settings))
+        _say(out, f"fetch: done in {time.perf_counter() - t0:.1f}s -> {local}")
+        if kind == ServerKind.V2:
+            raise RuntimeError("the V2 (MLServer) runtime is not available in this installation yet")
+        if await self._cancel_requested(build_id):
+            raise Cancelled
+        async with smoke_server(
+            kind, local, model.name, out, lambda: self._cancel_requested(build_id)
+        ) as base_url:
+            _say(out, "benchmark: running")
+            if kind == ServerKind.LLAMA_CPP:
+                figures = await benchmark_llm(base_url, model.name)
+            else:
+                figures = await benchmark_embeddings(base_url, model.name)
+        _say(out, f"benchmark: {figures}")
+        return figures
+
+
+def _say(out: TextIO, line: str) -> None:
+    out.write(f"{time.strftime('%H:%M:%S')} {line}\n")
+
+
+@contextlib.asynccontextmanager
+async def smoke_server(kind: ServerKind, path: Path, name: str, out: TextIO, cancelled: Any):  # noqa: ANN201
+    """Start the target server on the artifact, wait until it is ready, stop it afterwards."""
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "converge.serving",
+        kind.value,
+        "--model-path",
+        str(path),
+        "--model-name",
+        name,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    _say(out, "smoke-load: " + " ".join(cmd))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = await asyncio.create_subprocess_exec(*cmd, stdout=out, stderr=out, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        t0 = time.perf_counter()
+        async with httpx.AsyncClient(base_url=base, timeout=5) as http:
+            while True:
+                if proc.returncode is not None:
+                    raise RuntimeError(f"the server exited with code {proc.returncode} before it was ready")
+                if time.perf_counter() - t0 > READY_TIMEOUT_S:
+                    raise RuntimeError(f"the server was not ready within {READY_TIMEOUT_S}s")
+                if await cancelled():
+                    raise Cancelled
+                with contextlib.suppress(httpx.TransportError):
+                    if (await http.get("/health/ready")).status_code == 200:
+                        break
+                await asyncio.sleep(0.5)
+        _say(out, f"smoke-load: ready in {time.perf_counter() - t0:.1f}s")
+        yield base
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), timeout=15)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()

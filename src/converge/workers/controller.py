@@ -1,0 +1,308 @@
+"""The deployment controller: one leader at a time, level-triggered reconcile.
+
+Every pass compares each deployment's desired state (its current revision, replica target and
+restart generation) with what the runtime backend observes, applies the difference, and writes
+back status conditions (Ready, Progressing, Degraded) with reason and message. It trusts no
+earlier pass: a crash loses nothing, the next leader simply reconciles again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import structlog
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from converge.config import Settings
+from converge.control.deployments import repository
+from converge.control.events.service import record
+from converge.control.library import acquire
+from converge.control.library import repository as library_repo
+from converge.core.lifecycle import SERVABLE
+from converge.models import Deployment
+from converge.runtime.base import (
+    Condition,
+    DeploymentSpec,
+    Observation,
+    ReplicaTemplate,
+    Resources,
+    RuntimeBackend,
+    ServerKind,
+)
+from converge.storage.artifacts import ArtifactStore
+from converge.storage.db import transaction
+
+log = structlog.get_logger(__name__)
+LEADER_LOCK_KEY = 0x43_74_72_6C  # "Ctrl"
+
+
+@dataclass
+class _Load:
+    """What the autoscaler remembers between passes (in memory: a new leader starts fresh)."""
+
+    high_since: float | None = None
+    low_since: float | None = None
+    idle_since: float | None = None
+    restarts: dict[str, int] = field(default_factory=dict)
+
+
+def autoscale(
+    *, current: int, spec: dict[str, Any], observed: Observation | None, memory: _Load, now: float
+) -> int:
+    """The replica target for this pass, from the in-flight and queue figures replicas report."""
+    replicas, auto = spec["replicas"], spec["autoscaling"]
+    lo, hi = replicas["min"], replicas["max"]
+    ready = observed.ready if observed else []
+    load = sum(r.in_flight + r.queue_depth for r in ready)
+    wanted = max(lo, min(hi, math.ceil(load / auto["target_in_flight"]))) if load else lo
+    memory.idle_since = (memory.idle_since or now) if load == 0 else None
+    to_zero = auto.get("scale_to_zero_after_s")
+    if to_zero is not None and memory.idle_since is not None and now - memory.idle_since >= to_zero:
+        return 0
+    if current == 0:
+        return current if to_zero is not None and load == 0 else max(lo, 1)
+    if wanted > current:
+        memory.low_since = None
+        memory.high_since = memory.high_since or now
+        return min(hi, current + 1) if now - memory.high_since >= auto["scale_up_after_s"] else current
+    memory.high_since = None
+    if wanted < current:
+        memory.low_since = memory.low_since or now
+        if now - memory.low_since >= auto["cooldown_s"]:
+            memory.low_since = now
+            return max(wanted, current - 1)
+        return current
+    memory.low_since = None
+    return max(current, lo)
+
+
+class Controller:
+    name = "controller"
+
+    def __init__(
+        self,
+        *,
+        sessions: async_sessionmaker[AsyncSession],
+        settings: Settings,
+        store: ArtifactStore,
+        runtime: RuntimeBackend,
+        conninfo: str,
+        interval_s: float = 1.0,
+    ) -> None:
+        self._sessions, self._settings, self._store = sessions, settings, store
+        self._runtime, self._conninfo, self._interval = runtime, conninfo, interval_s
+        self._task: asyncio.Task[None] | None = None
+        self._paths: dict[str, Path] = {}
+        self._load: dict[uuid.UUID, _Load] = {}
+        self._observed: dict[uuid.UUID, Observation] = {}
+        self.is_leader = False
+        self.passes = 0
+
+    @property
+    def healthy(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True) as conn:
+                    while not await self._try_lead(conn):
+                        await asyncio.sleep(2.0)
+                    self.is_leader = True
+                    log.info("controller_leading")
+                    while True:  # the lock lives as long as this connection
+                        await conn.execute("SELECT 1")
+                        await self.reconcile_all()
+                        await asyncio.sleep(self._interval)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("controller_pass_failed")
+                await asyncio.sleep(self._interval)
+            finally:
+                self.is_leader = False
+
+    @staticmethod
+    async def _try_lead(conn: psycopg.AsyncConnection[Any]) -> bool:
+        cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK_KEY,))
+        row = await cur.fetchone()
+        return bool(row and row[0])
+
+    async def reconcile_all(self) -> None:
+        async with self._sessions() as session:
+            ids = [d.id for d in await repository.all_active(session)]
+        for deployment_id in ids:
+            try:
+                await self.reconcile(deployment_id)
+            except Exception:
+                log.exception("reconcile_failed", deployment_id=str(deployment_id))
+        self.passes += 1
+
+    async def _artifact(self, sha256: str) -> Path:
+        if sha256 not in self._paths:  # verified once per leader; the cache is content-addressed
+            self._paths[sha256] = await self._store.fetch_to(sha256, acquire.cache_dir(self._settings))
+        return self._paths[sha256]
+
+    async def reconcile(self, deployment_id: uuid.UUID) -> None:
+        async with self._sessions() as session:
+            deployment = await repository.get(session, deployment_id)
+            if deployment is None:
+                return
+            rev = await repository.revision(session, deployment.id, deployment.revision)
+            version = await library_repo.get_version(session, deployment.model_version_id)
+        if deployment.deleting:
+            await self._runtime.delete(deployment_id=deployment.id)
+            async with transaction(self._sessions) as session:
+                await record(
+                    session,
+                    None,
+                    action="deployment.deleted",
+                    project_id=deployment.project_id,
+                    object_type="deployment",
+                    object_id=deployment.id,
+                    changes={"name": deployment.name},
+                )
+                row = await repository.get(session, deployment.id, lock=True)
+                if row is not None:
+                    await session.delete(row)
+            self._load.pop(deployment.id, None)
+            return
+        assert rev is not None and version is not None
+        spec = rev.spec
+        servable = version.state in SERVABLE
+        memory = self._load.setdefault(deployment.id, _Load())
+        target = (
+            autoscale(
+                current=deployment.desired_replicas,
+                spec=spec,
+                observed=self._observed.get(deployment.id),
+                memory=memory,
+                now=time.monotonic(),
+            )
+            if servable
+            else 0
+        )
+        template = ReplicaTemplate(
+            server=ServerKind(spec["server"]),
+            model_name=spec["model_name"],
+            artifact_path=str(await self._artifact(version.artifact_sha256)),
+            args=tuple(spec.get("args", [])),
+            env=spec.get("env", {}),
+            resources=Resources(**spec["resources"]),
+        )
+        await self._runtime.apply(
+            spec=DeploymentSpec(
+                deployment_id=deployment.id,
+                name=deployment.name,
+                revision=deployment.revision,
+                template=template,
+                replicas=target,
+                zones=tuple(spec.get("zones", ["local"])),
+                restart_generation=deployment.restart_generation,
+            )
+        )
+        observed = await self._runtime.observe(deployment_id=deployment.id)
+        self._observed[deployment.id] = observed
+        await self._write_status(
+            deployment, observed, target=target, servable=servable, version_state=version.state
+        )
+
+    async def _write_status(
+        self,
+        deployment: Deployment,
+        observed: Observation,
+        *,
+        target: int,
+        servable: bool,
+        version_state: str,
+    ) -> None:
+        conditions = list(observed.conditions)
+        if not servable:
+            conditions = [c for c in conditions if c.type != "Degraded"] + [
+                Condition(
+                    type="Degraded",
+                    status=True,
+                    reason="ModelVersionRevoked",
+                    message=f"the model version is {version_state}; replicas were stopped",
+                )
+            ]
+        phase = _phase(conditions, target=target, servable=servable)
+        replicas = [r.model_dump(mode="json") for r in observed.replicas]
+        status = {
+            "conditions": [c.model_dump() for c in conditions],
+            "replicas": replicas,
+            "ready_replicas": len(observed.ready),
+            "target_replicas": target,
+        }
+        memory = self._load[deployment.id]
+        restarted = {r.id: r.restarts for r in observed.replicas if r.restarts > memory.restarts.get(r.id, 0)}
+        if (
+            status == deployment.status
+            and phase == deployment.phase
+            and target == deployment.desired_replicas
+        ):
+            return
+        async with transaction(self._sessions) as session:
+            row = await repository.get(session, deployment.id, lock=True)
+            if row is None:
+                return
+            changed_phase = row.phase != phase
+            row.status, row.phase, row.desired_replicas = status, phase, target
+            if any(r.in_flight for r in observed.replicas):
+                row.last_active_at = datetime.now(UTC)
+            if changed_phase:
+                await record(
+                    session,
+                    None,
+                    action="deployment.status",
+                    project_id=row.project_id,
+                    object_type="deployment",
+                    object_id=row.id,
+                    changes={
+                        "phase": phase,
+                        "conditions": status["conditions"],
+                        "ready": len(observed.ready),
+                    },
+                )
+            for replica_id, count in restarted.items():
+                await record(
+                    session,
+                    None,
+                    action="deployment.replica_restarted",
+                    project_id=row.project_id,
+                    object_type="deployment",
+                    object_id=row.id,
+                    changes={"replica": replica_id, "restarts": count},
+                )
+        memory.restarts.update({r.id: r.restarts for r in observed.replicas})
+
+
+def _phase(conditions: list[Condition], *, target: int, servable: bool) -> str:
+    by_type = {c.type: c for c in conditions}
+    if not servable:
+        return "Revoked"
+    if (d := by_type.get("Degraded")) and d.status:
+        return "Degraded"
+    if target == 0:
+        return "ScaledToZero"
+    if (r := by_type.get("Ready")) and r.status:
+        return "Ready"
+    return "Progressing"

