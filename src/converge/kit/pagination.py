@@ -57,9 +57,14 @@ def uuid_after(params: PageParams) -> uuid.UUID | None:
         raise BadRequest("Invalid cursor: pass back the next_cursor value of a previous page") from exc
 
 
+# Built once: pydantic keeps parametrised generics only weakly, so `Page[Any]` inside a
+# function was rebuilt after every garbage collection (about 1 ms each time).
+AnyPage = Page[Any]
+
+
 def page_of(rows: Sequence[Any], *, limit: int, schema: type[BaseModel], key: str = "id") -> Page[Any]:
     """`rows` was fetched with limit + 1: the extra row only says whether a next page exists."""
     more = len(rows) > limit
     shown = rows[:limit]
     cursor = encode_cursor(getattr(shown[-1], key)) if more and shown else None
-    return Page[Any](items=[schema.model_validate(r) for r in shown], next_cursor=cursor)
+    return AnyPage(items=[schema.model_validate(r) for r in shown], next_cursor=cursor)

@@ -44,11 +44,10 @@ class ModelVersion(UUIDPk, Timestamped, Base):
     __table_args__ = (
         UniqueConstraint("model_id", "version"),
         Index("ix_model_versions_state_format", "state", "format"),
+        Index("ix_model_versions_model_format_state", "model_id", "format", "state"),
     )
 
-    model_id: Mapped[uuid.UUID] = mapped_column(
-        ForeignKey("library_models.id", ondelete="CASCADE"), index=True
-    )
+    model_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("library_models.id", ondelete="CASCADE"))
     version: Mapped[str] = mapped_column(String(128))
     state: Mapped[str] = mapped_column(String(32))
     state_reason: Mapped[str] = mapped_column(Text, default="")

@@ -110,7 +110,7 @@ def conditions(
             message=f"revision {revision} made no progress in time; {counts}",
         )
     else:
-        reason = "RollingUpdate" if old else "Scaling"
+        reason = "RollingUpdate" if any(not r.current for r in replicas) else "Scaling"
         progressing = Condition(type="Progressing", status=True, reason=reason, message=counts)
 
     if crash_loop is not None:

@@ -51,6 +51,11 @@ def load_app(
     from llama_cpp.server.app import create_app
     from llama_cpp.server.settings import ModelSettings, ServerSettings
 
+    from sse_starlette.sse import AppStatus
+
+    # sse-starlette cuts every open stream the moment uvicorn sees SIGTERM. A replica that is
+    # told to stop finishes the generations it holds instead (uvicorn bounds the wait).
+    AppStatus.disable_automatic_graceful_drain()
     # create_app would read a whole configuration from this file instead of our arguments.
     os.environ.pop("CONFIG_FILE", None)
     # model_validate, not the constructor: the settings classes would otherwise also read

@@ -64,7 +64,7 @@ def autoscale(
     ready = observed.ready if observed else []
     load = sum(r.in_flight + r.queue_depth for r in ready)
     wanted = max(lo, min(hi, math.ceil(load / auto["target_in_flight"]))) if load else lo
-    memory.idle_since = (memory.idle_since or now) if load == 0 else None
+    memory.idle_since = (now if memory.idle_since is None else memory.idle_since) if load == 0 else None
     to_zero = auto.get("scale_to_zero_after_s")
     if to_zero is not None and memory.idle_since is not None and now - memory.idle_since >= to_zero:
         return 0
@@ -72,11 +72,11 @@ def autoscale(
         return current if to_zero is not None and load == 0 else max(lo, 1)
     if wanted > current:
         memory.low_since = None
-        memory.high_since = memory.high_since or now
+        memory.high_since = now if memory.high_since is None else memory.high_since
         return min(hi, current + 1) if now - memory.high_since >= auto["scale_up_after_s"] else current
     memory.high_since = None
     if wanted < current:
-        memory.low_since = memory.low_since or now
+        memory.low_since = now if memory.low_since is None else memory.low_since
         if now - memory.low_since >= auto["cooldown_s"]:
             memory.low_since = now
             return max(wanted, current - 1)

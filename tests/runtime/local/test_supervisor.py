@@ -194,8 +194,8 @@ def make_spec(
     )
 
 
-async def eventually(check: Callable[[], Awaitable[T | None]], *, timeout: float = 10) -> T:
-    async with asyncio.timeout(timeout):
+async def eventually(check: Callable[[], Awaitable[T | None]], *, within: float = 10) -> T:
+    async with asyncio.timeout(within):
         while True:
             result = await check()
             if result:
@@ -213,12 +213,12 @@ async def ready_at(backend: LocalBackend, dep: uuid.UUID, *, n: int, revision: i
         )
         return obs if ok else None
 
-    return await eventually(check, timeout=15)
+    return await eventually(check, within=15)
 
 
 def alive(pid: int) -> bool:
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return False
 
@@ -258,7 +258,7 @@ async def test_killed_replica_is_restarted_with_a_new_pid(make_backend: Callable
         obs = await backend.observe(deployment_id=dep)
         return obs if len(obs.ready) == 2 and victim.pid not in {r.pid for r in obs.ready} else None
 
-    obs = await eventually(replaced, timeout=15)
+    obs = await eventually(replaced, within=15)
     elapsed = time.monotonic() - killed_at
 
     again = next(r for r in obs.replicas if r.id == victim.id)
@@ -412,6 +412,15 @@ async def test_new_backend_adopts_running_replicas(
     assert len({r.endpoint for r in grown.replicas}) == 3
 
 
+async def test_one_state_dir_has_one_supervisor(make_backend: Callable[..., LocalBackend]) -> None:
+    first = make_backend()
+    await first.start()
+    with pytest.raises(RuntimeError, match="another local runtime"):
+        await make_backend().start()
+    await first.stop()
+    await make_backend().start()
+
+
 async def test_adoption_drops_stale_entries_and_kills_orphans(
     make_backend: Callable[..., LocalBackend], stub: Path, tmp_path: Path
 ) -> None:
@@ -504,7 +513,7 @@ async def test_replicas_of_a_crashed_controller_are_adopted_and_supervised(
         obs = await backend.observe(deployment_id=dep)
         return obs if len(obs.ready) == 2 and victim.pid not in {r.pid for r in obs.ready} else None
 
-    obs = await eventually(replaced, timeout=15)
+    obs = await eventually(replaced, within=15)
     again = next(r for r in obs.replicas if r.id == victim.id)
     assert again.restarts == 1 and again.last_exit and "status unknown" in again.last_exit
 

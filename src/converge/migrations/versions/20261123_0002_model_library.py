@@ -113,7 +113,11 @@ def upgrade() -> None:
     op.create_index(
         op.f("ix_model_versions_artifact_sha256"), "model_versions", ["artifact_sha256"], unique=False
     )
-    op.create_index(op.f("ix_model_versions_model_id"), "model_versions", ["model_id"], unique=False)
+    # (model_id, format, state): the foreign key's index, and the filters of GET /models stay
+    # index-only whatever plan PostgreSQL picks.
+    op.create_index(
+        "ix_model_versions_model_format_state", "model_versions", ["model_id", "format", "state"], unique=False
+    )
     op.create_index("ix_model_versions_state_format", "model_versions", ["state", "format"], unique=False)
     op.create_table(
         "policy_revisions",
@@ -238,7 +242,7 @@ def downgrade() -> None:
     op.drop_index(op.f("ix_policy_revisions_policy_id"), table_name="policy_revisions")
     op.drop_table("policy_revisions")
     op.drop_index("ix_model_versions_state_format", table_name="model_versions")
-    op.drop_index(op.f("ix_model_versions_model_id"), table_name="model_versions")
+    op.drop_index("ix_model_versions_model_format_state", table_name="model_versions")
     op.drop_index(op.f("ix_model_versions_artifact_sha256"), table_name="model_versions")
     op.drop_table("model_versions")
     op.drop_index(op.f("ix_sources_next_run_at"), table_name="sources")

@@ -32,6 +32,8 @@ from converge.runtime.base import ReplicaTemplate, Resources
 # Clock adjustments shift psutil's create_time (it adds the boot time); pid reuse within a
 # second with the same command line (which holds the replica's port) does not happen.
 _CREATE_TIME_TOLERANCE_S = 1.0
+# A replica's log is rotated (once, to <id>.log.1) when it starts and the log is larger.
+MAX_LOG_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,9 @@ def spawn(*, argv: list[str], env: dict[str, str], log_path: Path) -> ProcessHan
     Raises OSError when the program cannot be executed.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        if log_path.stat().st_size > MAX_LOG_BYTES:  # keep one previous generation, bounded
+            os.replace(log_path, log_path.with_name(log_path.name + ".1"))
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
     actions = [
         (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),

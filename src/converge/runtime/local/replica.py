@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import re
 import secrets
+import signal
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 from converge.runtime.base import Condition, DeploymentSpec, Replica, ReplicaPhase, ReplicaTemplate
+from converge.runtime.local.config import LocalConfig
 from converge.runtime.local.process import Identity, ProcessHandle
 from converge.runtime.local.state import ReplicaRecord
 from converge.runtime.rollout import ReplicaView, conditions
@@ -67,6 +69,42 @@ class ReplicaState:
 
     def view(self, spec: DeploymentSpec) -> ReplicaView:
         return ReplicaView(id=self.id, current=self.is_current(spec), phase=self.phase)
+
+    def started(self, handle: ProcessHandle, *, port: int, now: float) -> None:
+        self.handle, self.port, self.phase, self.since = handle, port, ReplicaPhase.STARTING, now
+        self.started_at, self.verified, self.probe_failures = datetime.now(UTC), False, 0
+        self.drain_started = self.term_at = None
+        self.killed = False
+
+    def draining(self, now: float, *, terminated: bool) -> None:
+        """Out of the ready set; `terminated` when SIGTERM goes out at once (nothing to drain)."""
+        self.phase, self.drain_started, self.term_at = ReplicaPhase.DRAINING, now, now if terminated else None
+
+    def back_off(self, reason: str, *, now: float, config: LocalConfig) -> float:
+        """Crashed or given up on: BACKOFF for exponentially longer, the most once crash-looping."""
+        # The exponent is capped: a replica crash-looping for days must not overflow a float.
+        delay = min(config.backoff_initial_s * 2.0 ** min(self.failures, 32), config.backoff_max_s)
+        if self.recent_restarts(now=now, window_s=config.crashloop_window_s) > config.crashloop_restarts:
+            delay = config.backoff_max_s
+        self.failures += 1
+        self.phase, self.last_exit, self.retry_at = ReplicaPhase.BACKOFF, reason, now + delay
+        self.in_flight = self.queue_depth = 0
+        return delay
+
+    def drain_signal(self, now: float, config: LocalConfig) -> signal.Signals | None:
+        """What a draining replica gets now: SIGTERM once idle (a fresh stats reading says so)
+        and past the grace, or at the drain timeout; SIGKILL if still alive a grace after that."""
+        assert self.drain_started is not None
+        waited = now - self.drain_started
+        if self.term_at is None:
+            idle = self.load_at >= self.drain_started and self.in_flight == 0 and self.queue_depth == 0
+            if (idle and waited >= config.drain_grace_s) or waited >= config.drain_timeout_s:
+                self.term_at = now
+                return signal.SIGTERM
+        elif not self.killed and now - self.term_at >= config.kill_grace_s:
+            self.killed = True
+            return signal.SIGKILL
+        return None
 
     def recent_restarts(self, *, now: float, window_s: float) -> int:
         while self.restart_times and now - self.restart_times[0] > window_s:
@@ -134,6 +172,15 @@ class DeploymentState:
     target: tuple[int, int, int] | None = None  # (revision, generation, replicas) being converged to
     progress_at: float = 0.0  # last time the rollout to `target` moved forward
     complete: bool = False  # `target` was reached (later crashes are not a stuck rollout)
+
+    def retarget(self, now: float) -> DeploymentSpec:
+        """A changed spec starts a new rollout, with its own progress deadline."""
+        assert self.spec is not None
+        spec = self.spec
+        target = (spec.revision, spec.restart_generation, spec.replicas)
+        if self.target != target:
+            self.target, self.progress_at, self.complete = target, now, False
+        return spec
 
     def conditions(
         self, now: float, *, crashloop_window_s: float, crashloop_restarts: int, deadline_s: float

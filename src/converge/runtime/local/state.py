@@ -9,11 +9,12 @@ that changes, so a crash at any moment leaves either the old or the new document
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import uuid
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
 import structlog
 from pydantic import BaseModel, ValidationError
@@ -87,3 +88,19 @@ class StateFile:
                 os.close(dir_fd)
         self._written = text
         return True
+
+
+def hold_lock(path: Path) -> IO[bytes]:
+    """An exclusive lock on the state_dir: two supervisors of the same replicas would fight.
+
+    Held until the returned file is closed, or the process dies. Replicas do not inherit it
+    (Python opens files close-on-exec).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "wb")  # the caller keeps it open for the backend's lifetime
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise RuntimeError(f"another local runtime supervises {path.parent}") from None
+    return f

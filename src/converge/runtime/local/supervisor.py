@@ -15,10 +15,9 @@ import signal
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from time import monotonic
-from typing import ClassVar
+from typing import IO
 
 import httpx
 import structlog
@@ -37,7 +36,7 @@ from converge.runtime.local.process import (
     spawn,
 )
 from converge.runtime.local.replica import REPLICA_ID, DeploymentState, ReplicaState
-from converge.runtime.local.state import StateDoc, StateFile
+from converge.runtime.local.state import StateDoc, StateFile, hold_lock
 from converge.runtime.local.zones import local_zone
 from converge.runtime.rollout import is_complete, plan
 
@@ -50,8 +49,8 @@ UNREADY_AFTER_FAILED_PROBES = 3
 
 
 class LocalBackend(RuntimeBackend):
-    type: ClassVar[str] = "local"
-    config_model: ClassVar[type[LocalConfig]] = LocalConfig
+    config_model = LocalConfig
+    type = "local"
 
     def __init__(self, config: LocalConfig) -> None:
         self.config = config
@@ -64,25 +63,34 @@ class LocalBackend(RuntimeBackend):
         self._wake = asyncio.Event()
         self._passed = asyncio.Event()
         self._loaded = False  # replicas.json read: only then may it be rewritten
+        self._lock: IO[bytes] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
         if self._task is not None:
             return
+        self._lock = hold_lock(self.config.state_dir / ".lock")
         self._client = httpx.AsyncClient(timeout=self.config.probe_timeout_s, trust_env=False)
-        applied = [d.spec for d in self._deployments.values() if d.spec is not None]  # before start()
+        try:
+            self._take_over()
+            await self._pass()  # adopted replicas are probed before start() returns
+        except BaseException:
+            await self.stop()
+            raise
+        self._task = asyncio.create_task(self._run(), name="local-runtime-supervisor")
+
+    def _take_over(self) -> None:
+        """Adopt what replicas.json records; specs applied before start() win over recorded ones."""
+        applied = [d.spec for d in self._deployments.values() if d.spec is not None]
         now = monotonic()
         self._deployments, orphans = adopt(self._state.load(), ports=self._ports, now=now)
         for dep, r in orphans:
             self._stop(dep, r, now)
         for spec in applied:
-            self._deployments.setdefault(
-                spec.deployment_id, DeploymentState(spec.deployment_id, spec)
-            ).spec = spec
+            dep = self._deployments.setdefault(spec.deployment_id, DeploymentState(spec.deployment_id, spec))
+            dep.spec = spec
         self._loaded = True
-        await self._pass()  # adopted replicas are probed before start() returns
-        self._task = asyncio.create_task(self._run(), name="local-runtime-supervisor")
 
     async def stop(self) -> None:
         """Stop supervising; the replicas keep running for the next LocalBackend to adopt."""
@@ -92,9 +100,13 @@ class LocalBackend(RuntimeBackend):
                 await self._task
             self._task = None
         self._persist()
+        self._passed.set()  # delete() calls still waiting learn that nobody supervises any more
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
+            self._lock = None
 
     # -- RuntimeBackend --------------------------------------------------------------------
 
@@ -103,7 +115,7 @@ class LocalBackend(RuntimeBackend):
             raise ValueError(f"the local runtime has one zone, 'local'; got {list(spec.zones)}")
         dep = self._deployments.setdefault(spec.deployment_id, DeploymentState(spec.deployment_id, spec))
         dep.spec = spec
-        self._retarget(dep, monotonic())
+        dep.retarget(monotonic())
         self._persist()
         self._wake.set()
 
@@ -198,13 +210,7 @@ class LocalBackend(RuntimeBackend):
             self._dying.append(r.handle)
             self._ports.release(r.port)
             r.handle = None
-        cfg = self.config
-        delay = min(cfg.backoff_initial_s * 2**r.failures, cfg.backoff_max_s)
-        if r.recent_restarts(now=now, window_s=cfg.crashloop_window_s) > cfg.crashloop_restarts:
-            delay = cfg.backoff_max_s
-        r.failures += 1
-        r.phase, r.last_exit, r.retry_at = P.BACKOFF, reason, now + delay
-        r.in_flight = r.queue_depth = 0
+        delay = r.back_off(reason, now=now, config=self.config)
         self._note(r, f"{reason}; restarting in {delay:g}s")
         log.warning("local_replica_failed", replica=r.id, reason=reason, retry_in_s=delay)
 
@@ -249,17 +255,8 @@ class LocalBackend(RuntimeBackend):
             self._failed(r, f"not ready within {cfg.ready_timeout_s:g}s", now)
         elif r.phase == P.BACKOFF and now >= r.retry_at and dep.spec is not None:
             self._spawn(r, now, restart=True)
-        elif r.phase == P.DRAINING and r.handle is not None:
-            assert r.drain_started is not None
-            waited = now - r.drain_started
-            if r.term_at is None:
-                idle = r.load_at >= r.drain_started and r.in_flight == 0 and r.queue_depth == 0
-                if (idle and waited >= cfg.drain_grace_s) or waited >= cfg.drain_timeout_s:
-                    r.handle.signal(signal.SIGTERM)
-                    r.term_at = now
-            elif not r.killed and now - r.term_at >= cfg.kill_grace_s:
-                r.handle.signal(signal.SIGKILL)
-                r.killed = True
+        elif r.phase == P.DRAINING and r.handle is not None and (sig := r.drain_signal(now, self.config)):
+            r.handle.signal(sig)
 
     def _converge(self, dep: DeploymentState, now: float) -> None:
         if dep.spec is None:
@@ -269,7 +266,7 @@ class LocalBackend(RuntimeBackend):
                 elif r.phase != P.DRAINING:
                     self._stop(dep, r, now)
             return
-        spec = self._retarget(dep, now)
+        spec = dep.retarget(now)
         step = plan(desired=spec.replicas, replicas=[r.view(spec) for r in dep.replicas.values()])
         for rid in step.stop:
             self._stop(dep, dep.replicas[rid], now)
@@ -282,19 +279,9 @@ class LocalBackend(RuntimeBackend):
         if is_complete(desired=spec.replicas, replicas=[r.view(spec) for r in dep.replicas.values()]):
             dep.complete, dep.progress_at = True, now
 
-    @staticmethod
-    def _retarget(dep: DeploymentState, now: float) -> DeploymentSpec:
-        """A changed spec starts a new rollout, with its own progress deadline."""
-        assert dep.spec is not None
-        spec = dep.spec
-        target = (spec.revision, spec.restart_generation, spec.replicas)
-        if dep.target != target:
-            dep.target, dep.progress_at, dep.complete = target, now, False
-        return spec
-
     def _drain(self, r: ReplicaState, now: float) -> None:
         """Out of the ready set now; SIGTERM once idle (after the grace) or at the drain timeout."""
-        r.phase, r.drain_started, r.term_at = P.DRAINING, now, None
+        r.draining(now, terminated=False)
         self._note(r, "draining")
 
     def _stop(self, dep: DeploymentState, r: ReplicaState, now: float) -> None:
@@ -302,7 +289,7 @@ class LocalBackend(RuntimeBackend):
         if r.handle is None:
             del dep.replicas[r.id]
             return
-        r.phase, r.drain_started, r.term_at = P.DRAINING, now, now
+        r.draining(now, terminated=True)
         r.handle.signal(signal.SIGTERM)
         self._note(r, "stopping")
 
@@ -325,10 +312,7 @@ class LocalBackend(RuntimeBackend):
         limit = memory_limit_bytes(t.resources, factor=self.config.memory_limit_factor)
         if self.config.memory_limit and limit is not None and not apply_memory_limit(handle.pid, limit):
             log.info("local_memory_limit_unavailable", replica=r.id)
-        r.handle, r.port, r.phase, r.since = handle, port, P.STARTING, now
-        r.started_at, r.verified, r.probe_failures = datetime.now(UTC), False, 0
-        r.drain_started = r.term_at = None
-        r.killed = False
+        r.started(handle, port=port, now=now)
 
     # -- adoption and persistence ----------------------------------------------------------
 
