@@ -270,6 +270,20 @@ async def test_embeddings_base64_is_little_endian_float32(fake_embeddings: httpx
     assert vector.tolist() == [3.0, 0.5]
 
 
+def test_llama_settings_ignore_the_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = pytest.importorskip("llama_cpp.server.settings")
+    from converge.serving.llama import only_arguments
+
+    monkeypatch.setenv("API_KEY", "would-lock-everyone-out")
+    monkeypatch.setenv("N_CTX", "7")
+    server = only_arguments(settings.ServerSettings)(interrupt_requests=False)
+    model = only_arguments(settings.ModelSettings)(model="m.gguf", n_threads=3)
+
+    assert server.api_key is None and server.interrupt_requests is False
+    assert (model.n_ctx, model.n_threads) == (2048, 3)
+    assert isinstance(model, settings.ModelSettings)
+
+
 # ---------------------------------------------------------------------------------------------
 # Real replicas
 

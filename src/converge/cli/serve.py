@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import uvicorn
@@ -17,6 +18,8 @@ console = Console()
 
 
 def serve(*, host: str | None, port: int | None) -> None:
+    # pgserver asks platformdirs for a runtime dir it never uses; the warning only confuses.
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
     overrides: dict[str, Any] = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
     try:
         settings = Settings(**overrides)

@@ -154,6 +154,7 @@ def build_host(args: argparse.Namespace) -> ModelHost:
     # imports huggingface_hub, which reads these once.
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # logs are plain lines, not \r bars
     return ModelHost(
         kind=KIND,
         model_name=args.model_name,

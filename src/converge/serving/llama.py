@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
 
 from starlette.types import ASGIApp
 
@@ -44,13 +45,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def only_arguments(settings_cls: type[Any]) -> type[Any]:
+    """The settings class, minus its habit of also reading the process environment.
+
+    llama-cpp-python's settings are pydantic-settings classes: a stray API_KEY or N_GPU_LAYERS
+    in a replica's environment would silently change the server. Only our arguments count.
+    """
+
+    class Explicit(settings_cls):  # type: ignore[misc, valid-type]
+        @classmethod
+        def settings_customise_sources(
+            cls, settings_cls: type[Any], init_settings: Any, **_other_sources: Any
+        ) -> tuple[Any, ...]:
+            return (init_settings,)
+
+    Explicit.__name__ = settings_cls.__name__
+    return Explicit
+
+
 def load_app(
     *, model_path: str, model_name: str, n_ctx: int, n_threads: int, chat_format: str | None
 ) -> ASGIApp:
     """Load the model and build llama-cpp-python's app around it (blocking)."""
     from llama_cpp.server.app import create_app
     from llama_cpp.server.settings import ModelSettings, ServerSettings
-
     from sse_starlette.sse import AppStatus
 
     # sse-starlette cuts every open stream the moment uvicorn sees SIGTERM. A replica that is
@@ -58,24 +76,17 @@ def load_app(
     AppStatus.disable_automatic_graceful_drain()
     # create_app would read a whole configuration from this file instead of our arguments.
     os.environ.pop("CONFIG_FILE", None)
-    # model_validate, not the constructor: the settings classes would otherwise also read
-    # stray environment variables (API_KEY, N_GPU_LAYERS, ...) of the replica's process.
-    server_settings = ServerSettings.model_validate(
-        {
-            # A second request waits for the first instead of cutting its stream short.
-            "interrupt_requests": False,
-        }
+    server_settings = only_arguments(ServerSettings)(
+        interrupt_requests=False,  # a second request waits instead of cutting the first one short
     )
-    model_settings = ModelSettings.model_validate(
-        {
-            "model": model_path,
-            "model_alias": model_name,
-            "n_ctx": n_ctx,
-            "n_threads": n_threads,
-            "n_threads_batch": n_threads,
-            "chat_format": chat_format,
-            "verbose": False,
-        }
+    model_settings = only_arguments(ModelSettings)(
+        model=model_path,
+        model_alias=model_name,
+        n_ctx=n_ctx,
+        n_threads=n_threads,
+        n_threads_batch=n_threads,
+        chat_format=chat_format,
+        verbose=False,
     )
     # create_app loads the model (LlamaProxy) before it returns.
     return create_app(server_settings=server_settings, model_settings=[model_settings])

@@ -35,7 +35,7 @@ async def visible_project(
     return project
 
 
-async def create_project(session: AsyncSession, principal: Principal, *, body: ProjectCreate) -> Project:
+async def create_project(session: AsyncSession, principal: Principal | None, *, body: ProjectCreate) -> Project:
     project = Project(name=body.name, description=body.description, quotas=body.quotas.model_dump())
     session.add(project)
     try:
@@ -43,7 +43,7 @@ async def create_project(session: AsyncSession, principal: Principal, *, body: P
             await session.flush()
     except IntegrityError as exc:
         raise Conflict(f"A project named '{body.name}' already exists") from exc
-    if principal.kind == "oidc":  # a person who creates a project owns it
+    if principal is not None and principal.kind == "oidc":  # a person who creates a project owns it
         subject = principal.subject.removeprefix("oidc:")  # members are stored by the raw claim
         session.add(Member(project_id=project.id, subject=subject, role=Role.OWNER, added_by="system"))
     await record(

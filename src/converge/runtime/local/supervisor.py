@@ -301,7 +301,15 @@ class LocalBackend(RuntimeBackend):
         t = r.template
         prefix = self.config.server_command or [sys.executable, "-m", "converge.serving"]
         argv = replica_argv(prefix=prefix, template=t, port=port)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **t.env}
+        # Replicas never see the control plane's own settings (database URL, tokens, secrets).
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("CONVERGE_")}
+        env = {
+            **inherited,
+            "PYTHONUNBUFFERED": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            **t.env,
+        }
         self._note(r, f"starting revision {r.revision} on port {port}")
         try:
             handle = spawn(argv=argv, env=env, log_path=self._log_path(r.id))
