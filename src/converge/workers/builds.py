@@ -170,6 +170,7 @@ async def smoke_server(kind: ServerKind, path: Path, name: str, out: TextIO, can
         "127.0.0.1",
         "--port",
         str(port),
+        *(["--n-threads", "1"] if kind == ServerKind.LLAMA_CPP else []),  # what a default 1-CPU replica gets
     ]
     _say(out, "smoke-load: " + " ".join(cmd))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

@@ -204,7 +204,7 @@ class Controller:
             server=ServerKind(spec["server"]),
             model_name=spec["model_name"],
             artifact_path=str(await self._artifact(version.artifact_sha256)),
-            args=tuple(spec.get("args", [])),
+            args=server_args(spec),
             env=spec.get("env", {}),
             resources=Resources(**spec["resources"]),
         )
@@ -293,6 +293,15 @@ class Controller:
                     changes={"replica": replica_id, "restarts": count},
                 )
         memory.restarts.update({r.id: r.restarts for r in observed.replicas})
+
+
+def server_args(spec: dict[str, Any]) -> tuple[str, ...]:
+    """The spec's server args, plus a thread count that matches the replica's CPU allowance:
+    llama.cpp threads spin while they wait, so one per granted core, never all the machine's."""
+    args = list(spec.get("args", []))
+    if spec["server"] == ServerKind.LLAMA_CPP and "--n-threads" not in args:
+        args += ["--n-threads", str(max(1, int(spec["resources"]["cpu"])))]
+    return tuple(args)
 
 
 def _phase(conditions: list[Condition], *, target: int, servable: bool) -> str:
