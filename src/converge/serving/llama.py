@@ -86,6 +86,9 @@ def load_app(
         n_threads=n_threads,
         n_threads_batch=n_threads,
         chat_format=chat_format,
+        # The server defaults to logits for every position (only prompt logprobs need them);
+        # computing one row per token instead is what llama-cpp-python does in-process.
+        logits_all=False,
         verbose=False,
     )
     # create_app loads the model (LlamaProxy) before it returns.
