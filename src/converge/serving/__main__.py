@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from converge.runtime.base import ServerKind
-from converge.serving import embeddings, llama
+from converge.serving import embeddings, llama, v2
 from converge.serving.common import configure_logging, serve
 
 log = logging.getLogger("converge.serving")
@@ -21,6 +21,7 @@ log = logging.getLogger("converge.serving")
 KINDS = {
     ServerKind.LLAMA_CPP.value: llama,
     ServerKind.EMBEDDINGS.value: embeddings,
+    ServerKind.V2.value: v2,
 }
 
 

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from converge.config import Settings
 from converge.control.builds import service
 from converge.control.builds.api import log_path
-from converge.control.builds.benchmark import benchmark_embeddings, benchmark_llm
+from converge.control.builds.benchmark import benchmark_embeddings, benchmark_llm, benchmark_v2
 from converge.control.builds.schemas import BuildState
 from converge.control.library import acquire
 from converge.control.library import repository as library_repo
@@ -133,8 +133,6 @@ class BuildRunner:
         t0 = time.perf_counter()
         local = await self._store.fetch_to(version.artifact_sha256, acquire.cache_dir(self._settings))
         _say(out, f"fetch: done in {time.perf_counter() - t0:.1f}s -> {local}")
-        if kind == ServerKind.V2:
-            raise RuntimeError("the V2 (MLServer) runtime is not available in this installation yet")
         if await self._cancel_requested(build_id):
             raise Cancelled
         async with smoke_server(
@@ -143,6 +141,11 @@ class BuildRunner:
             _say(out, "benchmark: running")
             if kind == ServerKind.LLAMA_CPP:
                 figures = await benchmark_llm(base_url, model.name)
+            elif kind == ServerKind.V2:
+                # The server's V2 metadata decides the request; the inspection's inputs are the fallback.
+                figures = await benchmark_v2(
+                    base_url, model.name, inputs=(version.inspection or {}).get("inputs")
+                )
             else:
                 figures = await benchmark_embeddings(base_url, model.name)
         _say(out, f"benchmark: {figures}")

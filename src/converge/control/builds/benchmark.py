@@ -101,3 +101,99 @@ async def benchmark_embeddings(
             done += len(resp.json()["data"])
         wall = time.perf_counter() - t0
     return {"texts_per_s": round(done / wall, 1), "batch": batch}
+
+
+# ONNX element types (as inspection records them) as V2 datatypes.
+_ONNX_TO_V2 = {
+    "FLOAT": "FP32",
+    "DOUBLE": "FP64",
+    "FLOAT16": "FP16",
+    "INT8": "INT8",
+    "INT16": "INT16",
+    "INT32": "INT32",
+    "INT64": "INT64",
+    "UINT8": "UINT8",
+    "UINT16": "UINT16",
+    "UINT32": "UINT32",
+    "UINT64": "UINT64",
+    "BOOL": "BOOL",
+    "STRING": "BYTES",
+}
+
+
+def _v2_input_spec(fact: dict[str, Any]) -> dict[str, Any] | None:
+    """An inspection input ({name, dtype: ONNX type name, shape}) as V2 metadata, if it is a tensor."""
+    datatype = _ONNX_TO_V2.get(str(fact.get("dtype")))
+    if datatype is None:
+        return None
+    shape = [dim if isinstance(dim, int) and dim > 0 else -1 for dim in fact.get("shape") or []]
+    return {"name": fact["name"], "datatype": datatype, "shape": shape}
+
+
+def _v2_tensor(spec: dict[str, Any], batch: int) -> dict[str, Any]:
+    """A request tensor for one declared input: `batch` rows where the first dimension is free."""
+    shape = [
+        (batch if i == 0 else 1) if not isinstance(dim, int) or dim < 0 else dim
+        for i, dim in enumerate(spec.get("shape") or [-1])
+    ]
+    n = 1
+    for dim in shape:
+        n *= dim
+    datatype = spec["datatype"]
+    if datatype == "BYTES":
+        data: list[Any] = [f"text {i % 7}" for i in range(n)]
+    elif datatype == "BOOL":
+        data = [i % 2 == 0 for i in range(n)]
+    elif datatype.startswith("FP"):
+        data = [((i * 37) % 101) / 50.0 - 1.0 for i in range(n)]  # spread over [-1, 1]
+    else:
+        data = [i % 3 for i in range(n)]
+    return {"name": spec["name"], "shape": shape, "datatype": datatype, "data": data}
+
+
+async def benchmark_v2(
+    base_url: str,
+    model: str,
+    *,
+    inputs: list[dict[str, Any]] | None = None,
+    batch: int = 64,
+    rounds: int = 20,
+) -> dict[str, Any]:
+    """Rows per second through `POST /v2/models/{model}/infer`, one request at a time.
+
+    The request is derived from the model: the inputs its server declares in the V2 metadata
+    (`GET /v2/models/{model}`: the ONNX graph's inputs, an MLflow signature, or the feature
+    count the V2 replica reads from a scikit-learn model), else `inputs`, the inspection's facts
+    ({name, dtype, shape} with ONNX type names). Free dimensions get `batch` (the first) or 1.
+    """
+    async with httpx.AsyncClient(base_url=base_url, timeout=300) as http:
+        meta = await http.get(f"/v2/models/{model}")
+        meta.raise_for_status()
+        declared = meta.json().get("inputs") or []
+        if not declared:
+            declared = [spec for fact in inputs or [] if (spec := _v2_input_spec(fact)) is not None]
+        if not declared:
+            raise RuntimeError(
+                f"cannot benchmark {model!r}: its server declares no V2 inputs and the inspection found none"
+            )
+        body = {"inputs": [_v2_tensor(spec, batch) for spec in declared]}
+        rows = body["inputs"][0]["shape"][0] if body["inputs"][0]["shape"] else 1
+        warm = await http.post(f"/v2/models/{model}/infer", json=body)
+        if warm.status_code != 200:
+            raise RuntimeError(f"the benchmark request was refused ({warm.status_code}): {warm.text[:500]}")
+        latencies: list[float] = []
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            start = time.perf_counter()
+            (await http.post(f"/v2/models/{model}/infer", json=body)).raise_for_status()
+            latencies.append((time.perf_counter() - start) * 1e3)
+        wall = time.perf_counter() - t0
+    return {
+        "rows_per_s": round(rows * rounds / wall, 1),
+        "batch": rows,
+        "latency_ms_p50": round(_pct(latencies, 0.5), 2),
+        "latency_ms_p95": round(_pct(latencies, 0.95), 2),
+        "inputs": [
+            {"name": t["name"], "datatype": t["datatype"], "shape": t["shape"]} for t in body["inputs"]
+        ],
+    }

@@ -5,7 +5,6 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from converge.config import Settings
@@ -14,7 +13,8 @@ from converge.control.deployments.schemas import DeploymentCreate, DeploymentSpe
 from converge.control.events.service import record
 from converge.control.projects.principal import Principal
 from converge.control.projects.service import visible_project
-from converge.errors import Conflict, NotFound
+from converge.errors import NotFound
+from converge.kit.unique import flush_or_conflict
 from converge.models import Deployment, DeploymentRevision, Project
 from converge.runtime.base import Zone
 
@@ -87,11 +87,7 @@ async def create(
         created_by=actor,
     )
     session.add(deployment)
-    try:
-        async with session.begin_nested():
-            await session.flush()
-    except IntegrityError as exc:
-        raise Conflict(f"Project '{project.name}' already has a deployment named '{body.name}'") from exc
+    await flush_or_conflict(session, f"Project '{project.name}' already has a deployment named '{body.name}'")
     session.add(
         DeploymentRevision(
             deployment_id=deployment.id, revision=1, spec=spec, reason="created", created_by=actor

@@ -6,7 +6,6 @@ import asyncio
 import uuid
 from typing import Any
 
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from converge.control.events.service import record
@@ -19,6 +18,7 @@ from converge.control.projects.principal import Principal
 from converge.core.lifecycle import InvalidTransition, VersionState, transition
 from converge.core.policy import Decision, build_facts, evaluate
 from converge.errors import Conflict, Forbidden, NotFound, PolicyDenied
+from converge.kit.unique import flush_or_conflict
 from converge.models import LibraryModel, ModelVersion
 
 S = VersionState
@@ -76,11 +76,7 @@ async def create_model(
         created_by=principal.subject if principal else "system",
     )
     session.add(model)
-    try:
-        async with session.begin_nested():
-            await session.flush()
-    except IntegrityError as exc:
-        raise Conflict(f"A model named '{body.name}' already exists") from exc
+    await flush_or_conflict(session, f"A model named '{body.name}' already exists")
     await record(
         session,
         principal,
@@ -306,11 +302,7 @@ async def _add_approval(
             decision=decision.to_dict() if decision else {},
         )
     )
-    try:
-        async with session.begin_nested():
-            await session.flush()
-    except IntegrityError as exc:
-        raise Conflict(f"{approver} has already given a verdict on this version") from exc
+    await flush_or_conflict(session, f"{approver} has already given a verdict on this version")
 
 
 async def _maybe_approve(

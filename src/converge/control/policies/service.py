@@ -5,7 +5,6 @@ from __future__ import annotations
 import uuid
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from converge.config import Settings
@@ -29,7 +28,8 @@ from converge.core.policy import (
     compile_expression,
     evaluate,
 )
-from converge.errors import Conflict, NotFound, Unprocessable
+from converge.errors import NotFound, Unprocessable
+from converge.kit.unique import flush_or_conflict
 from converge.models import LibraryModel, ModelVersion, Policy, PolicyRevision
 
 
@@ -96,11 +96,7 @@ async def create(session: AsyncSession, principal: Principal, *, body: PolicyCre
         updated_by=principal.subject,
     )
     session.add(policy)
-    try:
-        async with session.begin_nested():
-            await session.flush()
-    except IntegrityError as exc:
-        raise Conflict(f"A policy named '{body.name}' already exists") from exc
+    await flush_or_conflict(session, f"A policy named '{body.name}' already exists")
     session.add(_revision(policy, principal.subject))
     await record(
         session,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from converge.control.events.service import record
@@ -20,6 +19,7 @@ from converge.control.projects.schemas import (
 )
 from converge.core.rbac import Role, may_grant
 from converge.errors import Conflict, Forbidden, NotFound
+from converge.kit.unique import flush_or_conflict
 from converge.models import ApiKey, Member, Project
 
 
@@ -35,14 +35,12 @@ async def visible_project(
     return project
 
 
-async def create_project(session: AsyncSession, principal: Principal | None, *, body: ProjectCreate) -> Project:
+async def create_project(
+    session: AsyncSession, principal: Principal | None, *, body: ProjectCreate
+) -> Project:
     project = Project(name=body.name, description=body.description, quotas=body.quotas.model_dump())
     session.add(project)
-    try:
-        async with session.begin_nested():
-            await session.flush()
-    except IntegrityError as exc:
-        raise Conflict(f"A project named '{body.name}' already exists") from exc
+    await flush_or_conflict(session, f"A project named '{body.name}' already exists")
     if principal is not None and principal.kind == "oidc":  # a person who creates a project owns it
         subject = principal.subject.removeprefix("oidc:")  # members are stored by the raw claim
         session.add(Member(project_id=project.id, subject=subject, role=Role.OWNER, added_by="system"))

@@ -13,7 +13,6 @@ from urllib.parse import urlparse
 import obstore
 import structlog
 from sqlalchemy import text
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from converge.config import Settings
@@ -26,6 +25,7 @@ from converge.control.projects.principal import Principal
 from converge.control.sources import repository
 from converge.control.sources.schemas import SourceCreate, SourceUpdate
 from converge.errors import Conflict, NotFound
+from converge.kit.unique import flush_or_conflict
 from converge.models import Source, SourceItem
 from converge.storage.artifacts import ArtifactStore
 from converge.storage.db import transaction
@@ -55,11 +55,7 @@ async def create(session: AsyncSession, principal: Principal, *, body: SourceCre
         next_run_at=datetime.now(UTC),
     )
     session.add(source)
-    try:
-        async with session.begin_nested():
-            await session.flush()
-    except IntegrityError as exc:
-        raise Conflict(f"A source named '{body.name}' already exists") from exc
+    await flush_or_conflict(session, f"A source named '{body.name}' already exists")
     await record(
         session,
         principal,

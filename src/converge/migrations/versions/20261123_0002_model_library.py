@@ -116,7 +116,10 @@ def upgrade() -> None:
     # (model_id, format, state): the foreign key's index, and the filters of GET /models stay
     # index-only whatever plan PostgreSQL picks.
     op.create_index(
-        "ix_model_versions_model_format_state", "model_versions", ["model_id", "format", "state"], unique=False
+        "ix_model_versions_model_format_state",
+        "model_versions",
+        ["model_id", "format", "state"],
+        unique=False,
     )
     op.create_index("ix_model_versions_state_format", "model_versions", ["state", "format"], unique=False)
     op.create_table(
