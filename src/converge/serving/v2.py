@@ -233,7 +233,8 @@ def model_format(path: Path, requested: str = "auto") -> str:
         if len(list(path.glob("*.onnx"))) == 1:
             return "onnx"
         raise ValueError(f"{path} is neither an MLflow model folder (no MLmodel) nor holds one .onnx file")
-    head = path.read_bytes()[:2] if path.stat().st_size else b""
+    with path.open("rb") as stream:
+        head = stream.read(2)
     if path.suffix.lower() == ".onnx" or (len(head) == 2 and head[0] == 0x08 and head[1] < 0x80):
         return "onnx"  # an ONNX ModelProto opens with ir_version (field 1, varint)
     return "pickle"
@@ -607,6 +608,8 @@ class MLServerHost(ModelHost):
 
     def _start_mlserver(self) -> ASGIApp:
         """Blocking: prepare MLServer's settings, start it, wait until the model is ready."""
+        import aiohttp  # noqa: F401  - the proxy's client: missing, it is a load failure, not a 500 per request
+
         args = self.args
         venv = find_mlserver_venv(args.mlserver_venv)
         env = mlserver_env(venv)
