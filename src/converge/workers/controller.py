@@ -52,6 +52,7 @@ class _Load:
     high_since: float | None = None
     low_since: float | None = None
     idle_since: float | None = None
+    woken_at: datetime | None = None
     restarts: dict[str, int] = field(default_factory=dict)
 
 
@@ -189,6 +190,11 @@ class Controller:
         spec = rev.spec
         servable = version.state in SERVABLE
         memory = self._load.setdefault(deployment.id, _Load())
+        if deployment.last_active_at is not None and deployment.last_active_at != memory.woken_at:
+            memory.woken_at, memory.idle_since = (
+                deployment.last_active_at,
+                None,
+            )  # activity: idle again from now
         target = (
             autoscale(
                 current=deployment.desired_replicas,

@@ -266,3 +266,27 @@ async def test_deleting_stops_replicas_and_removes_the_deployment(app, client, r
     assert (await backend.observe(deployment_id=uuid.UUID(d["id"]))).replicas == []
     async with app.state.converge.extras["session_factory"]() as session:
         assert (await session.scalar(select(Deployment).where(Deployment.id == uuid.UUID(d["id"])))) is None
+
+
+async def test_wake_brings_a_scaled_to_zero_deployment_back(app, client, ready_version):
+    project, version = ready_version
+    body = _spec(version["id"], autoscaling={"scale_to_zero_after_s": 60}, replicas={"min": 1, "max": 2})
+    d = (
+        await client.post("/deployments", params={"project": project["id"]}, json=body, headers=ADMIN)
+    ).json()
+    async with app.state.converge.extras["session_factory"]() as session, session.begin():
+        row = await session.get(Deployment, uuid.UUID(d["id"]))
+        row.desired_replicas = 0
+    viewer = await make_key(client, project["id"], "viewer")
+    woken = await client.post(f"/deployments/{d['id']}/wake", headers=viewer)
+    assert woken.status_code == 200 and woken.json()["desired_replicas"] == 1
+    backend = FakeBackend()
+    await _controller(app, backend).reconcile(uuid.UUID(d["id"]))
+    assert backend.applied[-1].replicas == 1
+    kinds = [
+        e["kind"]
+        for e in (await client.get("/events", params={"project": project["id"]}, headers=ADMIN)).json()[
+            "items"
+        ]
+    ]
+    assert "deployment.woken" in kinds

@@ -114,6 +114,12 @@ async def redeploy(deployment_id: uuid.UUID, session: SessionDep, principal: Pri
     return await _read(session, await service.redeploy(session, principal, deployment_id=deployment_id))
 
 
+@router.post("/{deployment_id}/wake", response_model=DeploymentRead)
+async def wake(deployment_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> DeploymentRead:
+    """Bring a deployment that scaled to zero back up; anyone who may use it may wake it."""
+    return await _read(session, await service.wake(session, principal, deployment_id=deployment_id))
+
+
 @router.post("/{deployment_id}/rollback", response_model=DeploymentRead)
 async def rollback(
     deployment_id: uuid.UUID, body: RollbackIn, session: SessionDep, principal: PrincipalDep, state: StateDep

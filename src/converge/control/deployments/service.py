@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -254,4 +255,26 @@ async def delete(session: AsyncSession, principal: Principal, *, deployment_id: 
         object_id=deployment.id,
         changes={"name": deployment.name},
     )
+    return deployment
+
+
+async def wake(session: AsyncSession, principal: Principal, *, deployment_id: uuid.UUID) -> Deployment:
+    """Scale a deployment that scaled to zero back up (the gateway calls this on demand)."""
+    project, deployment = await visible_deployment(
+        session, principal, deployment_id, permission="inference:use", lock=True
+    )
+    spec = await current_spec(session, deployment)
+    deployment.last_active_at = datetime.now(UTC)
+    if deployment.desired_replicas == 0:
+        deployment.desired_replicas = max(1, spec.get("replicas", {}).get("min", 1))
+        await record(
+            session,
+            principal,
+            action="deployment.woken",
+            project_id=project.id,
+            object_type="deployment",
+            object_id=deployment.id,
+            changes={"replicas": deployment.desired_replicas},
+        )
+    await session.flush()
     return deployment
