@@ -120,7 +120,9 @@ def create_app(
                     runtime=state.runtime,
                     conninfo=database.url.replace("postgresql+psycopg://", "postgresql://"),
                 ),
-                BuildRunner(sessions=sessions, settings=settings, store=store),
+                BuildRunner(
+                    sessions=sessions, settings=settings, store=store, concurrency=settings.build_concurrency
+                ),
             ]
             for service in state.services[1:]:
                 await service.start()

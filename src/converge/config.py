@@ -76,6 +76,7 @@ class Settings(BaseSettings):
     bootstrap_token: SecretStr | None = None
     run_workers: bool = True
     deploy_defaults: bool = True  # build and deploy the built-in models on first start
+    build_concurrency: int = Field(default=1, ge=1, le=16)  # builds benchmark: more at once skews figures
 
     database: DatabaseSettings = DatabaseSettings()
     auth: AuthSettings = AuthSettings()
