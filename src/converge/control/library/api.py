@@ -26,7 +26,7 @@ from converge.control.sources.repository import source_for_uri
 from converge.core.lifecycle import VersionState
 from converge.deps import SessionDep, StateDep
 from converge.errors import PROBLEM_RESPONSES, BadRequest
-from converge.kit.pagination import Page, PageDep, page_of, uuid_after
+from converge.kit.pagination import Page, PageDep, encode_cursor, page_of, uuid_after
 from converge.models import ModelVersion
 from converge.storage.artifacts import ArtifactTooLarge, DigestMismatch
 
@@ -104,11 +104,10 @@ async def list_versions(
     rows = await repository.list_versions(
         session, model.id, state=state.value if state else None, after=uuid_after(page), limit=page.limit
     )
-    more = len(rows) > page.limit
-    items = await _versions_read(session, rows[: page.limit])
+    shown = rows[: page.limit]
     return Page(
-        items=items,
-        next_cursor=page_of(rows, limit=page.limit, schema=VersionRead).next_cursor if more else None,
+        items=await _versions_read(session, shown),
+        next_cursor=encode_cursor(shown[-1].id) if len(rows) > page.limit else None,
     )
 
 
