@@ -196,3 +196,26 @@ async def test_zones_and_unknown_deployment() -> None:
     zones = await backend.zones()
     assert [z.name for z in zones] == ["local"] and zones[0].gpus == []
     assert (await backend.observe(deployment_id=uuid.uuid4())).replicas == []
+
+
+async def test_canary_holds_beside_the_old_revision_until_promoted() -> None:
+    backend = FakeBackend(FakeConfig(progress_deadline=2))
+    dep = uuid.uuid4()
+    await backend.apply(spec=make_spec(dep))
+    await backend.observe(deployment_id=dep)
+    canary = make_spec(dep, revision=2).model_copy(update={"canary_replicas": 1})
+    await backend.apply(spec=canary)
+
+    for _ in range(4):  # well past the progress deadline: a paused canary is not stuck
+        obs = await backend.observe(deployment_id=dep)
+
+    revisions = sorted((r.revision, r.phase) for r in obs.replicas)
+    assert revisions == [(1, ReplicaPhase.READY), (1, ReplicaPhase.READY), (2, ReplicaPhase.READY)]
+    assert reason(obs, "Progressing") == (True, "CanaryPaused")
+    assert reason(obs, "Degraded") == (False, "AsExpected")
+
+    await backend.apply(spec=make_spec(dep, revision=2))  # promoted: canary None
+    for _ in range(6):
+        obs = await backend.observe(deployment_id=dep)
+    assert [r.revision for r in obs.replicas] == [2, 2]
+    assert reason(obs, "Progressing") == (True, "RolloutComplete")

@@ -60,3 +60,53 @@ def test_conditions_report_a_stuck_rollout() -> None:
         "Progressing": (False, "ProgressDeadlineExceeded"),
         "Degraded": (True, "ProgressDeadlineExceeded"),
     }
+
+
+def test_canary_starts_up_to_its_count_beside_every_old_replica() -> None:
+    old = views(("a", False, R), ("b", False, R))
+    assert plan(desired=2, replicas=old, canary=1) == Plan(start=1)
+    assert plan(desired=4, replicas=views(*[(i, False, R) for i in "abcd"]), canary=2) == Plan(start=2)
+
+
+def test_canary_holds_at_its_count_and_never_drains_ready_old_replicas() -> None:
+    held = views(("a", False, R), ("b", False, R), ("n", True, R))
+    assert plan(desired=2, replicas=held, canary=1) == Plan()
+
+
+def test_canary_still_stops_unready_old_replicas() -> None:
+    step = plan(desired=2, replicas=views(("a", False, R), ("b", False, B), ("n", True, R)), canary=1)
+    assert step == Plan(stop=("b",))
+
+
+def test_promoted_canary_continues_the_rolling_update() -> None:
+    held = views(("a", False, R), ("b", False, R), ("n", True, R))
+    assert plan(desired=2, replicas=held) == Plan(drain=("a",))
+
+
+def test_canary_is_ignored_without_old_replicas() -> None:
+    assert plan(desired=3, replicas=[], canary=1) == Plan(start=3)
+
+
+def test_canary_none_plans_like_before() -> None:
+    for replicas in (
+        views(("a", False, R), ("b", False, R)),
+        views(("a", False, R), ("b", False, R), ("n", True, R)),
+        views(("a", False, B), ("n", True, R)),
+    ):
+        assert plan(desired=2, replicas=replicas, canary=None) == plan(desired=2, replicas=replicas)
+
+
+def test_conditions_report_a_paused_canary_not_a_stuck_rollout() -> None:
+    held = views(("a", False, R), ("b", False, R), ("n", True, R))
+    conds = {
+        c.type: c for c in conditions(desired=2, revision=3, replicas=held, canary=1, deadline_exceeded=True)
+    }
+    progressing = conds["Progressing"]
+    assert (progressing.status, progressing.reason) == (True, "CanaryPaused")
+    assert (
+        progressing.message
+        == "1 replica of revision 3 beside 2 of the previous revision; promote to continue"
+    )
+    assert (conds["Degraded"].status, conds["Degraded"].reason) == (False, "AsExpected")
+    unready = views(("a", False, R), ("b", False, R), ("n", True, S))
+    assert conditions(desired=2, revision=3, replicas=unready, canary=1)[1].reason == "RollingUpdate"

@@ -116,6 +116,9 @@ def deploy(
     memory_gb: Annotated[float, typer.Option(help="Memory per replica (GiB)")] = 2.0,
     gpus: Annotated[int, typer.Option(help="GPUs per replica")] = 0,
     build_profile: Annotated[str, typer.Option("--build-profile", help="Build profile")] = "cpu",
+    server: Annotated[
+        str | None, typer.Option(help="llama-cpp | embeddings | v2 (default: from the format)")
+    ] = None,
     build: Annotated[bool, typer.Option(help="Build first when there is no successful build")] = True,
     wait: Annotated[bool, typer.Option(help="Show the rollout until it is ready")] = True,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the rollout")] = 300,
@@ -148,6 +151,7 @@ def deploy(
         "profile": build_profile,
         "resources": {"cpu": cpu, "memory_bytes": int(memory_gb * 2**30), "gpus": gpus},
         "replicas": {"min": replicas_min, "max": replicas_max},
+        **({"server": server} if server else {}),
     }
     d = client.call("POST", "/deployments", params={"project": pid}, json=body)
     out.print(f"Deployment [bold]{d['name']}[/] ({d['id']}) created at revision {d['revision']}")

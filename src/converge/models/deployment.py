@@ -23,6 +23,8 @@ class Deployment(UUIDPk, Timestamped, Base):
     model_version_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("model_versions.id"), index=True)
     revision: Mapped[int] = mapped_column(Integer, default=1)  # the current (desired) revision
     restart_generation: Mapped[int] = mapped_column(Integer, default=0)
+    # The revision whose canary was promoted; a new revision is a canary again until promoted.
+    promoted_revision: Mapped[int | None] = mapped_column(Integer)
     desired_replicas: Mapped[int] = mapped_column(Integer, default=1)  # the autoscaler's current target
     phase: Mapped[str] = mapped_column(String(32), default="Pending")
     status: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)  # conditions + replicas

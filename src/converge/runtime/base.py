@@ -57,6 +57,14 @@ class DeploymentSpec(BaseModel):
     replicas: int = Field(ge=0)
     zones: tuple[str, ...] = ("local",)
     restart_generation: int = Field(default=0, description="Bumped by redeploy: replace every replica")
+    canary_replicas: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "While replicas of an older revision exist, run at most this many of this revision and"
+            " keep the old ones serving (until promoted); None = an ordinary rolling update"
+        ),
+    )
 
 
 class ReplicaPhase(StrEnum):

@@ -26,7 +26,7 @@ from converge.runtime.base import (
     RuntimeBackend,
     Zone,
 )
-from converge.runtime.rollout import ReplicaView, conditions, is_complete, plan
+from converge.runtime.rollout import ReplicaView, conditions, is_complete, is_paused, plan
 
 P = ReplicaPhase
 
@@ -82,7 +82,7 @@ class _Replica:
 class _Deployment:
     spec: DeploymentSpec
     replicas: dict[str, _Replica] = field(default_factory=dict)
-    target: tuple[int, int, int] | None = None
+    target: tuple[int, int, int, int | None] | None = None  # (revision, generation, replicas, canary)
     stalled: int = 0  # observe() ticks without progress while the rollout is incomplete
     complete: bool = False
 
@@ -113,7 +113,7 @@ class FakeBackend(RuntimeBackend):
         self.applied.append(spec)
         dep = self._deployments.setdefault(spec.deployment_id, _Deployment(spec))
         dep.spec = spec
-        target = (spec.revision, spec.restart_generation, spec.replicas)
+        target = (spec.revision, spec.restart_generation, spec.replicas, spec.canary_replicas)
         if dep.target != target:
             dep.target, dep.stalled, dep.complete = target, 0, False
         self._settle(dep)
@@ -127,7 +127,9 @@ class FakeBackend(RuntimeBackend):
         views = [r.view(dep.spec) for r in dep.replicas.values()]
         if is_complete(desired=dep.spec.replicas, replicas=views):
             dep.complete = True
-        dep.stalled = 0 if progressed or dep.complete else dep.stalled + 1
+        # A paused canary waits for a promotion: a resting state, not a stalled rollout.
+        paused = is_paused(desired=dep.spec.replicas, replicas=views, canary=dep.spec.canary_replicas)
+        dep.stalled = 0 if progressed or dep.complete or paused else dep.stalled + 1
         return Observation(
             deployment_id=deployment_id,
             replicas=[r.to_replica() for r in dep.replicas.values()],
@@ -220,7 +222,11 @@ class FakeBackend(RuntimeBackend):
         """Apply rollout steps until none is left to take now. True if anything moved."""
         spec, moved = dep.spec, False
         for _ in range(4 * (spec.replicas + len(dep.replicas)) + 4):
-            step = plan(desired=spec.replicas, replicas=[r.view(spec) for r in dep.replicas.values()])
+            step = plan(
+                desired=spec.replicas,
+                replicas=[r.view(spec) for r in dep.replicas.values()],
+                canary=spec.canary_replicas,
+            )
             idle = [r for r in dep.replicas.values() if r.phase == P.DRAINING and not r.in_flight]
             idle = [r for r in idle if not r.queue_depth]
             if not (step.start or step.drain or step.stop or idle):
@@ -269,6 +275,7 @@ class FakeBackend(RuntimeBackend):
             replicas=views,
             crash_loop=f"replica {looping.id} restarted {looping.restarts} times" if looping else None,
             deadline_exceeded=not dep.complete and dep.stalled >= self.config.progress_deadline,
+            canary=dep.spec.canary_replicas,
         )
 
     def _log(self, r: _Replica, line: str) -> None:

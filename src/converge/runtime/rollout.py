@@ -6,6 +6,11 @@ against the surge. A rollout therefore goes: start one new replica, wait until i
 drain one old replica, wait until it has exited, repeat. Unready old replicas serve nothing and
 are stopped as soon as the new ones can cover for them; ready ones are drained only while the
 ready count stays at or above the desired count.
+
+A canary (`canary=N`) changes the rules while replicas of an older revision exist: at most N
+of the current revision run beside the old ones, and ready old replicas are never drained, so
+the old revision keeps `desired` serving until a promotion (canary None) lets the rollout go on.
+The canary replicas are the surge then (desired + N processes), as they replace nothing yet.
 """
 
 from __future__ import annotations
@@ -36,17 +41,24 @@ class Plan:
     stop: tuple[str, ...] = ()  # replicas that serve nothing: stop now
 
 
-def plan(*, desired: int, replicas: Sequence[ReplicaView]) -> Plan:
-    """The next step towards `desired` ready replicas of the current revision."""
+def plan(*, desired: int, replicas: Sequence[ReplicaView], canary: int | None = None) -> Plan:
+    """The next step towards `desired` ready replicas of the current revision.
+
+    With `canary` set and old replicas present, hold at `canary` new replicas beside the old.
+    """
     draining = [r for r in replicas if r.phase == ReplicaPhase.DRAINING]
     active = [r for r in replicas if r.phase != ReplicaPhase.DRAINING]
     cur = [r for r in active if r.current]
     old = [r for r in active if not r.current]
+    holding = canary is not None and bool(old)
+    # A canary replaces nothing, so its replicas are the surge: the old keep `desired` running.
+    wanted = min(desired, canary) if holding and canary is not None else desired
+    surge = max(1, wanted) if holding else 1
     drain: list[str] = []
     stop: list[str] = []
 
     # Too many of the current revision (scale down): the unready go first.
-    surplus = len(cur) - desired
+    surplus = len(cur) - wanted
     if surplus > 0:
         for r in sorted(cur, key=lambda r: r.ready)[:surplus]:
             (drain if r.ready else stop).append(r.id)
@@ -54,19 +66,32 @@ def plan(*, desired: int, replicas: Sequence[ReplicaView]) -> Plan:
     if not old:
         return Plan(start=max(0, desired - len(cur)), drain=tuple(drain), stop=tuple(stop))
 
-    # Rolling: never more than desired + 1 processes, draining ones included.
+    # Rolling: never more than desired + surge processes, draining ones included.
     processes = len(cur) + len(old) + len(draining) + len(drain)
-    start = max(0, min(desired - len(cur), desired + 1 - processes))
+    start = max(0, min(wanted - len(cur), desired + surge - processes))
     new_unavailable = sum(1 for r in cur if not r.ready) + start
     # Unready old replicas can go whenever that leaves room for the new ones to become available.
     budget = len(cur) + start + len(old) - desired - new_unavailable
     for r in [r for r in old if not r.ready][: max(0, budget)]:
         stop.append(r.id)
-    # Ready old replicas drain only while availability stays >= desired.
-    available = sum(1 for r in cur if r.ready) + sum(1 for r in old if r.ready)
-    for r in [r for r in old if r.ready][: max(0, available - desired)]:
+    # Ready old replicas drain only while availability stays >= desired (in a canary: only the
+    # old revision's own ready count counts, since it alone must keep serving `desired`).
+    old_ready = [r for r in old if r.ready]
+    available = len(old_ready) + (0 if holding else sum(1 for r in cur if r.ready))
+    for r in old_ready[: max(0, available - desired)]:
         drain.append(r.id)
     return Plan(start=start, drain=tuple(drain), stop=tuple(stop))
+
+
+def is_paused(*, desired: int, replicas: Sequence[ReplicaView], canary: int | None) -> bool:
+    """A canary at its full count and ready, with old replicas still serving: nothing to do
+    until a promotion, so this is a resting state (not a stuck rollout)."""
+    if canary is None:
+        return False
+    active = [r for r in replicas if r.phase != ReplicaPhase.DRAINING]
+    ready_cur = sum(1 for r in active if r.current and r.ready)
+    old = any(not r.current for r in active)
+    return old and ready_cur >= min(desired, canary) > 0
 
 
 def is_complete(*, desired: int, replicas: Sequence[ReplicaView]) -> bool:
@@ -81,11 +106,12 @@ def conditions(
     replicas: Sequence[ReplicaView],
     crash_loop: str | None = None,
     deadline_exceeded: bool = False,
+    canary: int | None = None,
 ) -> list[Condition]:
     """Ready, Progressing and Degraded, with a reason and a message a person can act on.
 
     `crash_loop` names what is crash-looping (None when nothing is); `deadline_exceeded` says the
-    rollout made no progress within the backend's deadline.
+    rollout made no progress within the backend's deadline; `canary` is the spec's canary count.
     """
     active = [r for r in replicas if r.phase != ReplicaPhase.DRAINING]
     ready_cur = sum(1 for r in active if r.current and r.ready)
@@ -100,8 +126,19 @@ def conditions(
         ready = Condition(type="Ready", status=False, reason=reason, message=counts)
 
     complete = is_complete(desired=desired, replicas=replicas)
+    paused = is_paused(desired=desired, replicas=replicas, canary=canary)
     if complete:
         progressing = Condition(type="Progressing", status=True, reason="RolloutComplete", message=counts)
+    elif paused:  # waiting for a person, not stuck: checked before the deadline on purpose
+        old_ready = sum(1 for r in active if not r.current and r.ready)
+        noun = "replica" if ready_cur == 1 else "replicas"
+        progressing = Condition(
+            type="Progressing",
+            status=True,
+            reason="CanaryPaused",
+            message=f"{ready_cur} {noun} of revision {revision} beside {old_ready} of the previous "
+            "revision; promote to continue",
+        )
     elif deadline_exceeded:
         progressing = Condition(
             type="Progressing",
@@ -115,7 +152,7 @@ def conditions(
 
     if crash_loop is not None:
         degraded = Condition(type="Degraded", status=True, reason="CrashLoop", message=crash_loop)
-    elif deadline_exceeded and not complete:
+    elif deadline_exceeded and not complete and not paused:
         degraded = Condition(
             type="Degraded", status=True, reason="ProgressDeadlineExceeded", message=progressing.message
         )

@@ -223,6 +223,7 @@ class Controller:
                 replicas=target,
                 zones=tuple(spec.get("zones", ["local"])),
                 restart_generation=deployment.restart_generation,
+                canary_replicas=canary_replicas(deployment, spec, target),
             )
         )
         observed = await self._runtime.observe(deployment_id=deployment.id)
@@ -299,6 +300,15 @@ class Controller:
                     changes={"replica": replica_id, "restarts": count},
                 )
         memory.restarts.update({r.id: r.restarts for r in observed.replicas})
+
+
+def canary_replicas(deployment: Deployment, spec: dict[str, Any], target: int) -> int | None:
+    """How many replicas of a canary revision run beside the old ones: the weight's share of the
+    target (at least one, or there is no canary), until the revision is promoted."""
+    weight = (spec.get("rollout") or {}).get("canary_weight")
+    if weight is None or not 0 < weight < 100 or deployment.promoted_revision == deployment.revision:
+        return None
+    return max(1, round(target * weight / 100))
 
 
 def server_args(spec: dict[str, Any]) -> tuple[str, ...]:

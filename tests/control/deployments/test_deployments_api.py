@@ -290,3 +290,48 @@ async def test_wake_brings_a_scaled_to_zero_deployment_back(app, client, ready_v
         ]
     ]
     assert "deployment.woken" in kinds
+
+
+async def test_a_canary_holds_until_promoted(app, client, ready_version):
+    project, version = ready_version
+    body = _spec(version["id"], replicas={"min": 2, "max": 2})
+    d = (
+        await client.post("/deployments", params={"project": project["id"]}, json=body, headers=ADMIN)
+    ).json()
+    deployment_id = uuid.UUID(d["id"])
+    backend = FakeBackend()
+    controller = _controller(app, backend)
+    no_canary = await client.post(f"/deployments/{d['id']}/promote", headers=ADMIN)
+    assert no_canary.status_code == 409
+    for _ in range(2):
+        await controller.reconcile(deployment_id)
+    patched = await client.patch(
+        f"/deployments/{d['id']}", json={"rollout": {"canary_weight": 50}}, headers=ADMIN
+    )
+    assert patched.json()["revision"] == 2
+    for _ in range(4):
+        await controller.reconcile(deployment_id)
+
+    observed = await backend.observe(deployment_id=deployment_id)
+    assert backend.applied[-1].canary_replicas == 1
+    assert sum(r.revision == 2 for r in observed.replicas) == 1
+    assert sum(r.revision == 1 for r in observed.ready) == 2
+    got = (await client.get(f"/deployments/{d['id']}", headers=ADMIN)).json()
+    conditions = {(c["type"], c["reason"]) for c in got["status"]["conditions"]}
+    assert ("Progressing", "CanaryPaused") in conditions
+
+    promoted = await client.post(f"/deployments/{d['id']}/promote", headers=ADMIN)
+    assert promoted.status_code == 200 and promoted.json()["promoted_revision"] == 2
+    for _ in range(4):
+        await controller.reconcile(deployment_id)
+
+    got = (await client.get(f"/deployments/{d['id']}", headers=ADMIN)).json()
+    assert [r["revision"] for r in got["status"]["replicas"]] == [2, 2]
+    assert got["phase"] == "Ready"
+    kinds = [
+        e["kind"]
+        for e in (await client.get("/events", params={"project": project["id"]}, headers=ADMIN)).json()[
+            "items"
+        ]
+    ]
+    assert "deployment.promoted" in kinds

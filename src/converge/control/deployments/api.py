@@ -1,4 +1,4 @@
-"""HTTP for deployments: create, change (new revision), redeploy, rollback, zones, logs."""
+"""HTTP for deployments: create, change (new revision), redeploy, promote, rollback, zones, logs."""
 
 from __future__ import annotations
 
@@ -112,6 +112,13 @@ async def update_deployment(
 async def redeploy(deployment_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> DeploymentRead:
     """Restart the current revision's replicas one at a time."""
     return await _read(session, await service.redeploy(session, principal, deployment_id=deployment_id))
+
+
+@router.post("/{deployment_id}/promote", response_model=DeploymentRead)
+async def promote(deployment_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> DeploymentRead:
+    """Promote the current revision's canary: the rollout continues to every replica (409 if the
+    revision has no canary weight)."""
+    return await _read(session, await service.promote(session, principal, deployment_id=deployment_id))
 
 
 @router.post("/{deployment_id}/wake", response_model=DeploymentRead)

@@ -110,6 +110,7 @@ class DeploymentRead(Output):
     model_version_id: uuid.UUID
     revision: int
     restart_generation: int
+    promoted_revision: int | None = None
     desired_replicas: int
     phase: str
     status: dict[str, Any]

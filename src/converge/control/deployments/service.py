@@ -14,7 +14,7 @@ from converge.control.deployments.schemas import DeploymentCreate, DeploymentSpe
 from converge.control.events.service import record
 from converge.control.projects.principal import Principal
 from converge.control.projects.service import visible_project
-from converge.errors import NotFound
+from converge.errors import Conflict, NotFound
 from converge.kit.unique import flush_or_conflict
 from converge.models import Deployment, DeploymentRevision, Project
 from converge.runtime.base import Zone
@@ -277,4 +277,26 @@ async def wake(session: AsyncSession, principal: Principal, *, deployment_id: uu
             changes={"replicas": deployment.desired_replicas},
         )
     await session.flush()
+    return deployment
+
+
+async def promote(session: AsyncSession, principal: Principal, *, deployment_id: uuid.UUID) -> Deployment:
+    """Let a paused canary finish: the current revision replaces the old ones as a rolling update."""
+    project, deployment = await visible_deployment(
+        session, principal, deployment_id, permission="deployments:write", lock=True
+    )
+    weight = (await current_spec(session, deployment)).get("rollout", {}).get("canary_weight")
+    if weight is None or not 0 < weight < 100:  # 0 and 100 run no canary either (see the controller)
+        raise Conflict(f"Revision {deployment.revision} of '{deployment.name}' has no canary to promote")
+    deployment.promoted_revision = deployment.revision
+    await session.flush()
+    await record(
+        session,
+        principal,
+        action="deployment.promoted",
+        project_id=project.id,
+        object_type="deployment",
+        object_id=deployment.id,
+        changes={"revision": deployment.revision, "canary_weight": weight},
+    )
     return deployment

@@ -54,6 +54,7 @@ def upgrade() -> None:
         sa.Column("model_version_id", sa.Uuid(), nullable=False),
         sa.Column("revision", sa.Integer(), nullable=False),
         sa.Column("restart_generation", sa.Integer(), nullable=False),
+        sa.Column("promoted_revision", sa.Integer(), nullable=True),
         sa.Column("desired_replicas", sa.Integer(), nullable=False),
         sa.Column("phase", sa.String(length=32), nullable=False),
         sa.Column("status", postgresql.JSONB(astext_type=sa.Text()), nullable=False),

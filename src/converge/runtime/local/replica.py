@@ -169,7 +169,8 @@ class DeploymentState:
     id: uuid.UUID
     spec: DeploymentSpec | None  # None once deleted: what is left drains away
     replicas: dict[str, ReplicaState] = field(default_factory=dict)
-    target: tuple[int, int, int] | None = None  # (revision, generation, replicas) being converged to
+    # (revision, generation, replicas, canary) being converged to
+    target: tuple[int, int, int, int | None] | None = None
     progress_at: float = 0.0  # last time the rollout to `target` moved forward
     complete: bool = False  # `target` was reached (later crashes are not a stuck rollout)
 
@@ -177,8 +178,8 @@ class DeploymentState:
         """A changed spec starts a new rollout, with its own progress deadline."""
         assert self.spec is not None
         spec = self.spec
-        target = (spec.revision, spec.restart_generation, spec.replicas)
-        if self.target != target:
+        target = (spec.revision, spec.restart_generation, spec.replicas, spec.canary_replicas)
+        if self.target != target:  # a promotion (canary -> None) restarts the deadline too
             self.target, self.progress_at, self.complete = target, now, False
         return spec
 
@@ -202,4 +203,5 @@ class DeploymentState:
             replicas=[r.view(self.spec) for r in self.replicas.values()],
             crash_loop=crash_loop,
             deadline_exceeded=not self.complete and now - self.progress_at > deadline_s,
+            canary=self.spec.canary_replicas,
         )

@@ -38,7 +38,7 @@ from converge.runtime.local.process import (
 from converge.runtime.local.replica import REPLICA_ID, DeploymentState, ReplicaState
 from converge.runtime.local.state import StateDoc, StateFile, hold_lock
 from converge.runtime.local.zones import local_zone
-from converge.runtime.rollout import is_complete, plan
+from converge.runtime.rollout import is_complete, is_paused, plan
 
 log = structlog.get_logger(__name__)
 
@@ -267,7 +267,11 @@ class LocalBackend(RuntimeBackend):
                     self._stop(dep, r, now)
             return
         spec = dep.retarget(now)
-        step = plan(desired=spec.replicas, replicas=[r.view(spec) for r in dep.replicas.values()])
+        step = plan(
+            desired=spec.replicas,
+            replicas=[r.view(spec) for r in dep.replicas.values()],
+            canary=spec.canary_replicas,
+        )
         for rid in step.stop:
             self._stop(dep, dep.replicas[rid], now)
         for rid in step.drain:
@@ -276,8 +280,11 @@ class LocalBackend(RuntimeBackend):
             r = ReplicaState.for_spec(spec)
             dep.replicas[r.id] = r
             self._spawn(r, now, restart=False)
-        if is_complete(desired=spec.replicas, replicas=[r.view(spec) for r in dep.replicas.values()]):
+        views = [r.view(spec) for r in dep.replicas.values()]
+        if is_complete(desired=spec.replicas, replicas=views):
             dep.complete, dep.progress_at = True, now
+        elif is_paused(desired=spec.replicas, replicas=views, canary=spec.canary_replicas):
+            dep.progress_at = now  # a paused canary waits for a promotion; it is not stuck
 
     def _drain(self, r: ReplicaState, now: float) -> None:
         """Out of the ready set now; SIGTERM once idle (after the grace) or at the drain timeout."""

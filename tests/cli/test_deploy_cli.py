@@ -1,0 +1,102 @@
+"""`converge deploy` and `converge deployments ...` against a real server whose controller runs
+the in-memory runtime backend (the session app)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from typing import Any
+
+import pytest
+from rich.console import Console
+from support import ADMIN, make_key
+from typer.testing import CliRunner
+
+from converge.cli import client as cli_client
+from converge.cli import deploy as cli_deploy
+from converge.cli.main import app as cli_app
+from converge.control.builds.schemas import BuildState
+from converge.models import Build
+
+
+@pytest.fixture
+async def cli(live_server: Any, settings: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch):
+    wide = Console(width=250)
+    monkeypatch.setattr(cli_deploy, "out", wide)
+    monkeypatch.setattr(cli_client, "err", Console(stderr=True, width=250))
+    async with live_server() as srv:
+        env = {
+            "CONVERGE_CLI_CONFIG": str(tmp_path / "cli.json"),
+            "CONVERGE_URL": srv.url,
+            "CONVERGE_API_KEY": settings.bootstrap_token.get_secret_value(),
+            "NO_COLOR": "1",
+        }
+
+        async def run(*args: str):
+            return await asyncio.to_thread(CliRunner().invoke, cli_app, list(args), env=env)
+
+        yield run
+
+
+async def _built_model(app: Any, client: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    project = (
+        await client.post("/projects", json={"name": f"d-{uuid.uuid4().hex[:8]}"}, headers=ADMIN)
+    ).json()
+    model = (await client.post("/models", json={"name": f"m-{uuid.uuid4().hex[:8]}"}, headers=ADMIN)).json()
+    version = (
+        await client.post(
+            f"/models/{model['id']}/versions/upload",
+            params={"version": "v1", "filename": "w.bin"},
+            content=os.urandom(128),
+            headers={**ADMIN, "content-type": "application/octet-stream"},
+        )
+    ).json()
+    owner = await make_key(client, project["id"], "owner")
+    await client.post(f"/models/{model['id']}/versions/{version['id']}/approve", json={}, headers=owner)
+    async with app.state.converge.sessions() as session, session.begin():
+        session.add(
+            Build(
+                project_id=uuid.UUID(project["id"]),
+                model_version_id=uuid.UUID(version["id"]),
+                profile="cpu",
+                server="llama-cpp",
+                state=BuildState.SUCCEEDED,
+                results={},
+                created_by="test",
+            )
+        )
+    return project, model, version
+
+
+async def test_deploy_rolls_out_and_deployments_commands_manage_it(app, committed_client, cli):
+    project, model, _ = await _built_model(app, committed_client)
+    # A format the servers cannot guess: the API's 422 reaches the user readably.
+    failed = await cli("deploy", f"{model['name']}:v1", "--project", project["name"], "--timeout", "30")
+    assert failed.exit_code == 1 and "set `server` explicitly" in failed.output
+
+    result = await cli(
+        "deploy",
+        f"{model['name']}:v1",
+        "--project",
+        project["name"],
+        "--name",
+        "chat",
+        "--server",
+        "llama-cpp",
+        "--timeout",
+        "30",
+    )
+    assert result.exit_code == 0, result.output
+    assert "chat: Ready" in result.output
+
+    listed = await cli("deployments", "list", "--project", project["name"])
+    assert listed.exit_code == 0 and "chat" in listed.output and "Ready" in listed.output
+    redeploy = await cli("deployments", "redeploy", "chat", "--project", project["name"])
+    assert redeploy.exit_code == 0 and "generation 1" in redeploy.output
+    show = await cli("deployments", "show", "chat", "--project", project["name"])
+    assert show.exit_code == 0 and "replica" in show.output
+    deleted = await cli("deployments", "delete", "chat", "--project", project["name"], "--yes")
+    assert deleted.exit_code == 0
+    missing = await cli("deployments", "show", "nope", "--project", project["name"])
+    assert missing.exit_code == 1 and "No deployment 'nope'" in missing.output
