@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from converge.state import State
+from converge.storage.db import transaction
 
 
 def get_state(request: Request) -> State:
@@ -27,6 +29,12 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
     factory = state.extras.get("session_factory") or state.sessions
     async with factory() as session, session.begin():
         yield session
+
+
+def unit_of_work(state: State) -> AbstractAsyncContextManager[AsyncSession]:
+    """A short transaction of its own, for routes that must not hold one open across slow work
+    (streaming an upload, inspecting a model). Same test hook as `get_session`."""
+    return transaction(state.extras.get("session_factory") or state.sessions)
 
 
 # scope="function": commit before the response is sent, so a client that reads right

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from starlette.requests import ClientDisconnect
@@ -21,11 +21,12 @@ from converge.control.library.schemas import (
     VersionRead,
     VersionRegister,
 )
-from converge.control.projects.auth import PrincipalDep
+from converge.control.projects.auth import DetachedPrincipalDep, PrincipalDep
+from converge.control.projects.principal import Principal
 from converge.control.sources.repository import source_for_uri
 from converge.core.lifecycle import VersionState
-from converge.deps import SessionDep, StateDep
-from converge.errors import PROBLEM_RESPONSES, BadRequest
+from converge.deps import SessionDep, StateDep, unit_of_work
+from converge.errors import PROBLEM_RESPONSES, BadRequest, PayloadTooLarge
 from converge.kit.pagination import Page, PageDep, encode_cursor, page_of, uuid_after
 from converge.models import ModelVersion
 from converge.storage.artifacts import ArtifactTooLarge, DigestMismatch
@@ -119,23 +120,56 @@ async def get_version(
     return (await _versions_read(session, [version]))[0]
 
 
+async def _record(
+    state: StateDep,
+    principal: Principal,
+    *,
+    model_id: uuid.UUID,
+    version: str,
+    acquired: acquire.Acquired,
+    provenance: dict[str, Any],
+) -> VersionRead:
+    """Inspect and scan with no transaction open, then record the version in a short one."""
+    inspected = await service.inspect_and_scan(acquired)
+    async with unit_of_work(state) as session:
+        model = await service.visible_model(session, principal, model_id)
+        row = await service.register_version(
+            session,
+            principal,
+            model=model,
+            version=version,
+            acquired=acquired,
+            source=provenance,
+            approvals_required=state.settings.library.approvals_required,
+            inspected=inspected,
+        )
+        return (await _versions_read(session, [row]))[0]
+
+
+async def _admit(state: StateDep, principal: Principal, model_id: uuid.UUID, version: str, uri: str | None):  # noqa: ANN202
+    """Checks before any bytes move: the model is visible, the caller may submit, the name is free."""
+    async with unit_of_work(state) as session:
+        model = await service.visible_model(session, principal, model_id)
+        service.require_submit(principal)
+        await service.ensure_new_version(session, model, version)
+        source = await source_for_uri(session, uri) if uri else None
+        return (source.name, dict(source.options)) if source else None
+
+
 @router.post("/{model_id}/versions", response_model=VersionRead, status_code=201)
 async def register_version(
-    model_id: uuid.UUID, body: VersionRegister, session: SessionDep, principal: PrincipalDep, state: StateDep
+    model_id: uuid.UUID, body: VersionRegister, principal: DetachedPrincipalDep, state: StateDep
 ) -> VersionRead:
     """Register a version from a URI: `s3://`, `oci://`, or (admins) a path on the server."""
-    model = await service.visible_model(session, principal, model_id)
-    service.require_submit(principal)
-    source = await source_for_uri(session, body.uri)
-    store = state.extras["artifacts"]
+    source = await _admit(state, principal, model_id, body.version, body.uri)
     try:
         acquired = await acquire.from_uri(
-            store,
+            state.extras["artifacts"],
             state.settings,
             body.uri,
             expected_sha256=body.sha256,
             may_read_server_paths=principal.is_admin,
-            options=source.options if source else None,
+            options=source[1] if source else None,
         )
     except DigestMismatch as exc:
         raise _digest_problem(exc) from exc
@@ -143,18 +177,11 @@ async def register_version(
         "kind": acquired.kind,
         "uri": body.uri,
         "known": source is not None,
-        "name": source.name if source else None,
+        "name": source[0] if source else None,
     }
-    version = await service.register_version(
-        session,
-        principal,
-        model=model,
-        version=body.version,
-        acquired=acquired,
-        source=provenance,
-        approvals_required=state.settings.library.approvals_required,
+    return await _record(
+        state, principal, model_id=model_id, version=body.version, acquired=acquired, provenance=provenance
     )
-    return (await _versions_read(session, [version]))[0]
 
 
 def _digest_problem(exc: DigestMismatch) -> BadRequest:
@@ -179,8 +206,7 @@ def _digest_problem(exc: DigestMismatch) -> BadRequest:
 async def upload_version(
     model_id: uuid.UUID,
     request: Request,
-    session: SessionDep,
-    principal: PrincipalDep,
+    principal: DetachedPrincipalDep,
     state: StateDep,
     version: Annotated[VersionName, Query(description="Version name, e.g. v1")],
     filename: Annotated[str, Query(min_length=1, max_length=255, description="Original file name")],
@@ -188,9 +214,10 @@ async def upload_version(
         str | None, Query(pattern=r"^(sha256:)?[0-9a-f]{64}$", description="Expected digest")
     ] = None,
 ) -> VersionRead:
-    """Upload the artifact as the raw request body (streamed, constant memory, size-limited)."""
-    model = await service.visible_model(session, principal, model_id)
-    service.require_submit(principal)
+    """Upload the artifact as the raw request body (streamed, constant memory, size-limited).
+
+    No database transaction is open while the body streams in or the files are inspected."""
+    await _admit(state, principal, model_id, version, None)
     declared = request.headers.get("content-length")
 
     async def chunks() -> AsyncIterator[bytes]:
@@ -213,20 +240,11 @@ async def upload_version(
     except DigestMismatch as exc:
         raise _digest_problem(exc) from exc
     except ArtifactTooLarge as exc:
-        from converge.errors import PayloadTooLarge
-
         raise PayloadTooLarge(f"Upload exceeds the limit of {exc.limit} bytes") from exc
     provenance = {"kind": "upload", "uri": f"upload:{filename}", "known": True, "name": None}
-    row = await service.register_version(
-        session,
-        principal,
-        model=model,
-        version=version,
-        acquired=acquired,
-        source=provenance,
-        approvals_required=state.settings.library.approvals_required,
+    return await _record(
+        state, principal, model_id=model_id, version=version, acquired=acquired, provenance=provenance
     )
-    return (await _versions_read(session, [row]))[0]
 
 
 @router.post("/{model_id}/versions/{version_id}/approve", response_model=VersionRead)

@@ -181,6 +181,16 @@ def version_facts(
     )
 
 
+async def inspect_and_scan(acquired: Acquired) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Facts and scan of an acquired artifact (CPU-bound, in a thread; no database needed)."""
+    return await asyncio.to_thread(_inspect_and_scan, acquired.local_path)
+
+
+async def ensure_new_version(session: AsyncSession, model: LibraryModel, version: str) -> None:
+    if await repository.version_by_name(session, model.id, version) is not None:
+        raise Conflict(f"Model '{model.name}' already has a version '{version}'")
+
+
 def _inspect_and_scan(path: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
         inspection = inspect_artifact(path).to_dict()
@@ -198,15 +208,17 @@ async def register_version(
     acquired: Acquired,
     source: dict[str, Any],
     approvals_required: int,
+    inspected: tuple[dict[str, Any], dict[str, Any]] | None = None,
 ) -> ModelVersion:
     """Record the version, scan and inspect its files, run the registration policies.
 
     Everything happens in the caller's transaction: a failure anywhere registers nothing.
+    Callers that can should pass `inspected` (from `inspect_and_scan`, run before the
+    transaction) so no transaction stays open during seconds of CPU work.
     """
     if principal is not None:
         _require(principal, "library:submit")
-    if await repository.version_by_name(session, model.id, version) is not None:
-        raise Conflict(f"Model '{model.name}' already has a version '{version}'")
+    await ensure_new_version(session, model, version)
     await repository.upsert_artifact(
         session,
         sha256=acquired.blob.sha256,
@@ -241,7 +253,7 @@ async def register_version(
         },
     )
     await _move(session, principal, row, S.SCANNING)
-    row.inspection, row.scan = await asyncio.to_thread(_inspect_and_scan, acquired.local_path)
+    row.inspection, row.scan = inspected or await inspect_and_scan(acquired)
     row.format = row.inspection.get("format") or "unknown"
     if not acquired.is_directory:  # the cache names the file by digest; facts use its real name
         row.inspection = {**row.inspection, "files": [acquired.filename]}

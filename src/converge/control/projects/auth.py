@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from converge.control.projects import keys, repository
 from converge.control.projects.principal import Principal, merge_role
 from converge.core.rbac import PROJECT_ROLES, Role
-from converge.deps import SessionDep, get_state
+from converge.deps import SessionDep, get_state, unit_of_work
 from converge.errors import Forbidden, Unauthorized
 from converge.state import State
 
@@ -81,20 +81,38 @@ async def _from_oidc(session: AsyncSession, state: State, token: str) -> Princip
     return Principal(subject=f"oidc:{subject}", kind="oidc", is_admin=is_admin, roles=roles)
 
 
+def _token(cred: HTTPAuthorizationCredentials | None) -> str:
+    if cred is None or not cred.credentials:
+        raise Unauthorized("Missing credential: send 'Authorization: Bearer <API key or OIDC token>'")
+    return cred.credentials
+
+
 async def get_principal(
     request: Request,
     session: SessionDep,
     key_cred: Annotated[HTTPAuthorizationCredentials | None, Depends(api_key_scheme)],
     _oidc_cred: Annotated[HTTPAuthorizationCredentials | None, Depends(oidc_scheme)],
 ) -> Principal:
-    if key_cred is None or not key_cred.credentials:
-        raise Unauthorized("Missing credential: send 'Authorization: Bearer <API key or OIDC token>'")
-    principal = await authenticate(session, get_state(request), key_cred.credentials)
+    principal = await authenticate(session, get_state(request), _token(key_cred))
+    request.state.principal = principal
+    return principal
+
+
+async def get_principal_detached(
+    request: Request,
+    key_cred: Annotated[HTTPAuthorizationCredentials | None, Depends(api_key_scheme)],
+    _oidc_cred: Annotated[HTTPAuthorizationCredentials | None, Depends(oidc_scheme)],
+) -> Principal:
+    """Authenticate in a transaction of its own, for routes that manage their transactions."""
+    state = get_state(request)
+    async with unit_of_work(state) as session:
+        principal = await authenticate(session, state, _token(key_cred))
     request.state.principal = principal
     return principal
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
+DetachedPrincipalDep = Annotated[Principal, Depends(get_principal_detached)]
 
 
 def require(permission: str):  # noqa: ANN201 - returns a FastAPI dependency
