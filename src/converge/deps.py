@@ -25,15 +25,13 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
 
     Tests put a `session_factory` bound to a rolled-back outer transaction in the state extras.
     """
-    state = get_state(request)
-    factory = state.extras.get("session_factory") or state.sessions
-    async with factory() as session, session.begin():
+    async with unit_of_work(get_state(request)) as session:
         yield session
 
 
 def unit_of_work(state: State) -> AbstractAsyncContextManager[AsyncSession]:
-    """A short transaction of its own, for routes that must not hold one open across slow work
-    (streaming an upload, inspecting a model). Same test hook as `get_session`."""
+    """A transaction of its own: the request's (above), or a short one for routes that must not
+    hold one open across slow work (streaming an upload, inspecting a model)."""
     return transaction(state.extras.get("session_factory") or state.sessions)
 
 

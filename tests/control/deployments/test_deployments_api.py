@@ -146,6 +146,10 @@ async def test_every_spec_change_is_a_revision_and_rollback_reapplies_an_old_one
     assert back.json()["revision"] == 3 and back.json()["spec"]["env"] == {}
     revs = (await client.get(f"/deployments/{d['id']}/revisions", headers=ADMIN)).json()
     assert [r["revision"] for r in revs] == [1, 2, 3] and revs[2]["reason"] == "rollback to revision 1"
+    listed = (await client.get("/deployments", params={"project": project["id"]}, headers=ADMIN)).json()[
+        "items"
+    ]
+    assert [(d["revision"], d["spec"]["env"], d["spec"]["server"]) for d in listed] == [(3, {}, "llama-cpp")]
     redeployed = await client.post(f"/deployments/{d['id']}/redeploy", headers=ADMIN)
     assert redeployed.json()["restart_generation"] == 1 and redeployed.json()["revision"] == 3
 

@@ -73,8 +73,9 @@ async def list_deployments(
         session, project, visible=principal.visible_projects, after=uuid_after(page), limit=page.limit
     )
     result = page_of(rows, limit=page.limit, schema=DeploymentRead)
-    for item, row in zip(result.items, rows, strict=False):
-        item.spec = await service.current_spec(session, row)
+    specs = await repository.specs_of(session, rows[: page.limit])
+    for item in result.items:
+        item.spec = specs.get(item.id, {})
     return result
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from converge.models import Deployment, DeploymentRevision
@@ -74,3 +74,15 @@ async def current_specs(session: AsyncSession, project_id: uuid.UUID) -> list[tu
         .where(Deployment.project_id == project_id, Deployment.deleting.is_(False))
     )
     return [(did, spec) for did, spec in (await session.execute(q)).all()]
+
+
+async def specs_of(session: AsyncSession, deployments: list[Deployment]) -> dict[uuid.UUID, dict]:
+    """The current revision's spec of each deployment, in one query."""
+    if not deployments:
+        return {}
+    q = select(DeploymentRevision.deployment_id, DeploymentRevision.spec).where(
+        tuple_(DeploymentRevision.deployment_id, DeploymentRevision.revision).in_(
+            [(d.id, d.revision) for d in deployments]
+        )
+    )
+    return {did: spec for did, spec in (await session.execute(q)).all()}

@@ -17,7 +17,7 @@ from converge.control.projects.auth import PrincipalDep
 from converge.control.projects.principal import Principal
 from converge.deps import SessionDep, StateDep
 from converge.errors import PROBLEM_RESPONSES, BadRequest, Forbidden, NotFound
-from converge.kit.pagination import Page, PageDep, encode_cursor
+from converge.kit.pagination import Page, PageDep, page_of
 from converge.kit.schemas import Output
 
 router = APIRouter(responses=PROBLEM_RESPONSES)
@@ -86,12 +86,7 @@ async def list_events(
         after_id=after,
         limit=page.limit + 1,
     )
-    more = len(rows) > page.limit
-    rows = rows[: page.limit]
-    return Page(
-        items=[EventRead.model_validate(r) for r in rows],
-        next_cursor=encode_cursor(rows[-1].id) if more else None,
-    )
+    return page_of(rows, limit=page.limit, schema=EventRead)
 
 
 @router.get("/audit", response_model=Page[AuditRead], tags=["audit"])
@@ -119,12 +114,7 @@ async def list_audit(
         before_id=_int_cursor(page.after, "cursor"),
         limit=page.limit + 1,
     )
-    more = len(rows) > page.limit
-    rows = rows[: page.limit]
-    return Page(
-        items=[AuditRead.model_validate(r) for r in rows],
-        next_cursor=encode_cursor(rows[-1].id) if more else None,
-    )
+    return page_of(rows, limit=page.limit, schema=AuditRead)
 
 
 @router.get(
