@@ -30,7 +30,9 @@ from converge.control.projects.auth import PrincipalDep
 from converge.control.projects.bootstrap import ensure_admin_key
 from converge.control.projects.oidc import OidcVerifier
 from converge.control.sources.api import router as sources_router
+from converge.control.usage.api import router as usage_router
 from converge.errors import PROBLEM_SCHEMA, install_error_handlers
+from converge.gateway.api import Gateway, GatewayDispatch
 from converge.kit.observability import Metrics, RequestContextMiddleware
 from converge.runtime.base import RuntimeBackend
 from converge.state import State
@@ -76,6 +78,7 @@ def create_app(
 ) -> FastAPI:
     """The application. `runtime` replaces the local process supervisor (tests pass a fake)."""
     metrics = Metrics()
+    gateway = Gateway(settings, registry=metrics.registry) if settings.gateway.enabled else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -85,9 +88,8 @@ def create_app(
         sessions = make_sessionmaker(engine)
         metrics.watch_pool(lambda: _pool_stats(engine))
         http = httpx.AsyncClient(timeout=10.0)
-        broadcaster = Broadcaster(
-            conninfo=database.url.replace("postgresql+psycopg://", "postgresql://"), sessions=sessions
-        )
+        conninfo = database.url.replace("postgresql+psycopg://", "postgresql://")
+        broadcaster = Broadcaster(conninfo=conninfo, sessions=sessions)
         oidc = OidcVerifier(settings=settings.auth, http=http) if settings.auth.oidc_jwks_url else None
         state = State(
             settings=settings,
@@ -100,7 +102,7 @@ def create_app(
             head_revision=head,
             runtime=runtime or _local_runtime(settings),
             services=[broadcaster],
-            extras={"metrics": metrics, "artifacts": artifact_store(settings)},
+            extras={"metrics": metrics, "artifacts": artifact_store(settings), "gateway": gateway},
         )
         app.state.converge = state
         async with transaction(sessions) as session:
@@ -108,6 +110,9 @@ def create_app(
         if token and on_first_key:
             on_first_key(token)
         await broadcaster.start()
+        if gateway is not None:  # the data path runs whether or not this process runs the workers
+            await gateway.start(sessions=sessions, conninfo=conninfo)
+            state.services.append(gateway)
         if settings.run_workers:
             store = state.extras["artifacts"]
             await state.runtime.start()
@@ -118,13 +123,13 @@ def create_app(
                     settings=settings,
                     store=store,
                     runtime=state.runtime,
-                    conninfo=database.url.replace("postgresql+psycopg://", "postgresql://"),
+                    conninfo=conninfo,
                 ),
                 BuildRunner(
                     sessions=sessions, settings=settings, store=store, concurrency=settings.build_concurrency
                 ),
             ]
-            for service in state.services[1:]:
+            for service in state.services[-3:]:
                 await service.start()
             if settings.library.seed_catalogue:
                 seeder = CatalogueSeeder(sessions=sessions, settings=settings, store=store)
@@ -167,6 +172,7 @@ def create_app(
         sources_router,
         deployments_router,
         builds_router,
+        usage_router,
     ):
         app.include_router(router)
     _complete_openapi(app)
@@ -187,6 +193,8 @@ def create_app(
         max_body_bytes=settings.server.max_body_bytes,
         unlimited_suffixes=(UPLOAD_PATH_SUFFIX,),
     )
+    if gateway is not None:  # outermost: the data path skips the API's middleware entirely
+        app.add_middleware(GatewayDispatch, gateway=gateway)
     return app
 
 

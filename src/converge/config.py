@@ -63,6 +63,33 @@ class LibrarySettings(BaseModel):
     s3_secret_access_key: SecretStr | None = None
 
 
+class GatewaySettings(BaseModel):
+    """The data path (/v1, /v2): limits, routing, timeouts, metering. See gateway/."""
+
+    enabled: bool = True
+    project_header: str = Field(
+        default="openai-project",
+        description="Header naming the project for organisation keys (the OpenAI SDK's `project=`)",
+    )
+    default_project: str = "default"
+    max_body_bytes: int = 16 << 20
+    default_max_tokens: int = Field(default=512, ge=1, description="Reserved when a request sets none")
+    limits_sync_s: float = Field(default=0.5, gt=0, description="How often replicas share limit counters")
+    meter_flush_s: float = Field(default=1.0, gt=0)
+    snapshot_refresh_s: float = Field(default=10.0, gt=0, description="Full reload besides NOTIFY")
+    connect_timeout_s: float = 5.0
+    first_byte_timeout_s: float = 300.0  # a CPU replica may take minutes on a long completion
+    idle_stream_timeout_s: float = 60.0
+    retries: int = Field(default=2, ge=0, description="Further attempts on other replicas")
+    retry_backoff_s: float = 0.05
+    breaker_failures: int = Field(default=3, ge=1, description="Consecutive failures that open it")
+    breaker_open_s: float = Field(default=5.0, gt=0, description="Open this long, then one probe")
+    max_in_flight_per_replica: int = Field(default=64, ge=1)
+    queue_size: int = Field(default=512, ge=0, description="Waiting requests per deployment; 503 beyond")
+    queue_timeout_s: float = 60.0
+    wake_timeout_s: float = 180.0
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CONVERGE_", env_nested_delimiter="__", extra="ignore", frozen=True
@@ -82,6 +109,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = AuthSettings()
     server: ServerSettings = ServerSettings()
     library: LibrarySettings = LibrarySettings()
+    gateway: GatewaySettings = GatewaySettings()
 
     @model_validator(mode="after")
     def _refuse_default_secrets(self) -> Settings:

@@ -10,6 +10,7 @@ from converge.models.member import Member
 from converge.models.policy import Policy, PolicyRevision
 from converge.models.project import Project
 from converge.models.source import Source, SourceItem
+from converge.models.usage import GatewayCounter, UsageRecord
 
 __all__ = [
     "ApiKey",
@@ -21,6 +22,7 @@ __all__ = [
     "Deployment",
     "DeploymentRevision",
     "Event",
+    "GatewayCounter",
     "LibraryModel",
     "Member",
     "ModelVersion",
@@ -29,4 +31,5 @@ __all__ = [
     "Project",
     "Source",
     "SourceItem",
+    "UsageRecord",
 ]

@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import DateTime, ForeignKey, String
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
 from converge.models.base import Base, Timestamped, UUIDPk
@@ -28,3 +30,5 @@ class ApiKey(UUIDPk, Timestamped, Base):
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Gateway limits for this key, as on Project.limits; both the key's and its project's apply
+    limits: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)

@@ -17,4 +17,6 @@ class Project(UUIDPk, Timestamped, Base):
     description: Mapped[str] = mapped_column(String(1000), default="")
     # {"cpu": cores, "memory_bytes": n, "gpus": n}; absent key = unlimited
     quotas: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    # Gateway limits {"rpm", "tpm", "concurrency", "monthly_tokens"}; absent key = unlimited
+    limits: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)

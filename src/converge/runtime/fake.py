@@ -3,7 +3,8 @@
 It follows the local backend's rolling rules (`rollout.plan`: surge 1, unavailable 0, drain
 before stop) but moves synchronously: `apply` converges as far as it can at once, and each
 `observe` call is one tick of time (starting replicas age, crashed ones restart, drains finish).
-Tests steer it: `crash`, `set_load`, `fail_revision`, `write_log`.
+Tests steer it: `crash`, `set_load`, `fail_revision`, `write_log`, and `serve_at` (replicas report
+real endpoints, e.g. test upstreams the gateway can reach).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class _Replica:
         current = (self.revision, self.generation) == (spec.revision, spec.restart_generation)
         return ReplicaView(id=self.id, current=current, phase=self.phase)
 
-    def to_replica(self) -> Replica:
+    def to_replica(self, endpoint: str | None = None) -> Replica:
         running = self.phase != P.BACKOFF
         return Replica(
             id=self.id,
@@ -68,7 +69,7 @@ class _Replica:
             generation=self.generation,
             phase=self.phase,
             zone="local",
-            endpoint=f"http://fake/{self.id}" if running else None,
+            endpoint=(endpoint or f"http://fake/{self.id}") if running else None,
             pid=self.pid if running else None,
             restarts=self.restarts,
             in_flight=self.in_flight,
@@ -100,6 +101,7 @@ class FakeBackend(RuntimeBackend):
         self._logs: dict[str, list[str]] = {}
         self._log_written = asyncio.Event()
         self._counter = 0
+        self._endpoints: dict[uuid.UUID, list[str]] = {}
 
     async def start(self) -> None:
         self.running = True
@@ -132,7 +134,7 @@ class FakeBackend(RuntimeBackend):
         dep.stalled = 0 if progressed or dep.complete or paused else dep.stalled + 1
         return Observation(
             deployment_id=deployment_id,
-            replicas=[r.to_replica() for r in dep.replicas.values()],
+            replicas=[self._reported(deployment_id, i, r) for i, r in enumerate(dep.replicas.values())],
             conditions=self._conditions(dep, views),
         )
 
@@ -159,6 +161,14 @@ class FakeBackend(RuntimeBackend):
         return list(self.config.zones)
 
     # -- steering (tests) ------------------------------------------------------------------
+
+    def serve_at(self, deployment_id: uuid.UUID, endpoints: list[str]) -> None:
+        """Replica i of this deployment reports endpoints[i] (in replica order)."""
+        self._endpoints[deployment_id] = endpoints
+
+    def _reported(self, deployment_id: uuid.UUID, index: int, replica: _Replica) -> Replica:
+        endpoints = self._endpoints.get(deployment_id, [])
+        return replica.to_replica(endpoints[index] if index < len(endpoints) else None)
 
     def crash(self, replica_id: str, *, reason: str = "killed by SIGKILL") -> None:
         """The replica's process dies; the next observe() restarts it."""

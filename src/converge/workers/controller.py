@@ -20,13 +20,16 @@ from typing import Any
 
 import psycopg
 import structlog
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from converge.config import Settings
-from converge.control.deployments import repository
+from converge.control.deployments import admission, repository
+from converge.control.deployments.service import wake_deployment
 from converge.control.events.service import record
 from converge.control.library import acquire
 from converge.control.library import repository as library_repo
+from converge.control.projects import repository as projects_repo
 from converge.core.lifecycle import SERVABLE
 from converge.models import Deployment
 from converge.runtime.base import (
@@ -43,6 +46,9 @@ from converge.storage.db import transaction
 
 log = structlog.get_logger(__name__)
 LEADER_LOCK_KEY = 0x43_74_72_6C  # "Ctrl"
+ROUTES_CHANNEL = "converge_routes"  # NOTIFY: a deployment's observed status changed (the gateway listens)
+WAKE_CHANNEL = "converge_wake"  # LISTEN: the gateway asks for a deployment scaled to zero
+POLICY_RECHECK_S = 5.0
 
 
 @dataclass
@@ -54,6 +60,7 @@ class _Load:
     idle_since: float | None = None
     woken_at: datetime | None = None
     restarts: dict[str, int] = field(default_factory=dict)
+    policy: tuple[Any, float, list[str]] | None = None  # (what was checked, when, reasons)
 
 
 def autoscale(
@@ -129,10 +136,12 @@ class Controller:
                         await asyncio.sleep(2.0)
                     self.is_leader = True
                     log.info("controller_leading")
+                    await conn.execute(f"LISTEN {WAKE_CHANNEL}")
                     while True:  # the lock lives as long as this connection
                         await conn.execute("SELECT 1")
                         await self.reconcile_all()
-                        await asyncio.sleep(self._interval)
+                        for deployment_id in await self._wake_requests(conn):
+                            await self.wake(deployment_id)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -146,6 +155,22 @@ class Controller:
         cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK_KEY,))
         row = await cur.fetchone()
         return bool(row and row[0])
+
+    async def _wake_requests(self, conn: psycopg.AsyncConnection[Any]) -> set[uuid.UUID]:
+        """Wait up to one interval for the gateway's wake requests (returning at the first)."""
+        ids: set[uuid.UUID] = set()
+        async for note in conn.notifies(timeout=self._interval, stop_after=1):
+            with contextlib.suppress(ValueError):
+                ids.add(uuid.UUID(note.payload))
+        return ids
+
+    async def wake(self, deployment_id: uuid.UUID) -> None:
+        async with transaction(self._sessions) as session:
+            row = await repository.get(session, deployment_id, lock=True)
+            if row is None or row.deleting:
+                return
+            await wake_deployment(session, None, deployment=row)
+        await self.reconcile(deployment_id)
 
     async def reconcile_all(self) -> None:
         async with self._sessions() as session:
@@ -169,6 +194,11 @@ class Controller:
                 return
             rev = await repository.revision(session, deployment.id, deployment.revision)
             version = await library_repo.get_version(session, deployment.model_version_id)
+            denied = (
+                await self._policy_denials(session, deployment, rev.spec, version)
+                if rev is not None and version is not None and not deployment.deleting
+                else []
+            )
         if deployment.deleting:
             await self._runtime.delete(deployment_id=deployment.id)
             async with transaction(self._sessions) as session:
@@ -229,8 +259,35 @@ class Controller:
         observed = await self._runtime.observe(deployment_id=deployment.id)
         self._observed[deployment.id] = observed
         await self._write_status(
-            deployment, observed, target=target, servable=servable, version_state=version.state
+            deployment, observed, target=target, servable=servable, version_state=version.state, denied=denied
         )
+
+    async def _policy_denials(
+        self, session: AsyncSession, deployment: Deployment, spec: dict[str, Any], version: Any
+    ) -> list[str]:
+        """Why the `deployment` policies no longer admit this deployment (checked every few
+        seconds, and at once when its revision or version changes). The gateway refuses with it."""
+        memory = self._load.setdefault(deployment.id, _Load())
+        checked = (deployment.revision, version.id, version.state, version.updated_at)
+        now = time.monotonic()
+        if memory.policy and memory.policy[0] == checked and now - memory.policy[1] < POLICY_RECHECK_S:
+            return memory.policy[2]
+        project = await projects_repo.get_project(session, deployment.project_id)
+        model = await library_repo.get_model(session, version.model_id)
+        if project is None or model is None:
+            return []
+        reasons, _ = await admission.policy_reasons(
+            session,
+            None,
+            project=project,
+            model=model,
+            version=version,
+            profile=spec.get("profile", "cpu"),
+            replicas_max=spec.get("replicas", {}).get("max", 1),
+            settings=self._settings,
+        )
+        memory.policy = (checked, now, reasons)
+        return reasons
 
     async def _write_status(
         self,
@@ -240,8 +297,17 @@ class Controller:
         target: int,
         servable: bool,
         version_state: str,
+        denied: list[str],
     ) -> None:
         conditions = list(observed.conditions)
+        conditions.append(
+            Condition(
+                type="Admitted",
+                status=not denied,
+                reason="PolicyDenied" if denied else "PolicyAdmitted",
+                message="; ".join(denied),
+            )
+        )
         if not servable:
             conditions = [c for c in conditions if c.type != "Degraded"] + [
                 Condition(
@@ -289,6 +355,8 @@ class Controller:
                         "ready": len(observed.ready),
                     },
                 )
+            # The gateway reloads its routes on this (no outbox event: replica churn is not news).
+            await session.execute(text("SELECT pg_notify(:c, :p)"), {"c": ROUTES_CHANNEL, "p": str(row.id)})
             for replica_id, count in restarted.items():
                 await record(
                     session,

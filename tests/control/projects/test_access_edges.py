@@ -64,6 +64,7 @@ async def test_another_projects_objects_answer_404_on_every_project_route(client
         ("POST", "/projects/{project_id}/members"): {"subject": "s", "role": "viewer"},
         ("PATCH", "/projects/{project_id}/members/{member_id}"): {"role": "viewer"},
         ("POST", "/projects/{project_id}/keys"): {"name": "x", "role": "viewer"},
+        ("PATCH", "/projects/{project_id}/keys/{key_id}"): {"limits": {"rpm": 1}},
     }
     checked = 0
     async for method, path in _operations(client):

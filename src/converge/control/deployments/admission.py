@@ -84,6 +84,36 @@ async def build_succeeded(session: AsyncSession, version_id: Any, profile: str) 
     return (await session.scalar(q.limit(1))) is not None
 
 
+async def policy_reasons(
+    session: AsyncSession,
+    principal: Principal | None,
+    *,
+    project: Project,
+    model: LibraryModel,
+    version: ModelVersion,
+    profile: str,
+    replicas_max: int,
+    settings: Settings,
+) -> tuple[list[str], dict[str, Any]]:
+    """Why the `deployment` policies refuse this deployment (empty: admitted), and the decision."""
+    request = {
+        "principal": principal.subject if principal else "system",
+        "project": project.name,
+        "action": "deploy",
+        "profile": profile,
+        "build_succeeded": await build_succeeded(session, version.id, profile),
+        "replicas_max": replicas_max,
+    }
+    facts = version_facts(
+        model, version, approvers=[], required=settings.library.approvals_required, request=request
+    )
+    decision = evaluate(await rules_for(session, "deployment"), facts, scope="deployment")
+    reasons = list(decision.reasons)
+    if version.state == VersionState.REVOKED:  # whatever the policies say, revoked never serves
+        reasons.append("the model version is revoked")
+    return reasons, decision.to_dict()
+
+
 async def check_policies(
     session: AsyncSession,
     principal: Principal | None,
@@ -94,25 +124,19 @@ async def check_policies(
     spec: DeploymentSpecIn,
     settings: Settings,
 ) -> None:
-    request = {
-        "principal": principal.subject if principal else "system",
-        "project": project.name,
-        "action": "deploy",
-        "profile": spec.profile,
-        "build_succeeded": await build_succeeded(session, version.id, spec.profile),
-        "replicas_max": spec.replicas.max,
-    }
-    facts = version_facts(
-        model, version, approvers=[], required=settings.library.approvals_required, request=request
+    reasons, decision = await policy_reasons(
+        session,
+        principal,
+        project=project,
+        model=model,
+        version=version,
+        profile=spec.profile,
+        replicas_max=spec.replicas.max,
+        settings=settings,
     )
-    decision = evaluate(await rules_for(session, "deployment"), facts, scope="deployment")
-    reasons = list(decision.reasons)
-    if version.state == VersionState.REVOKED:  # whatever the policies say, revoked never serves
-        reasons.append("the model version is revoked")
     if reasons:
         raise PolicyDenied(
-            "Deployment refused: " + "; ".join(reasons),
-            extra={"reasons": reasons, "decision": decision.to_dict()},
+            "Deployment refused: " + "; ".join(reasons), extra={"reasons": reasons, "decision": decision}
         )
 
 

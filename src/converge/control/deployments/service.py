@@ -259,10 +259,18 @@ async def delete(session: AsyncSession, principal: Principal, *, deployment_id: 
 
 
 async def wake(session: AsyncSession, principal: Principal, *, deployment_id: uuid.UUID) -> Deployment:
-    """Scale a deployment that scaled to zero back up (the gateway calls this on demand)."""
-    project, deployment = await visible_deployment(
+    """Scale a deployment that scaled to zero back up (the gateway asks the controller for it)."""
+    _, deployment = await visible_deployment(
         session, principal, deployment_id, permission="inference:use", lock=True
     )
+    await wake_deployment(session, principal, deployment=deployment)
+    return deployment
+
+
+async def wake_deployment(
+    session: AsyncSession, principal: Principal | None, *, deployment: Deployment
+) -> None:
+    """Mark a (locked) deployment active now and give it replicas again if it has none."""
     spec = await current_spec(session, deployment)
     deployment.last_active_at = datetime.now(UTC)
     if deployment.desired_replicas == 0:
@@ -271,13 +279,12 @@ async def wake(session: AsyncSession, principal: Principal, *, deployment_id: uu
             session,
             principal,
             action="deployment.woken",
-            project_id=project.id,
+            project_id=deployment.project_id,
             object_type="deployment",
             object_id=deployment.id,
             changes={"replicas": deployment.desired_replicas},
         )
     await session.flush()
-    return deployment
 
 
 async def promote(session: AsyncSession, principal: Principal, *, deployment_id: uuid.UUID) -> Deployment:

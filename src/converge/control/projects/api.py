@@ -12,6 +12,7 @@ from converge.control.projects.schemas import (
     KeyCreate,
     KeyCreated,
     KeyRead,
+    KeyUpdate,
     MemberCreate,
     MemberRead,
     MemberUpdate,
@@ -144,6 +145,15 @@ async def create_key(
     return KeyCreated.model_validate({**KeyRead.model_validate(key).model_dump(), "token": token})
 
 
+@router.patch("/projects/{project_id}/keys/{key_id}", response_model=KeyRead, tags=["keys"])
+async def update_key(
+    project_id: uuid.UUID, key_id: uuid.UUID, body: KeyUpdate, session: SessionDep, principal: PrincipalDep
+) -> KeyRead:
+    """Rename a key or change its gateway limits; the key itself stays valid and unchanged."""
+    key = await service.update_key(session, principal, key_id=key_id, project_id=project_id, body=body)
+    return KeyRead.model_validate(key)
+
+
 @router.delete("/projects/{project_id}/keys/{key_id}", response_model=KeyRead, tags=["keys"])
 async def revoke_key(
     project_id: uuid.UUID, key_id: uuid.UUID, session: SessionDep, principal: PrincipalDep
@@ -172,6 +182,17 @@ async def create_org_key(
     pepper = state.settings.auth.secret_key.get_secret_value()
     key, token = await service.create_org_key(session, principal, body=body, pepper=pepper)
     return KeyCreated.model_validate({**KeyRead.model_validate(key).model_dump(), "token": token})
+
+
+@router.patch("/keys/{key_id}", response_model=KeyRead, tags=["keys"])
+async def update_org_key(
+    key_id: uuid.UUID,
+    body: KeyUpdate,
+    session: SessionDep,
+    principal=require("keys:admin"),  # noqa: B008
+) -> KeyRead:
+    key = await service.update_key(session, principal, key_id=key_id, project_id=None, body=body)
+    return KeyRead.model_validate(key)
 
 
 @router.delete("/keys/{key_id}", response_model=KeyRead, tags=["keys"])

@@ -10,8 +10,9 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from converge.control.projects import keys, repository
+from converge.control.projects import repository
 from converge.control.projects.principal import Principal, merge_role
+from converge.core import apikeys as keys
 from converge.core.rbac import PROJECT_ROLES, Role
 from converge.deps import SessionDep, get_state, unit_of_work
 from converge.errors import Forbidden, Unauthorized

@@ -15,6 +15,7 @@ ProjectName = Annotated[
     Field(description="DNS-label style: lowercase letters, digits and '-', 1-63 characters"),
 ]
 Subject = Annotated[str, StringConstraints(min_length=1, max_length=255)]
+KeyName = Annotated[str, StringConstraints(min_length=1, max_length=100)]
 
 
 class Quotas(Input):
@@ -23,15 +24,34 @@ class Quotas(Input):
     gpus: int | None = Field(default=None, ge=0)
 
 
+class Limits(Input):
+    """Gateway limits. Both a key's and its project's apply; null (or absent) = unlimited."""
+
+    rpm: int | None = Field(default=None, ge=1, description="Requests per minute; null = unlimited")
+    tpm: int | None = Field(
+        default=None, ge=1, description="Tokens (prompt + completion) per minute; null = unlimited"
+    )
+    concurrency: int | None = Field(default=None, ge=1, description="Requests in flight; null = unlimited")
+    monthly_tokens: int | None = Field(
+        default=None, ge=1, description="Tokens per calendar month (UTC); null = unlimited"
+    )
+
+    def stored(self) -> dict[str, int]:
+        """The JSONB form: only the limits that are set."""
+        return self.model_dump(exclude_none=True)
+
+
 class ProjectCreate(Input):
     name: ProjectName
     description: str = Field(default="", max_length=1000)
     quotas: Quotas = Quotas()
+    limits: Limits = Limits()
 
 
 class ProjectUpdate(Input):
     description: str | None = Field(default=None, max_length=1000)
     quotas: Quotas | None = None
+    limits: Limits | None = Field(default=None, description="Replaces every limit; {} = unlimited")
 
 
 class ProjectRead(Output):
@@ -39,6 +59,7 @@ class ProjectRead(Output):
     name: str
     description: str
     quotas: dict[str, float | int | None]
+    limits: dict[str, int] = Field(description="Gateway limits that are set; an absent one is unlimited")
     created_at: datetime
     updated_at: datetime
     your_role: Role | None = None
@@ -63,14 +84,21 @@ class MemberRead(Output):
 
 
 class KeyCreate(Input):
-    name: Annotated[str, StringConstraints(min_length=1, max_length=100)]
+    name: KeyName
     role: Role = Field(default=Role.DEVELOPER, description="At most the caller's own role")
     expires_in_days: int | None = Field(default=90, ge=1, le=3650, description="null = never expires")
+    limits: Limits = Limits()
 
 
 class OrgKeyCreate(Input):
-    name: Annotated[str, StringConstraints(min_length=1, max_length=100)]
+    name: KeyName
     expires_in_days: int | None = Field(default=None, ge=1, le=3650)
+    limits: Limits = Limits()
+
+
+class KeyUpdate(Input):
+    name: KeyName | None = None
+    limits: Limits | None = Field(default=None, description="Replaces every limit; {} = unlimited")
 
 
 class KeyRead(Output):
@@ -84,6 +112,7 @@ class KeyRead(Output):
     expires_at: datetime | None
     revoked_at: datetime | None
     last_used_at: datetime | None
+    limits: dict[str, int] = Field(description="Gateway limits that are set; an absent one is unlimited")
 
 
 class KeyCreated(KeyRead):

@@ -8,15 +8,18 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from converge.control.events.service import record
-from converge.control.projects import keys, repository
+from converge.control.projects import repository
 from converge.control.projects.principal import Principal
 from converge.control.projects.schemas import (
     KeyCreate,
+    KeyUpdate,
+    Limits,
     MemberCreate,
     OrgKeyCreate,
     ProjectCreate,
     ProjectUpdate,
 )
+from converge.core import apikeys as keys
 from converge.core.rbac import Role, may_grant
 from converge.errors import Conflict, Forbidden, NotFound
 from converge.kit.unique import flush_or_conflict
@@ -38,7 +41,12 @@ async def visible_project(
 async def create_project(
     session: AsyncSession, principal: Principal | None, *, body: ProjectCreate
 ) -> Project:
-    project = Project(name=body.name, description=body.description, quotas=body.quotas.model_dump())
+    project = Project(
+        name=body.name,
+        description=body.description,
+        quotas=body.quotas.model_dump(),
+        limits=body.limits.stored(),
+    )
     session.add(project)
     await flush_or_conflict(session, f"A project named '{body.name}' already exists")
     if principal is not None and principal.kind == "oidc":  # a person who creates a project owns it
@@ -51,7 +59,7 @@ async def create_project(
         project_id=project.id,
         object_type="project",
         object_id=project.id,
-        changes={"name": project.name, "quotas": project.quotas},
+        changes={"name": project.name, "quotas": project.quotas, "limits": project.limits},
     )
     return project
 
@@ -65,6 +73,9 @@ async def update_project(
         project.description = changes["description"] = body.description
     if "quotas" in body.model_fields_set and body.quotas is not None:
         project.quotas = changes["quotas"] = body.quotas.model_dump()
+    if "limits" in body.model_fields_set and body.limits is not None:
+        # The gateway reloads a project's limits when it sees this event.
+        project.limits = changes["limits"] = body.limits.stored()
     await session.flush()
     await record(
         session,
@@ -186,6 +197,7 @@ async def _issue_key(
     project_id: uuid.UUID | None,
     role: Role,
     expires_at: datetime | None,
+    limits: Limits,
 ) -> tuple[ApiKey, str]:
     new = keys.generate(pepper=pepper)
     key = ApiKey(
@@ -196,6 +208,7 @@ async def _issue_key(
         role=role,
         created_by=principal.subject if principal else "system",
         expires_at=expires_at,
+        limits=limits.stored(),
     )
     session.add(key)
     await session.flush()
@@ -206,7 +219,7 @@ async def _issue_key(
         project_id=project_id,
         object_type="api_key",
         object_id=key.id,
-        changes={"name": name, "prefix": key.prefix, "role": role},
+        changes={"name": name, "prefix": key.prefix, "role": role, "limits": key.limits},
         restricted=project_id is None,
     )
     return key, new.token
@@ -227,6 +240,7 @@ async def create_key(
         project_id=project.id,
         role=body.role,
         expires_at=_expiry(body.expires_in_days),
+        limits=body.limits,
     )
 
 
@@ -241,17 +255,61 @@ async def create_org_key(
         project_id=None,
         role=Role.ADMIN,
         expires_at=_expiry(body.expires_in_days),
+        limits=body.limits,
     )
+
+
+async def _key(
+    session: AsyncSession, principal: Principal, *, key_id: uuid.UUID, project_id: uuid.UUID | None
+) -> tuple[Project | None, ApiKey]:
+    """The key, addressed through its own project (or through /keys for organisation keys)."""
+    project = None
+    if project_id is not None:
+        project = await visible_project(session, principal, project_id, permission="keys:write")
+    key = await repository.get_key(session, key_id)
+    if key is None or key.project_id != project_id:
+        raise NotFound(f"API key {key_id} not found")
+    return project, key
+
+
+async def update_key(
+    session: AsyncSession,
+    principal: Principal,
+    *,
+    key_id: uuid.UUID,
+    project_id: uuid.UUID | None,
+    body: KeyUpdate,
+) -> ApiKey:
+    """Rename a key or change its limits in place: the secret stays the same."""
+    project, key = await _key(session, principal, key_id=key_id, project_id=project_id)
+    if project is not None:
+        _check_grant(principal, project, Role(key.role))
+    if key.revoked_at is not None:
+        raise Conflict(f"API key {key.prefix} was revoked; issue a new key instead")
+    changes: dict[str, object] = {}
+    if "name" in body.model_fields_set and body.name is not None:
+        key.name = changes["name"] = body.name
+    if "limits" in body.model_fields_set and body.limits is not None:
+        # The gateway reloads a key's limits when it sees this event.
+        key.limits = changes["limits"] = body.limits.stored()
+    await session.flush()
+    await record(
+        session,
+        principal,
+        action="key.updated",
+        project_id=project_id,
+        object_type="api_key",
+        object_id=key.id,
+        changes={"prefix": key.prefix, **changes},
+        restricted=project_id is None,
+    )
+    return key
 
 
 async def revoke_key(
     session: AsyncSession, principal: Principal, *, key_id: uuid.UUID, project_id: uuid.UUID | None
 ) -> ApiKey:
-    if project_id is not None:
-        await visible_project(session, principal, project_id, permission="keys:write")
-    key = await repository.get_key(session, key_id)
-    if key is None or key.project_id != project_id:
-        raise NotFound(f"API key {key_id} not found")
+    _, key = await _key(session, principal, key_id=key_id, project_id=project_id)
     if key.revoked_at is None:
         key.revoked_at = datetime.now(UTC)
         await session.flush()

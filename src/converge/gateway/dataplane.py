@@ -1,0 +1,252 @@
+"""The gateway's view of the world: keys, projects and routes, cached in memory.
+
+The data path never queries the database per request. It reads an immutable `Snapshot` built
+from the tables (keys, projects, deployments and their current specs) and swapped whole when
+something changes: the controller NOTIFYs `converge_routes` when a deployment's observed state
+changes, every committed event NOTIFYs `converge_events` (keys revoked, limits changed, versions
+revoked), and a periodic full reload catches anything missed while the listener reconnected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import psycopg
+import structlog
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from converge.gateway.limits import Limits
+from converge.models import ApiKey, Deployment, DeploymentRevision, LibraryModel, ModelVersion, Project
+
+log = structlog.get_logger(__name__)
+ROUTES_CHANNEL = "converge_routes"  # the controller: a deployment's status changed
+EVENTS_CHANNEL = "converge_events"  # every committed event (see control/events)
+WAKE_CHANNEL = "converge_wake"  # the gateway: please scale this deployment up from zero
+WAITING_PHASES = frozenset({"Pending", "Progressing", "ScaledToZero"})
+
+
+@dataclass(frozen=True, slots=True)
+class KeyEntry:
+    id: uuid.UUID
+    prefix: str
+    secret_hash: str
+    project_id: uuid.UUID | None  # None: an organisation key
+    expires_at: float | None  # epoch seconds
+    revoked: bool
+    limits: Limits | None
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectEntry:
+    id: uuid.UUID
+    name: str
+    limits: Limits | None
+
+
+@dataclass(slots=True)
+class Route:
+    """One deployment as the data path sees it."""
+
+    deployment_id: uuid.UUID
+    project_id: uuid.UUID
+    name: str
+    label: str  # "<project>/<deployment>", the metrics label
+    server: str  # llama-cpp | embeddings | v2
+    model_name: str  # what the replicas answer to
+    aliases: tuple[str, ...]
+    phase: str
+    endpoints: tuple[str, ...]  # ready replicas
+    desired_replicas: int
+    created: int
+    denial: str | None = None  # why governance refuses it, or None
+
+
+@dataclass(slots=True)
+class Snapshot:
+    keys: dict[str, KeyEntry] = field(default_factory=dict)  # by prefix
+    projects: dict[uuid.UUID, ProjectEntry] = field(default_factory=dict)
+    project_names: dict[str, uuid.UUID] = field(default_factory=dict)
+    routes: dict[uuid.UUID, dict[str, Route]] = field(default_factory=dict)  # project -> name -> route
+    listed: dict[uuid.UUID, list[Route]] = field(default_factory=dict)  # project -> its deployments
+    by_id: dict[uuid.UUID, Route] = field(default_factory=dict)
+
+
+def _denial(deployment: Deployment, version_state: str, model: str, version: str) -> str | None:
+    if version_state == "revoked" or deployment.phase == "Revoked":
+        return f"model version {model} {version} is revoked"
+    for condition in (deployment.status or {}).get("conditions", []):
+        if condition.get("type") == "Admitted" and not condition.get("status"):
+            return condition.get("message") or "the deployment policy no longer admits this deployment"
+    return None
+
+
+def _ready_endpoints(status: dict[str, Any]) -> tuple[str, ...]:
+    return tuple(
+        r["endpoint"] for r in status.get("replicas", []) if r.get("phase") == "ready" and r.get("endpoint")
+    )
+
+
+def _epoch(value: datetime | None) -> float | None:
+    return value.timestamp() if value is not None else None
+
+
+def key_entry(key: ApiKey) -> KeyEntry:
+    return KeyEntry(
+        id=key.id,
+        prefix=key.prefix,
+        secret_hash=key.secret_hash,
+        project_id=key.project_id,
+        expires_at=_epoch(key.expires_at),
+        revoked=key.revoked_at is not None,
+        limits=Limits.from_json(key.limits),
+    )
+
+
+async def load_snapshot(session: AsyncSession) -> Snapshot:
+    snap = Snapshot()
+    for key in await session.scalars(select(ApiKey)):
+        snap.keys[key.prefix] = key_entry(key)
+    for project in await session.scalars(select(Project)):
+        snap.projects[project.id] = ProjectEntry(
+            id=project.id, name=project.name, limits=Limits.from_json(project.limits)
+        )
+        snap.project_names[project.name] = project.id
+    rows = await session.execute(
+        select(
+            Deployment, DeploymentRevision.spec, ModelVersion.state, ModelVersion.version, LibraryModel.name
+        )
+        .join(
+            DeploymentRevision,
+            (DeploymentRevision.deployment_id == Deployment.id)
+            & (DeploymentRevision.revision == Deployment.revision),
+        )
+        .join(ModelVersion, ModelVersion.id == Deployment.model_version_id)
+        .join(LibraryModel, LibraryModel.id == ModelVersion.model_id)
+        .where(Deployment.deleting.is_(False))
+        .order_by(Deployment.name)
+    )
+    for deployment, spec, state, version, model in rows:
+        project = snap.projects.get(deployment.project_id)
+        if project is None:
+            continue
+        route = Route(
+            deployment_id=deployment.id,
+            project_id=deployment.project_id,
+            name=deployment.name,
+            label=f"{project.name}/{deployment.name}",
+            server=spec.get("server", "llama-cpp"),
+            model_name=spec.get("model_name", deployment.name),
+            aliases=tuple(deployment.aliases or ()),
+            phase=deployment.phase,
+            endpoints=_ready_endpoints(deployment.status or {}),
+            desired_replicas=deployment.desired_replicas,
+            created=int(deployment.created_at.timestamp()),
+            denial=_denial(deployment, state, model, version),
+        )
+        snap.by_id[deployment.id] = route
+        snap.listed.setdefault(deployment.project_id, []).append(route)
+    for project_id, routes in snap.listed.items():
+        # Names win over aliases, aliases over the served model name, whatever order rows came in.
+        names: dict[str, Route] = {}
+        for route in routes:
+            names.setdefault(route.model_name, route)
+        for route in routes:
+            for alias in route.aliases:
+                names[alias] = route
+        for route in routes:
+            names[route.name] = route
+        snap.routes[project_id] = names
+    return snap
+
+
+class DataPlane:
+    """Holds the current snapshot and keeps it fresh (LISTEN/NOTIFY plus a periodic reload)."""
+
+    def __init__(
+        self, *, sessions: async_sessionmaker[AsyncSession], conninfo: str, refresh_s: float
+    ) -> None:
+        self._sessions, self._conninfo, self._refresh_s = sessions, conninfo, refresh_s
+        self.snapshot = Snapshot()
+        self.loaded_at = 0.0
+        self._dirty = asyncio.Event()
+        self._changed = asyncio.Condition()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._listening = asyncio.Event()
+        self._wake_conn: psycopg.AsyncConnection[Any] | None = None
+
+    @property
+    def healthy(self) -> bool:
+        return self.loaded_at > 0 and all(not t.done() for t in self._tasks)
+
+    async def start(self) -> None:
+        await self.reload()
+        self._tasks = [asyncio.create_task(self._listen()), asyncio.create_task(self._reloader())]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._listening.wait(), timeout=10)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._wake_conn is not None:
+            await self._wake_conn.close()
+
+    async def reload(self) -> None:
+        async with self._sessions() as session:
+            snapshot = await load_snapshot(session)
+        self.snapshot, self.loaded_at = snapshot, time.monotonic()
+        async with self._changed:
+            self._changed.notify_all()
+
+    def mark_dirty(self) -> None:
+        self._dirty.set()
+
+    async def wait_for_change(self, within_s: float) -> None:
+        """Until the next reload (or the timeout): waiters re-check the snapshot after it."""
+        async with self._changed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), within_s)
+
+    async def request_wake(self, deployment_id: uuid.UUID) -> None:
+        """Ask the controller (whichever process leads) to scale a deployment up from zero."""
+        if self._wake_conn is None or self._wake_conn.closed:
+            self._wake_conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+        await self._wake_conn.execute("SELECT pg_notify(%s, %s)", (WAKE_CHANNEL, str(deployment_id)))
+
+    async def _reloader(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dirty.wait(), timeout=self._refresh_s)
+            self._dirty.clear()
+            try:
+                await self.reload()
+            except Exception:
+                log.exception("gateway_snapshot_reload_failed")
+                await asyncio.sleep(1.0)
+                self._dirty.set()
+            await asyncio.sleep(0.05)  # a burst of notifications costs one reload
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True) as conn:
+                    await conn.execute(f"LISTEN {ROUTES_CHANNEL}")
+                    await conn.execute(f"LISTEN {EVENTS_CHANNEL}")
+                    self._listening.set()
+                    self._dirty.set()  # whatever changed while we were not listening
+                    async for _ in conn.notifies():
+                        self._dirty.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("gateway_listener_reconnecting", exc_info=True)
+                await asyncio.sleep(1.0)

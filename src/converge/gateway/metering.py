@@ -1,0 +1,236 @@
+"""Batched writes of the data path: usage records (COPY) and the shared limit counters.
+
+Nothing here runs per request: a request appends a tuple to a list, and a loop writes the list
+every `meter_flush_s` with one COPY on its own connection. If the database is away the rows
+wait (up to `MAX_PENDING`, then the oldest are dropped and counted) and go out with the next
+batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+import structlog
+
+from converge.gateway.limits import INFLIGHT_STALE_S, Limiter, month_of
+
+log = structlog.get_logger(__name__)
+MAX_PENDING = 200_000
+COLUMNS = (
+    "at",
+    "project_id",
+    "key_id",
+    "deployment_id",
+    "model",
+    "endpoint",
+    "status",
+    "stream",
+    "prompt_tokens",
+    "completion_tokens",
+    "latency_ms",
+    "ttft_ms",
+)
+COPY_SQL = f"COPY usage_records ({', '.join(COLUMNS)}) FROM STDIN"
+TOUCH_KEYS_SQL = (
+    "UPDATE api_keys SET last_used_at = now() WHERE id = ANY(%s)"
+    " AND (last_used_at IS NULL OR last_used_at < now() - make_interval(secs => %s))"
+)
+UPSERT_SQL = (
+    'INSERT INTO gateway_counters (gateway_id, scope, kind, "window", requests, tokens, updated_at)'
+    " VALUES (%s, %s, %s, %s, %s, %s, now())"
+    ' ON CONFLICT (gateway_id, scope, kind, "window") DO UPDATE'
+    " SET requests = EXCLUDED.requests, tokens = EXCLUDED.tokens, updated_at = now()"
+)
+OTHERS_SQL = (
+    'SELECT scope, kind, "window", sum(requests)::bigint, sum(tokens)::bigint FROM gateway_counters'
+    " WHERE gateway_id <> %s AND ((kind = 'minute' AND \"window\" >= %s) OR (kind = 'month' AND \"window\" = %s)"
+    " OR (kind = 'inflight' AND updated_at > now() - make_interval(secs => %s)))"
+    ' GROUP BY scope, kind, "window"'
+)
+CLEANUP_SQL = (
+    "DELETE FROM gateway_counters WHERE (kind = 'minute' AND \"window\" < %s)"
+    " OR (kind = 'inflight' AND updated_at < now() - interval '1 hour')"
+)
+
+
+class _Loop:
+    """A background loop on its own autocommit connection, reconnecting after failures."""
+
+    name = "gateway-loop"
+
+    def __init__(self, *, conninfo: str, interval_s: float) -> None:
+        self._conninfo, self._interval = conninfo, interval_s
+        self._task: asyncio.Task[None] | None = None
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self.failures = 0
+
+    @property
+    def healthy(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(Exception):
+            await self._once()  # the last batch
+        if self._conn is not None:
+            await self._conn.close()
+
+    async def _connection(self) -> psycopg.AsyncConnection[Any]:
+        if self._conn is None or self._conn.closed:
+            self._conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+        return self._conn
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self._once()
+                self.failures = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.failures += 1
+                if self.failures in (1, 10) or self.failures % 100 == 0:
+                    log.warning(f"{self.name}_failed", failures=self.failures, exc_info=True)
+                if self._conn is not None:
+                    with contextlib.suppress(Exception):
+                        await self._conn.close()
+                    self._conn = None
+
+    async def _once(self) -> None:
+        raise NotImplementedError
+
+
+class Meter(_Loop):
+    """Usage records, one per request, written in batches."""
+
+    name = "gateway_meter"
+
+    def __init__(
+        self, *, conninfo: str, interval_s: float, key_touch_s: int = 60, on_dropped: Callable[[int], None]
+    ) -> None:
+        super().__init__(conninfo=conninfo, interval_s=interval_s)
+        self.pending: list[tuple[Any, ...]] = []
+        self.keys_seen: set[uuid.UUID] = set()
+        self.written = 0
+        self._key_touch_s = key_touch_s
+        self._on_dropped = on_dropped
+
+    def record(
+        self,
+        *,
+        started: float,
+        project_id: uuid.UUID,
+        key_id: uuid.UUID | None,
+        deployment_id: uuid.UUID | None,
+        model: str,
+        endpoint: str,
+        status: int,
+        stream: bool,
+        prompt_tokens: int,
+        completion_tokens: int,
+        latency_ms: float,
+        ttft_ms: float | None,
+    ) -> None:
+        self.pending.append(
+            (
+                started,
+                project_id,
+                key_id,
+                deployment_id,
+                model[:128],
+                endpoint,
+                status,
+                stream,
+                prompt_tokens,
+                completion_tokens,
+                latency_ms,
+                ttft_ms,
+            )
+        )
+        if key_id is not None:
+            self.keys_seen.add(key_id)
+        if len(self.pending) > MAX_PENDING:
+            drop = len(self.pending) - MAX_PENDING
+            del self.pending[:drop]
+            self._on_dropped(drop)
+
+    async def _once(self) -> None:
+        if not self.pending and not self.keys_seen:
+            return
+        rows, self.pending = self.pending, []
+        keys, self.keys_seen = self.keys_seen, set()
+        try:
+            conn = await self._connection()
+            async with conn.transaction(), conn.cursor() as cur:
+                if rows:
+                    async with cur.copy(COPY_SQL) as copy:
+                        for row in rows:
+                            await copy.write_row((datetime.fromtimestamp(row[0], UTC), *row[1:]))
+                if keys:
+                    await cur.execute(TOUCH_KEYS_SQL, (list(keys), self._key_touch_s))
+        except BaseException:
+            self.pending[:0] = rows  # keep them for the next batch, oldest first
+            self.keys_seen |= keys
+            raise
+        self.written += len(rows)
+
+
+class CounterSync(_Loop):
+    """Shares this replica's limit counters and reads the other replicas' (see gateway/limits.py)."""
+
+    name = "gateway_limits_sync"
+
+    def __init__(self, *, conninfo: str, interval_s: float, limiter: Limiter) -> None:
+        super().__init__(conninfo=conninfo, interval_s=interval_s)
+        self._limiter = limiter
+        self._cleaned_at = 0.0
+        self.synced_at = 0.0
+
+    async def _once(self) -> None:
+        limiter = self._limiter
+        now = time.time()
+        minute = int(now // 60)
+        rows, flights = limiter.take_dirty()
+        try:
+            conn = await self._connection()
+            async with conn.cursor() as cur:
+                params = [(limiter.gateway_id, *row) for row in rows]
+                params += [(limiter.gateway_id, scope, "inflight", 0, count, 0) for scope, count in flights]
+                if params:
+                    await cur.executemany(UPSERT_SQL, params)
+                await cur.execute(
+                    OTHERS_SQL, (limiter.gateway_id, minute - 1, month_of(now), INFLIGHT_STALE_S)
+                )
+                counts: dict[tuple[str, str, int], tuple[int, int]] = {}
+                in_flight: dict[str, int] = {}
+                for scope, kind, window, requests, tokens in await cur.fetchall():
+                    if kind == "inflight":
+                        in_flight[scope] = int(requests)
+                    else:
+                        counts[(scope, kind, int(window))] = (int(requests), int(tokens))
+                if now - self._cleaned_at > 60:
+                    await cur.execute(CLEANUP_SQL, (minute - 2,))
+                    self._cleaned_at = now
+                    limiter.forget_before(minute)
+        except BaseException:
+            limiter.dirty |= {(s, k, w) for s, k, w, *_ in rows}  # rewrite them next time
+            limiter.dirty_in_flight |= {s for s, _ in flights}
+            raise
+        limiter.set_others(counts, in_flight)
+        self.synced_at = now
+        # In-flight rows are refreshed while non-zero so they never look stale to the others.
+        limiter.dirty_in_flight |= {s for s, n in limiter.in_flight.items() if n}

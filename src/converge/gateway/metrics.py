@@ -1,0 +1,92 @@
+"""Prometheus metrics of the data path, labelled by deployment ("<project>/<name>").
+
+Counters and histograms are updated per request (a few microseconds); in-flight, queue depth
+and breaker state are read from the pools only when Prometheus scrapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+if TYPE_CHECKING:
+    from converge.gateway.routing import Pool
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry, pools: Callable[[], dict[str, Pool]]) -> None:
+        self.requests = Counter(
+            "converge_gateway_requests_total",
+            "Inference requests by deployment, endpoint and status code",
+            ["deployment", "endpoint", "status"],
+            registry=registry,
+        )
+        self.tokens = Counter(
+            "converge_gateway_tokens_total",
+            "Tokens by deployment and kind (prompt, completion)",
+            ["deployment", "kind"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "converge_gateway_request_duration_seconds",
+            "Time from request to the last byte of the answer",
+            ["deployment", "endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.ttft = Histogram(
+            "converge_gateway_time_to_first_token_seconds",
+            "Streaming: time from request to the first chunk",
+            ["deployment"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.upstream_errors = Counter(
+            "converge_gateway_upstream_errors_total",
+            "Failed attempts against replicas (retried or not), by reason",
+            ["deployment", "reason"],
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "converge_gateway_rejected_total",
+            "Requests refused before reaching a replica, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        self.meter_dropped = Counter(
+            "converge_gateway_meter_dropped_total",
+            "Usage records dropped because the database was away too long",
+            registry=registry,
+        )
+        registry.register(_PoolCollector(pools))  # type: ignore[arg-type]
+
+
+class _PoolCollector:
+    def __init__(self, pools: Callable[[], dict[str, Pool]]) -> None:
+        self._pools = pools
+
+    def collect(self) -> Iterator[Any]:
+        in_flight = GaugeMetricFamily(
+            "converge_gateway_in_flight", "Requests being served by replicas", labels=["deployment"]
+        )
+        queued = GaugeMetricFamily(
+            "converge_gateway_queue_depth", "Requests waiting for a replica slot", labels=["deployment"]
+        )
+        breaker = GaugeMetricFamily(
+            "converge_gateway_breaker_state",
+            "Circuit breaker per replica: 0 closed, 1 half-open, 2 open",
+            labels=["deployment", "replica"],
+        )
+        for label, pool in list(self._pools().items()):
+            in_flight.add_metric([label], pool.in_flight)
+            queued.add_metric([label], len(pool.waiters))
+            for endpoint, replica in list(pool.replicas.items()):
+                breaker.add_metric([label, endpoint], int(replica.state))
+        yield in_flight
+        yield queued
+        yield breaker
