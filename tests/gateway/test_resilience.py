@@ -189,3 +189,31 @@ async def test_hooks_can_refuse_a_request(env):
     finally:
         with contextlib.suppress(ValueError):
             env.gateway.hooks.remove(no_secrets)
+
+
+async def test_a_stream_that_never_starts_is_a_504_not_an_empty_200(env, monkeypatch):
+    d = await env.deploy()
+    d.upstreams[0].delay_s = 0.0
+    d.upstreams[0].stream_delay_s = 1.0  # the first token takes longer than the gateway waits
+    monkeypatch.setattr(
+        env.gateway, "config", env.gateway.config.model_copy(update={"first_byte_timeout_s": 0.3})
+    )
+    d.upstreams[0].stream_chunks = 1
+    up = d.upstreams[0]
+
+    async def slow_first_chunk(request):  # headers at once, the first event only after 1 s
+        from aiohttp import web
+
+        up.bodies.append(await request.json())
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await asyncio.sleep(1.0)
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    monkeypatch.setattr(up, "_chat", slow_first_chunk)
+    await up.stop()
+    await up.start()
+    resp = await env.client.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=d.key)
+    assert resp.status_code == 504, resp.text
+    assert resp.json()["error"]["code"] == "upstream_timeout"

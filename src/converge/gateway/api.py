@@ -227,6 +227,12 @@ class Gateway:
             await self._handle(scope, receive, send)
         except GatewayError as exc:
             await self._error(send, exc)
+        except Exception:
+            log.exception("gateway_failed", path=scope.get("path"))
+            with contextlib.suppress(Exception):  # unless the answer had already started
+                await self._error(
+                    send, GatewayError(500, "Internal error in the gateway", type_="server_error")
+                )
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
@@ -477,13 +483,13 @@ class Gateway:
                 used = prompt + completion if (prompt or completion) else reserve
             self.limiter.settle(admitted, used)
             elapsed = time.perf_counter() - t0
-            label = route.label
-            self.metrics.requests.labels(label, endpoint, str(status)).inc()
-            self.metrics.latency.labels(label, endpoint).observe(elapsed)
+            series = self.metrics.series(route.label, endpoint)
+            series.requests(status).inc()
+            series.latency.observe(elapsed)
             if prompt:
-                self.metrics.tokens.labels(label, "prompt").inc(prompt)
+                series.prompt.inc(prompt)
             if completion:
-                self.metrics.tokens.labels(label, "completion").inc(completion)
+                series.completion.inc(completion)
             assert self.meter is not None
             self.meter.record(
                 started=started,
@@ -512,20 +518,16 @@ class Gateway:
                 replica = await pool.acquire(exclude, self.config.queue_timeout_s)
             except QueueFull:
                 self.metrics.rejected.labels("queue_full").inc()
-                raise GatewayError(
-                    503,
+                raise _unavailable(
                     f"'{route.name}' is at capacity ({self.config.queue_size} requests waiting); retry shortly",
-                    type_="server_error",
-                    code="queue_full",
-                    headers=((b"retry-after", b"1"),),
+                    "queue_full",
+                    retry_after=1,
                 ) from None
             except QueueTimeout:
-                raise GatewayError(
-                    503,
+                raise _unavailable(
                     f"'{route.name}' had no free replica within {self.config.queue_timeout_s:g} s",
-                    type_="server_error",
-                    code="queue_timeout",
-                    headers=((b"retry-after", b"1"),),
+                    "queue_timeout",
+                    retry_after=1,
                 ) from None
             if replica is not None or pool.replicas or exclude:
                 return route, pool, replica
@@ -535,24 +537,23 @@ class Gateway:
             now = time.monotonic()
             deadline = deadline or now + self.config.wake_timeout_s
             if now >= deadline:
-                raise GatewayError(
-                    503,
+                raise _unavailable(
                     f"'{route.name}' did not become ready within {self.config.wake_timeout_s:g} s",
-                    type_="server_error",
-                    code="not_ready",
-                    headers=((b"retry-after", b"5"),),
+                    "not_ready",
+                    retry_after=5,
                 )
-            if len(pool.waiters) >= self.config.queue_size:
-                raise GatewayError(
-                    503,
-                    f"'{route.name}' is starting and its queue is full",
-                    type_="server_error",
-                    code="queue_full",
+            if len(pool.waiters) + pool.waking >= self.config.queue_size:
+                raise _unavailable(
+                    f"'{route.name}' is starting and its queue is full", "queue_full", retry_after=1
                 )
             if route.desired_replicas == 0 and now - self._woken.get(route.deployment_id, 0.0) > 5.0:
                 self._woken[route.deployment_id] = now
                 await self.dataplane.request_wake(route.deployment_id)
-            await self.dataplane.wait_for_change(min(1.0, deadline - now))
+            pool.waking += 1  # waiting for a replica to start counts against the queue too
+            try:
+                await self.dataplane.wait_for_change(min(1.0, deadline - now))
+            finally:
+                pool.waking -= 1
             fresh = self.dataplane.snapshot.by_id.get(route.deployment_id)
             if fresh is None:
                 raise GatewayError(404, f"The model '{route.name}' no longer exists", code="model_not_found")
@@ -592,13 +593,7 @@ class Gateway:
             if attempt < self.config.retries:
                 await asyncio.sleep(self.config.retry_backoff_s * (2**attempt))
         if last is None:
-            raise GatewayError(
-                503,
-                f"'{route.name}' has no ready replica",
-                type_="server_error",
-                code="no_ready_replica",
-                headers=((b"retry-after", b"5"),),
-            )
+            raise _unavailable(f"'{route.name}' has no ready replica", "no_ready_replica", retry_after=5)
         raise _upstream_failed(route, last)
 
     async def _unary(
@@ -690,7 +685,6 @@ class Gateway:
                 (b"x-accel-buffering", b"no"),
                 *self._limit_headers(caller),
             ]
-            await send({"type": "http.response.start", "status": 200, "headers": headers})
             content = response.content
             idle = self.config.idle_stream_timeout_s
             first_wait = self.config.first_byte_timeout_s
@@ -700,15 +694,21 @@ class Gateway:
                         chunk = await content.readany()
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     ok = False
-                    self.metrics.upstream_errors.labels(
-                        route.label, str(upstream.classify(exc, replica.endpoint).status)
-                    ).inc()
-                    break  # headers are out: all that is left is to end the stream
+                    error = upstream.classify(exc, replica.endpoint)
+                    self.metrics.upstream_errors.labels(route.label, str(error.status)).inc()
+                    if ttft is None:  # nothing was sent yet: a proper error answer
+                        raise _upstream_failed(route, error) from None
+                    break  # the stream had begun: all that is left is to end it
                 if not chunk:
+                    if ttft is None:
+                        await send({"type": "http.response.start", "status": 200, "headers": headers})
                     break
                 if ttft is None:
+                    # The headers go out with the first chunk, so a replica that fails before
+                    # its first token still gets a proper error status.
+                    await send({"type": "http.response.start", "status": 200, "headers": headers})
                     ttft = time.perf_counter() - t0
-                    self.metrics.ttft.labels(route.label).observe(ttft)
+                    self.metrics.series(route.label, "chat").ttft.observe(ttft)
                 completion += _content_tokens(chunk)
                 if b'"usage"' in chunk and (usage := _stream_usage(chunk)) is not None:
                     prompt, completion = usage
@@ -814,6 +814,11 @@ class Gateway:
         await _respond(send, exc.status, exc.body(), [JSON, *exc.headers])
 
 
+def _unavailable(message: str, code: str, *, retry_after: int) -> GatewayError:
+    headers = ((b"retry-after", str(retry_after).encode()),)
+    return GatewayError(503, message, type_="server_error", code=code, headers=headers)
+
+
 def _upstream_failed(route: Route, error: upstream.UpstreamError) -> GatewayError:
     code = {504: "upstream_timeout", 503: "upstream_unavailable"}.get(error.status, "bad_upstream_answer")
     return GatewayError(error.status, f"'{route.name}': {error.message}", type_="server_error", code=code)
@@ -847,16 +852,3 @@ async def _respond(
     headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
-
-
-class GatewayDispatch:
-    """Outermost ASGI layer: /v1 and /v2 go straight to the gateway, the rest to the API."""
-
-    def __init__(self, app: Any, *, gateway: Gateway) -> None:
-        self.app, self.gateway = app, gateway
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"][:4] in ("/v1/", "/v2/"):
-            await self.gateway(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)

@@ -64,6 +64,43 @@ class GatewayMetrics:
             registry=registry,
         )
         registry.register(_PoolCollector(pools))  # type: ignore[arg-type]
+        self._series: dict[tuple[str, str], Series] = {}
+
+    def series(self, deployment: str, endpoint: str) -> Series:
+        """The bound children of one deployment and endpoint (labels() costs more per call)."""
+        found = self._series.get((deployment, endpoint))
+        if found is None:
+            found = self._series[(deployment, endpoint)] = Series(self, deployment, endpoint)
+        return found
+
+
+class Series:
+    __slots__ = (
+        "_metrics",
+        "_deployment",
+        "_endpoint",
+        "_requests",
+        "latency",
+        "prompt",
+        "completion",
+        "ttft",
+    )
+
+    def __init__(self, metrics: GatewayMetrics, deployment: str, endpoint: str) -> None:
+        self._metrics, self._deployment, self._endpoint = metrics, deployment, endpoint
+        self._requests: dict[int, Any] = {}
+        self.latency = metrics.latency.labels(deployment, endpoint)
+        self.prompt = metrics.tokens.labels(deployment, "prompt")
+        self.completion = metrics.tokens.labels(deployment, "completion")
+        self.ttft = metrics.ttft.labels(deployment)
+
+    def requests(self, status: int) -> Any:
+        child = self._requests.get(status)
+        if child is None:
+            child = self._requests[status] = self._metrics.requests.labels(
+                self._deployment, self._endpoint, str(status)
+            )
+        return child
 
 
 class _PoolCollector:
@@ -84,7 +121,7 @@ class _PoolCollector:
         )
         for label, pool in list(self._pools().items()):
             in_flight.add_metric([label], pool.in_flight)
-            queued.add_metric([label], len(pool.waiters))
+            queued.add_metric([label], len(pool.waiters) + pool.waking)
             for endpoint, replica in list(pool.replicas.items()):
                 breaker.add_metric([label, endpoint], int(replica.state))
         yield in_flight

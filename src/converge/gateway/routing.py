@@ -71,6 +71,7 @@ class Pool:
         self.breaker_failures, self.breaker_open_s = breaker_failures, breaker_open_s
         self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self.in_flight = 0
+        self.waking = 0  # requests waiting for a deployment scaled to zero to start
         self._on_breaker = on_breaker
 
     def update(self, endpoints: tuple[str, ...]) -> None:

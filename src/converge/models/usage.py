@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String
+from sqlalchemy import BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Uuid
 from sqlalchemy.orm import Mapped, mapped_column
 
 from converge.models.base import Base, utcnow
@@ -20,8 +20,10 @@ class UsageRecord(Base):
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True))  # when the request arrived
     project_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
-    key_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("api_keys.id", ondelete="SET NULL"))
-    deployment_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("deployments.id", ondelete="SET NULL"))
+    # History, not references: a key or deployment deleted while its usage waits in a batch
+    # must not make the batch fail, and usage outlives them. (No per-row FK checks either.)
+    key_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    deployment_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     model: Mapped[str] = mapped_column(String(128))  # the name the client asked for
     endpoint: Mapped[str] = mapped_column(String(32))  # chat | completions | embeddings | v2
     status: Mapped[int] = mapped_column(Integer)

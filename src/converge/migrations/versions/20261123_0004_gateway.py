@@ -42,15 +42,6 @@ def upgrade() -> None:
         sa.Column("latency_ms", sa.Float(), nullable=False),
         sa.Column("ttft_ms", sa.Float(), nullable=True),
         sa.ForeignKeyConstraint(
-            ["deployment_id"],
-            ["deployments.id"],
-            name=op.f("fk_usage_records_deployment_id_deployments"),
-            ondelete="SET NULL",
-        ),
-        sa.ForeignKeyConstraint(
-            ["key_id"], ["api_keys.id"], name=op.f("fk_usage_records_key_id_api_keys"), ondelete="SET NULL"
-        ),
-        sa.ForeignKeyConstraint(
             ["project_id"],
             ["projects.id"],
             name=op.f("fk_usage_records_project_id_projects"),

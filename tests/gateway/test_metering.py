@@ -1,0 +1,85 @@
+"""Usage records go out in batches, in COPY's text format, whatever the model name holds."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from sqlalchemy import select
+
+from converge.gateway.metering import copy_text
+from converge.models import UsageRecord
+
+
+def test_copy_text_escapes_and_marks_nulls():
+    at = 1_800_000_000.0
+    line = copy_text([(at, uuid.UUID(int=1), None, None, "a\tb\\c\nd", "chat", 200, True, 1, 2, 3.5, None)])
+    fields = line.decode().rstrip("\n").split("\t")
+    assert fields[0].startswith("2027-01-15T08:00:00") and fields[0].endswith("+00:00")
+    assert fields[2:4] == ["\\N", "\\N"]
+    assert fields[4] == "a\\tb\\\\c\\nd"
+    assert fields[7] == "t" and fields[11] == "\\N"
+
+
+async def test_a_batch_round_trips_through_the_database(app, committed_client):
+    from support import make_project
+
+    gateway = app.state.converge.extras["gateway"]
+    project = await make_project(committed_client)
+    odd = f"we\\ird\tname-{uuid.uuid4().hex[:6]}"
+    started = time.time()
+    gateway.meter.record(
+        started=started,
+        project_id=uuid.UUID(project["id"]),
+        key_id=None,
+        deployment_id=None,
+        model=odd,
+        endpoint="chat",
+        status=429,
+        stream=False,
+        prompt_tokens=0,
+        completion_tokens=0,
+        latency_ms=0.25,
+        ttft_ms=None,
+    )
+    await gateway.meter._once()
+    async with app.state.converge.sessions() as session:
+        row = await session.scalar(select(UsageRecord).where(UsageRecord.model == odd))
+    assert row is not None and row.status == 429 and row.ttft_ms is None and row.key_id is None
+    assert abs(row.at.timestamp() - started) < 1e-3
+
+
+async def test_usage_of_deleted_keys_deployments_and_projects_never_blocks_the_meter(app, committed_client):
+    """A batch holding rows of a since-deleted project still writes everyone else's rows."""
+    from support import ADMIN, make_project
+
+    gateway = app.state.converge.extras["gateway"]
+    gone, kept = await make_project(committed_client), await make_project(committed_client)
+
+    def row(project: dict, model: str) -> None:
+        gateway.meter.record(
+            started=time.time(),
+            project_id=uuid.UUID(project["id"]),
+            key_id=uuid.uuid4(),  # keys and deployments may be gone: usage is history
+            deployment_id=uuid.uuid4(),
+            model=model,
+            endpoint="chat",
+            status=200,
+            stream=False,
+            prompt_tokens=1,
+            completion_tokens=1,
+            latency_ms=1.0,
+            ttft_ms=None,
+        )
+
+    tag = uuid.uuid4().hex[:8]
+    row(gone, f"gone-{tag}")
+    row(kept, f"kept-{tag}")
+    assert (await committed_client.delete(f"/projects/{gone['id']}", headers=ADMIN)).status_code == 204
+    await gateway.meter._once()
+    assert not gateway.meter.pending
+    async with app.state.converge.sessions() as session:
+        models = set(
+            await session.scalars(select(UsageRecord.model).where(UsageRecord.model.like(f"%-{tag}")))
+        )
+    assert models == {f"kept-{tag}"}
