@@ -7,18 +7,33 @@ import uuid
 
 from sqlalchemy import select
 
-from converge.gateway.metering import copy_text
+from converge.gateway.metering import Meter
 from converge.models import UsageRecord
 
 
-def test_copy_text_escapes_and_marks_nulls():
-    at = 1_800_000_000.0
-    line = copy_text([(at, uuid.UUID(int=1), None, None, "a\tb\\c\nd", "chat", 200, True, 1, 2, 3.5, None)])
-    fields = line.decode().rstrip("\n").split("\t")
-    assert fields[0].startswith("2027-01-15T08:00:00") and fields[0].endswith("+00:00")
+def test_rows_are_copy_text_with_escapes_and_nulls():
+    meter = Meter(conninfo="", interval_s=1.0, key_touch_s=60, on_dropped=lambda n: None)
+    meter.record(
+        started=1_800_000_000.25,
+        project_id=uuid.UUID(int=1),
+        key_id=None,
+        deployment_id=None,
+        model="a\tb\\c\nd",
+        endpoint="chat",
+        status=200,
+        stream=True,
+        prompt_tokens=1,
+        completion_tokens=2,
+        latency_ms=3.5,
+        ttft_ms=None,
+    )
+    project, line = meter.pending[0]
+    fields = line.rstrip("\n").split("\t")
+    assert project == uuid.UUID(int=1) and len(fields) == 12
+    assert fields[0] == "2027-01-15 08:00:00.250000+00"
     assert fields[2:4] == ["\\N", "\\N"]
     assert fields[4] == "a\\tb\\\\c\\nd"
-    assert fields[7] == "t" and fields[11] == "\\N"
+    assert fields[7] == "t" and fields[10] == "3.500" and fields[11] == "\\N"
 
 
 async def test_a_batch_round_trips_through_the_database(app, committed_client):

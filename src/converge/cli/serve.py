@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import warnings
 from typing import Any
 
@@ -47,6 +48,14 @@ def serve(*, host: str | None, port: int | None) -> None:
         lifespan="on",
         timeout_graceful_shutdown=5,
     )
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises it with the handler it found. With
+    # the default one the process dies on the spot and the embedded PostgreSQL (stopped at exit)
+    # would outlive us; exiting normally runs the exit handlers, as Ctrl-C does.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     server = uvicorn.Server(config)
     console.print(f"Converge starting on [bold]{settings.base_url}[/] (data: {settings.data_dir})")
     server.run()
+
+
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
