@@ -131,7 +131,7 @@ def create_app(
         if settings.run_workers:
             store = state.extras["artifacts"]
             await state.runtime.start()
-            state.services += [
+            workers = [
                 RegistrySync(sessions=sessions, settings=settings, store=store),
                 Controller(
                     sessions=sessions,
@@ -144,8 +144,9 @@ def create_app(
                     sessions=sessions, settings=settings, store=store, concurrency=settings.build_concurrency
                 ),
             ]
-            for service in state.services[-3:]:
+            for service in workers:
                 await service.start()
+                state.services.append(service)
             if settings.library.seed_catalogue:
                 seeder = CatalogueSeeder(sessions=sessions, settings=settings, store=store)
                 await seeder.start()

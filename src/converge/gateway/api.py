@@ -60,8 +60,8 @@ class Caller:
 
     @property
     def scopes(self) -> tuple[tuple[str, Limits | None], ...]:
-        project = (f"p:{self.project.id}", self.project.limits)
-        return ((f"k:{self.key.id}", self.key.limits), project) if self.key is not None else (project,)
+        project = (self.project.scope, self.project.limits)
+        return ((self.key.scope, self.key.limits), project) if self.key is not None else (project,)
 
 
 @dataclass(slots=True)
@@ -185,10 +185,7 @@ class Gateway:
         self._tokens_for: object = None
         self._misses: dict[str, float] = {}
         self._woken: dict[uuid.UUID, float] = {}
-        self._unary_timeout = upstream.timeouts(self.config)
-        self._stream_timeout = aiohttp.ClientTimeout(  # streams bound each read themselves
-            total=None, sock_connect=self.config.connect_timeout_s, sock_read=None
-        )
+        self._unary_timeout, self._stream_timeout = upstream.timeouts(self.config)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -237,7 +234,7 @@ class Gateway:
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         method: str = scope["method"]
-        if path in ("/v2/health/live", "/v2/health/ready", "/v2"):
+        if path in ("/v2/health/live", "/v2/health/ready"):
             ok = self.healthy
             body = orjson.dumps({"live": True} if path.endswith("live") else {"ready": ok})
             return await _respond(send, 200 if ok or path.endswith("live") else 503, body)
@@ -246,7 +243,7 @@ class Gateway:
             if method != "POST":
                 raise GatewayError(405, f"{path} takes POST", code="method_not_allowed")
             caller = await self._authenticate(scope)
-            return await self._inference(scope, receive, send, caller, endpoint, path)
+            return await self._inference(receive, send, caller, endpoint, path)
         if path == "/v1/models" or path.startswith("/v1/models/"):
             if method != "GET":
                 raise GatewayError(405, f"{path} takes GET", code="method_not_allowed")
@@ -272,18 +269,10 @@ class Gateway:
                 type_="authentication_error",
                 code="missing_api_key",
             )
-        snapshot = self.dataplane.snapshot
-        if self._tokens_for is not snapshot:  # a new snapshot: keys may have changed
-            self._tokens, self._tokens_for = {}, snapshot
-        key = self._tokens.get(auth, False)
+        key = self._verified().get(auth, False)
         if key is False:
             key = await self._verify(auth[7:].strip())
-            snapshot = self.dataplane.snapshot
-            if self._tokens_for is not snapshot:
-                self._tokens, self._tokens_for = {}, snapshot
-            if len(self._tokens) > 100_000:
-                self._tokens.clear()
-            self._tokens[auth] = key
+            self._verified()[auth] = key
         if key is None:
             if self.bootstrap is not None and hmac.compare_digest(auth[7:].strip(), self.bootstrap):
                 return Caller(key=None, project=self._org_project(project_name))
@@ -299,10 +288,18 @@ class Gateway:
             )
         if key.project_id is None:
             return Caller(key=key, project=self._org_project(project_name))
-        project = snapshot.projects.get(key.project_id)
+        project = self.dataplane.snapshot.projects.get(key.project_id)
         if project is None:
             raise GatewayError(401, "The key's project no longer exists", type_="authentication_error")
         return Caller(key=key, project=project)
+
+    def _verified(self) -> dict[bytes, KeyEntry | None]:
+        """Authorization header -> its key (None: not a key), for the current snapshot only."""
+        assert self.dataplane is not None
+        snapshot = self.dataplane.snapshot
+        if self._tokens_for is not snapshot or len(self._tokens) > 100_000:  # keys may have changed
+            self._tokens, self._tokens_for = {}, snapshot
+        return self._tokens
 
     async def _verify(self, token: bytes) -> KeyEntry | None:
         assert self.dataplane is not None
@@ -333,8 +330,8 @@ class Gateway:
         project_id = snapshot.project_names.get(wanted)
         if project_id is None:
             with contextlib.suppress(ValueError):
-                project_id = uuid.UUID(wanted) if uuid.UUID(wanted) in snapshot.projects else None
-        if project_id is None:
+                project_id = uuid.UUID(wanted)
+        if project_id not in snapshot.projects:
             raise GatewayError(
                 404,
                 f"No project '{wanted}'; organisation keys choose one with the "
@@ -345,7 +342,8 @@ class Gateway:
 
     # -- routes -------------------------------------------------------------------------------
 
-    def _route(self, caller: Caller, model: str) -> Route:
+    def _route(self, caller: Caller, model: str, endpoint: str | None = None) -> Route:
+        """The caller's deployment of that name; with an endpoint, one whose server answers it."""
         assert self.dataplane is not None
         route = self.dataplane.snapshot.routes.get(caller.project.id, {}).get(model)
         if route is None:
@@ -354,6 +352,17 @@ class Gateway:
                 f"The model '{model}' does not exist or you do not have access to it",
                 param="model",
                 code="model_not_found",
+            )
+        if endpoint is not None and endpoint not in SERVES.get(route.server, (endpoint,)):
+            answers = (
+                "the /v1 routes" if endpoint == "v2" else "the V2 routes" if route.server == "v2" else ""
+            )
+            raise GatewayError(
+                400,
+                f"'{model}' is served by {route.server}, which does not answer {endpoint} requests"
+                + (f"; use {answers}" if answers else ""),
+                param="model",
+                code="unsupported_endpoint",
             )
         return route
 
@@ -393,7 +402,7 @@ class Gateway:
     # -- inference ----------------------------------------------------------------------------
 
     async def _inference(
-        self, scope: Scope, receive: Receive, send: Send, caller: Caller, endpoint: str, path: str
+        self, receive: Receive, send: Send, caller: Caller, endpoint: str, path: str
     ) -> None:
         raw = await self._read_body(receive)
         try:
@@ -401,21 +410,13 @@ class Gateway:
         except orjson.JSONDecodeError as exc:
             raise _bad("body", f"The request body is not valid JSON: {exc}") from None
         model, stream, asked, choices = validate(endpoint, body)
-        route = self._route(caller, model)
-        serves = SERVES.get(route.server)
-        if serves is not None and endpoint not in serves:
-            raise GatewayError(
-                400,
-                f"'{model}' is served by {route.server}, which does not answer {path}",
-                param="model",
-                code="unsupported_endpoint",
-            )
+        route = self._route(caller, model, endpoint)
         raw = await self._govern(caller, route, endpoint, body, raw)
         # Reserve the worst case: the prompt (at most one token per 4 bytes of body, a generous
         # bound) plus the completion asked for (or the default), settled to the real count later.
         completion = 0 if endpoint == "embeddings" else (asked or self.config.default_max_tokens) * choices
         reserve = len(raw) // 4 + 1 + completion
-        await self._forward(scope, receive, send, caller, route, endpoint, path, raw, model, stream, reserve)
+        await self._forward(receive, send, caller, route, endpoint, path, raw, model, stream, reserve)
 
     async def _govern(
         self, caller: Caller, route: Route, endpoint: str, body: dict[str, Any], raw: bytes
@@ -442,7 +443,6 @@ class Gateway:
 
     async def _forward(
         self,
-        scope: Scope,
         receive: Receive,
         send: Send,
         caller: Caller,
@@ -469,7 +469,7 @@ class Gateway:
         try:
             if stream:
                 status, prompt, completion, ttft = await self._stream(
-                    scope, receive, send, caller, route, path, raw, t0
+                    receive, send, caller, route, endpoint, path, raw, t0
                 )
             else:
                 status, prompt, completion = await self._unary(send, caller, route, endpoint, path, raw)
@@ -637,11 +637,11 @@ class Gateway:
 
     async def _stream(
         self,
-        scope: Scope,
         receive: Receive,
         send: Send,
         caller: Caller,
         route: Route,
+        endpoint: str,
         path: str,
         raw: bytes,
         t0: float,
@@ -708,7 +708,7 @@ class Gateway:
                     # its first token still gets a proper error status.
                     await send({"type": "http.response.start", "status": 200, "headers": headers})
                     ttft = time.perf_counter() - t0
-                    self.metrics.series(route.label, "chat").ttft.observe(ttft)
+                    self.metrics.series(route.label, endpoint).ttft.observe(ttft)
                 completion += _content_tokens(chunk)
                 if b'"usage"' in chunk and (usage := _stream_usage(chunk)) is not None:
                     prompt, completion = usage
@@ -731,9 +731,9 @@ class Gateway:
     def _limit_headers(self, caller: Caller) -> list[tuple[bytes, bytes]]:
         key = caller.key
         if key is not None and key.limits is not None:
-            return self.limiter.headers(f"k:{key.id}", key.limits)
+            return self.limiter.headers(key.scope, key.limits)
         if caller.project.limits is not None:
-            return self.limiter.headers(f"p:{caller.project.id}", caller.project.limits)
+            return self.limiter.headers(caller.project.scope, caller.project.limits)
         return []
 
     # -- V2 -----------------------------------------------------------------------------------
@@ -744,14 +744,7 @@ class Gateway:
         name, _, tail = rest.partition("/")
         if "/versions/" in "/" + tail:  # /v2/models/{name}/versions/{v}/... : one version per deployment
             tail = tail.split("/", 2)[2] if tail.count("/") >= 2 else ""
-        route = self._route(caller, name)
-        if route.server not in ("v2",) and route.server in SERVES:
-            raise GatewayError(
-                400,
-                f"'{name}' is served by {route.server}; use the /v1 routes",
-                param="model",
-                code="unsupported_endpoint",
-            )
+        route = self._route(caller, name, "v2")
         method = scope["method"]
         if tail == "ready" and method == "GET":
             ready = bool(route.endpoints) and route.denial is None
@@ -760,13 +753,9 @@ class Gateway:
             return await self._v2_metadata(send, route, name)
         if tail == "infer" and method == "POST":
             raw = await self._read_body(receive)
-            if route.denial is not None or self.hooks:
-                parsed = orjson.loads(raw) if self.hooks else {}
-                raw = await self._govern(caller, route, "v2", parsed, raw)
+            raw = await self._govern(caller, route, "v2", orjson.loads(raw) if self.hooks else {}, raw)
             path_up = f"/v2/models/{route.model_name}/infer"
-            return await self._forward(
-                scope, receive, send, caller, route, "v2", path_up, raw, name, False, 0
-            )
+            return await self._forward(receive, send, caller, route, "v2", path_up, raw, name, False, 0)
         raise GatewayError(404, f"Unknown V2 route {path}", code="not_found")
 
     async def _v2_metadata(self, send: Send, route: Route, name: str) -> None:

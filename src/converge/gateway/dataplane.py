@@ -23,12 +23,10 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from converge.gateway.limits import Limits
+from converge.kit import channels
 from converge.models import ApiKey, Deployment, DeploymentRevision, LibraryModel, ModelVersion, Project
 
 log = structlog.get_logger(__name__)
-ROUTES_CHANNEL = "converge_routes"  # the controller: a deployment's status changed
-EVENTS_CHANNEL = "converge_events"  # every committed event (see control/events)
-WAKE_CHANNEL = "converge_wake"  # the gateway: please scale this deployment up from zero
 WAITING_PHASES = frozenset({"Pending", "Progressing", "ScaledToZero"})
 
 
@@ -41,6 +39,7 @@ class KeyEntry:
     expires_at: float | None  # epoch seconds
     revoked: bool
     limits: Limits | None
+    scope: str  # "k:<id>": this key's limit counters
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +47,7 @@ class ProjectEntry:
     id: uuid.UUID
     name: str
     limits: Limits | None
+    scope: str  # "p:<id>": this project's limit counters
 
 
 @dataclass(slots=True)
@@ -106,6 +106,7 @@ def key_entry(key: ApiKey) -> KeyEntry:
         expires_at=_epoch(key.expires_at),
         revoked=key.revoked_at is not None,
         limits=Limits.from_json(key.limits),
+        scope=f"k:{key.id}",
     )
 
 
@@ -115,7 +116,7 @@ async def load_snapshot(session: AsyncSession) -> Snapshot:
         snap.keys[key.prefix] = key_entry(key)
     for project in await session.scalars(select(Project)):
         snap.projects[project.id] = ProjectEntry(
-            id=project.id, name=project.name, limits=Limits.from_json(project.limits)
+            id=project.id, name=project.name, limits=Limits.from_json(project.limits), scope=f"p:{project.id}"
         )
         snap.project_names[project.name] = project.id
     rows = await session.execute(
@@ -220,7 +221,7 @@ class DataPlane:
         """Ask the controller (whichever process leads) to scale a deployment up from zero."""
         if self._wake_conn is None or self._wake_conn.closed:
             self._wake_conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
-        await self._wake_conn.execute("SELECT pg_notify(%s, %s)", (WAKE_CHANNEL, str(deployment_id)))
+        await self._wake_conn.execute("SELECT pg_notify(%s, %s)", (channels.WAKE, str(deployment_id)))
 
     async def _reloader(self) -> None:
         while True:
@@ -239,8 +240,8 @@ class DataPlane:
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True) as conn:
-                    await conn.execute(f"LISTEN {ROUTES_CHANNEL}")
-                    await conn.execute(f"LISTEN {EVENTS_CHANNEL}")
+                    await conn.execute(f"LISTEN {channels.ROUTES}")
+                    await conn.execute(f"LISTEN {channels.EVENTS}")
                     self._listening.set()
                     self._dirty.set()  # whatever changed while we were not listening
                     async for _ in conn.notifies():

@@ -206,22 +206,15 @@ class Limiter:
         fraction = (now % MINUTE) / MINUTE
         cur_r, cur_t = self._count(scope, "minute", minute)
         prev_r, prev_t = self._count(scope, "minute", minute - 1)
-        reset = f"{max(1, math.ceil((1 - fraction) * MINUTE))}s".encode()
+        reset = max(1, math.ceil((1 - fraction) * MINUTE))
         out: list[tuple[bytes, bytes]] = []
-        if limits.rpm is not None:
-            left = max(0, int(limits.rpm - cur_r - prev_r * (1 - fraction)))
-            out += [
-                (b"x-ratelimit-limit-requests", str(limits.rpm).encode()),
-                (b"x-ratelimit-remaining-requests", str(left).encode()),
-                (b"x-ratelimit-reset-requests", reset),
-            ]
-        if limits.tpm is not None:
-            left = max(0, int(limits.tpm - cur_t - prev_t * (1 - fraction)))
-            out += [
-                (b"x-ratelimit-limit-tokens", str(limits.tpm).encode()),
-                (b"x-ratelimit-remaining-tokens", str(left).encode()),
-                (b"x-ratelimit-reset-tokens", reset),
-            ]
+        for unit, limit, current, previous in (
+            ("requests", limits.rpm, cur_r, prev_r),
+            ("tokens", limits.tpm, cur_t, prev_t),
+        ):
+            if limit is not None:
+                left = max(0, int(limit - current - previous * (1 - fraction)))
+                out += rate_headers(unit, limit, left, reset)
         return out
 
     def _add(self, scope: str, kind: str, window: int, requests: int, tokens: int) -> None:
@@ -235,13 +228,7 @@ class Limiter:
         self.dirty.add(key)
 
     def _reject(self, scope: str, what: str, wait: int, unit: str, limit: int, remaining: int) -> Rejection:
-        headers: tuple[tuple[bytes, bytes], ...] = ()
-        if unit:
-            headers = (
-                (f"x-ratelimit-limit-{unit}".encode(), str(limit).encode()),
-                (f"x-ratelimit-remaining-{unit}".encode(), str(remaining).encode()),
-                (f"x-ratelimit-reset-{unit}".encode(), f"{wait}s".encode()),
-            )
+        headers = rate_headers(unit, limit, remaining, wait) if unit else ()
         return Rejection(
             code="rate_limit_exceeded",
             message=f"Rate limit reached for the {_who(scope)}: {what}. Retry after {wait} s.",
@@ -266,6 +253,15 @@ class Limiter:
         self, counts: dict[tuple[str, str, int], tuple[int, int]], in_flight: dict[str, int]
     ) -> None:
         self.others, self.others_in_flight = counts, in_flight
+
+
+def rate_headers(unit: str, limit: int, remaining: int, reset_s: int) -> tuple[tuple[bytes, bytes], ...]:
+    """OpenAI's x-ratelimit-{limit,remaining,reset}-<unit> headers."""
+    return (
+        (f"x-ratelimit-limit-{unit}".encode(), str(limit).encode()),
+        (f"x-ratelimit-remaining-{unit}".encode(), str(remaining).encode()),
+        (f"x-ratelimit-reset-{unit}".encode(), f"{reset_s}s".encode()),
+    )
 
 
 def _who(scope: str) -> str:

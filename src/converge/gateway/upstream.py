@@ -30,18 +30,20 @@ def session(settings: GatewaySettings) -> aiohttp.ClientSession:
     )
     return aiohttp.ClientSession(
         connector=connector,
-        timeout=timeouts(settings),
+        timeout=timeouts(settings)[0],
         auto_decompress=False,  # bytes are forwarded as they came
         skip_auto_headers=("User-Agent", "Accept-Encoding"),
         raise_for_status=False,
     )
 
 
-def timeouts(settings: GatewaySettings) -> aiohttp.ClientTimeout:
-    # sock_read bounds the wait for the first byte (a non-streaming answer's whole generation);
-    # streams switch to the idle timeout once the first chunk is in (see api.py).
-    return aiohttp.ClientTimeout(
-        total=None, sock_connect=settings.connect_timeout_s, sock_read=settings.first_byte_timeout_s
+def timeouts(settings: GatewaySettings) -> tuple[aiohttp.ClientTimeout, aiohttp.ClientTimeout]:
+    """(unary, stream). A unary answer's sock_read bounds the wait for its first byte, i.e. the
+    whole generation; streams bound each read themselves (first byte, then idle; see api.py)."""
+    connect = settings.connect_timeout_s
+    return (
+        aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=settings.first_byte_timeout_s),
+        aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=None),
     )
 
 

@@ -31,6 +31,7 @@ from converge.control.library import acquire
 from converge.control.library import repository as library_repo
 from converge.control.projects import repository as projects_repo
 from converge.core.lifecycle import SERVABLE
+from converge.kit import channels
 from converge.models import Deployment
 from converge.runtime.base import (
     Condition,
@@ -46,8 +47,6 @@ from converge.storage.db import transaction
 
 log = structlog.get_logger(__name__)
 LEADER_LOCK_KEY = 0x43_74_72_6C  # "Ctrl"
-ROUTES_CHANNEL = "converge_routes"  # NOTIFY: a deployment's observed status changed (the gateway listens)
-WAKE_CHANNEL = "converge_wake"  # LISTEN: the gateway asks for a deployment scaled to zero
 POLICY_RECHECK_S = 5.0
 
 
@@ -136,7 +135,7 @@ class Controller:
                         await asyncio.sleep(2.0)
                     self.is_leader = True
                     log.info("controller_leading")
-                    await conn.execute(f"LISTEN {WAKE_CHANNEL}")
+                    await conn.execute(f"LISTEN {channels.WAKE}")
                     while True:  # the lock lives as long as this connection
                         await conn.execute("SELECT 1")
                         await self.reconcile_all()
@@ -356,7 +355,7 @@ class Controller:
                     },
                 )
             # The gateway reloads its routes on this (no outbox event: replica churn is not news).
-            await session.execute(text("SELECT pg_notify(:c, :p)"), {"c": ROUTES_CHANNEL, "p": str(row.id)})
+            await session.execute(text("SELECT pg_notify(:c, :p)"), {"c": channels.ROUTES, "p": str(row.id)})
             for replica_id, count in restarted.items():
                 await record(
                     session,

@@ -10,9 +10,10 @@ from sqlalchemy import ColumnElement, and_, event, or_, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
+from converge.kit import channels
 from converge.models import AuditRecord, Event
 
-CHANNEL = "converge_events"
+CHANNEL = channels.EVENTS
 
 
 # Event ids must follow commit order, or a client resuming after id N could miss an event
