@@ -45,6 +45,7 @@ def serve(*, host: str | None, port: int | None) -> None:
         port=settings.port,
         log_level="warning",
         access_log=False,
+        server_header=False,  # do not advertise the server software in every answer
         lifespan="on",
         timeout_graceful_shutdown=5,
     )
