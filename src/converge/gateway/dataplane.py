@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from converge.gateway.limits import Limits
 from converge.kit import channels
+from converge.kit.service import Service
 from converge.models import ApiKey, Deployment, DeploymentRevision, LibraryModel, ModelVersion, Project
 
 log = structlog.get_logger(__name__)
@@ -167,37 +168,36 @@ async def load_snapshot(session: AsyncSession) -> Snapshot:
     return snap
 
 
-class DataPlane:
+class DataPlane(Service):
     """Holds the current snapshot and keeps it fresh (LISTEN/NOTIFY plus a periodic reload)."""
+
+    name = "gateway-snapshot"
 
     def __init__(
         self, *, sessions: async_sessionmaker[AsyncSession], conninfo: str, refresh_s: float
     ) -> None:
+        super().__init__()
         self._sessions, self._conninfo, self._refresh_s = sessions, conninfo, refresh_s
         self.snapshot = Snapshot()
         self.loaded_at = 0.0
         self._dirty = asyncio.Event()
         self._changed = asyncio.Condition()
-        self._tasks: list[asyncio.Task[None]] = []
         self._listening = asyncio.Event()
         self._wake_conn: psycopg.AsyncConnection[Any] | None = None
 
     @property
     def healthy(self) -> bool:
-        return self.loaded_at > 0 and all(not t.done() for t in self._tasks)
+        return self.loaded_at > 0 and super().healthy
 
     async def start(self) -> None:
         await self.reload()
-        self._tasks = [asyncio.create_task(self._listen()), asyncio.create_task(self._reloader())]
+        self._spawn(self._listen())
+        self._spawn(self._reloader())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._listening.wait(), timeout=10)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await super().stop()
         if self._wake_conn is not None:
             await self._wake_conn.close()
 

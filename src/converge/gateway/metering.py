@@ -19,6 +19,7 @@ import psycopg
 import structlog
 
 from converge.gateway.limits import INFLIGHT_STALE_S, Limiter, month_of
+from converge.kit.service import Service
 
 log = structlog.get_logger(__name__)
 MAX_PENDING = 200_000
@@ -84,29 +85,19 @@ def _id(value: uuid.UUID | None) -> str:
     return NULL if value is None else str(value)
 
 
-class _Loop:
+class _Loop(Service):
     """A background loop on its own autocommit connection, reconnecting after failures."""
 
     name = "gateway-loop"
 
     def __init__(self, *, conninfo: str, interval_s: float) -> None:
+        super().__init__()
         self._conninfo, self._interval = conninfo, interval_s
-        self._task: asyncio.Task[None] | None = None
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self.failures = 0
 
-    @property
-    def healthy(self) -> bool:
-        return self._task is not None and not self._task.done()
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await super().stop()
         with contextlib.suppress(Exception):
             await self._once()  # the last batch
         if self._conn is not None:

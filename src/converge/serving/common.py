@@ -26,6 +26,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from converge.kit.service import cancel
+
 log = logging.getLogger("converge.serving")
 
 LIVE_PATH = "/health/live"
@@ -143,9 +145,7 @@ class ModelHost:
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel(task)
 
     def _lifespan(self, _app: Any) -> contextlib.AbstractAsyncContextManager[None]:
         return self.lifespan()

@@ -23,6 +23,7 @@ from converge.control.builds.benchmark import benchmark_embeddings, benchmark_ll
 from converge.control.builds.schemas import BuildState
 from converge.control.library import acquire
 from converge.control.library import repository as library_repo
+from converge.kit.service import Service, cancel
 from converge.models import Build
 from converge.runtime.base import ServerKind
 from converge.storage.artifacts import ArtifactStore
@@ -42,7 +43,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class BuildRunner:
+class BuildRunner(Service):
     name = "build-runner"
 
     def __init__(
@@ -54,29 +55,21 @@ class BuildRunner:
         concurrency: int = 1,
         poll_s: float = 1.0,
     ) -> None:
+        super().__init__()
         self._sessions, self._settings, self._store = sessions, settings, store
         self._concurrency, self._poll_s = concurrency, poll_s
-        self._task: asyncio.Task[None] | None = None
-        self._active: set[asyncio.Task[None]] = set()
-
-    @property
-    def healthy(self) -> bool:
-        return self._task is not None and not self._task.done()
+        self._active: set[asyncio.Task[None]] = set()  # the builds running now
 
     async def start(self) -> None:
         async with transaction(self._sessions) as session:
             if count := await service.requeue_interrupted(session):
                 log.info("builds_requeued", count=count)
-        self._task = asyncio.create_task(self._loop())
+        self._spawn(self._claim())
 
     async def stop(self) -> None:
-        for task in [self._task, *self._active]:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await cancel(*self._tasks, *self._active)
 
-    async def _loop(self) -> None:
+    async def _claim(self) -> None:
         while True:
             try:
                 while len(self._active) < self._concurrency:
@@ -84,7 +77,7 @@ class BuildRunner:
                         build = await service.claim_next(session)
                     if build is None:
                         break
-                    task = asyncio.create_task(self._run(build.id))
+                    task = asyncio.create_task(self._build(build.id))
                     self._active.add(task)
                     task.add_done_callback(self._active.discard)
             except asyncio.CancelledError:
@@ -98,7 +91,7 @@ class BuildRunner:
             build = await session.get(Build, build_id)
             return build is None or build.cancel_requested
 
-    async def _run(self, build_id: uuid.UUID) -> None:
+    async def _build(self, build_id: uuid.UUID) -> None:
         path = log_path(self._settings.data_dir, build_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", buffering=1) as out:

@@ -32,6 +32,7 @@ from converge.control.library import repository as library_repo
 from converge.control.projects import repository as projects_repo
 from converge.core.lifecycle import SERVABLE
 from converge.kit import channels
+from converge.kit.service import Service
 from converge.models import Deployment
 from converge.runtime.base import (
     Condition,
@@ -92,7 +93,7 @@ def autoscale(
     return max(current, lo)
 
 
-class Controller:
+class Controller(Service):
     name = "controller"
 
     def __init__(
@@ -107,25 +108,12 @@ class Controller:
     ) -> None:
         self._sessions, self._settings, self._store = sessions, settings, store
         self._runtime, self._conninfo, self._interval = runtime, conninfo, interval_s
-        self._task: asyncio.Task[None] | None = None
+        super().__init__()
         self._paths: dict[str, Path] = {}
         self._load: dict[uuid.UUID, _Load] = {}
         self._observed: dict[uuid.UUID, Observation] = {}
         self.is_leader = False
         self.passes = 0
-
-    @property
-    def healthy(self) -> bool:
-        return self._task is not None and not self._task.done()
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     async def _run(self) -> None:
         while True:

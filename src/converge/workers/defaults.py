@@ -8,7 +8,6 @@ the same admission (policies, quota, zones) as a user's request, and is idempote
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass
 
 import structlog
@@ -26,6 +25,7 @@ from converge.control.projects import repository as projects_repo
 from converge.control.projects.schemas import ProjectCreate
 from converge.control.projects.service import create_project
 from converge.core.lifecycle import SERVABLE
+from converge.kit.service import Service
 from converge.models import Build, Project
 from converge.runtime.base import RuntimeBackend
 from converge.storage.db import transaction
@@ -47,7 +47,7 @@ DEFAULTS = (
 )
 
 
-class DefaultDeployer:
+class DefaultDeployer(Service):
     name = "default-deployments"
 
     def __init__(
@@ -58,22 +58,13 @@ class DefaultDeployer:
         runtime: RuntimeBackend,
         after: asyncio.Task | None = None,
     ) -> None:
+        super().__init__()
         self._sessions, self._settings, self._runtime, self._after = sessions, settings, runtime, after
-        self._task: asyncio.Task[None] | None = None
         self.error: str | None = None
 
     @property
-    def healthy(self) -> bool:
+    def healthy(self) -> bool:  # a one-shot: done is fine, failed is not
         return self.error is None
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     async def _run(self) -> None:
         try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from datetime import UTC, datetime
 
 import structlog
@@ -13,12 +12,13 @@ from converge.config import Settings
 from converge.control.library import catalogue
 from converge.control.sources import repository as sources_repo
 from converge.control.sources import service as sources
+from converge.kit.service import Service
 from converge.storage.artifacts import ArtifactStore
 
 log = structlog.get_logger(__name__)
 
 
-class RegistrySync:
+class RegistrySync(Service):
     """Polls due sources; each pass is idempotent, so a crash or a second instance loses nothing."""
 
     name = "registry-sync"
@@ -31,21 +31,8 @@ class RegistrySync:
         store: ArtifactStore,
         poll_s: float = 1.0,
     ) -> None:
+        super().__init__()
         self._sessions, self._settings, self._store, self._poll_s = sessions, settings, store, poll_s
-        self._task: asyncio.Task[None] | None = None
-
-    @property
-    def healthy(self) -> bool:
-        return self._task is not None and not self._task.done()
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     async def _run(self) -> None:
         while True:
@@ -63,7 +50,7 @@ class RegistrySync:
             await asyncio.sleep(self._poll_s)
 
 
-class CatalogueSeeder:
+class CatalogueSeeder(Service):
     """One-shot: registers the built-in models after start-up, without delaying readiness."""
 
     name = "catalogue"
@@ -71,22 +58,13 @@ class CatalogueSeeder:
     def __init__(
         self, *, sessions: async_sessionmaker[AsyncSession], settings: Settings, store: ArtifactStore
     ) -> None:
+        super().__init__()
         self._sessions, self._settings, self._store = sessions, settings, store
-        self._task: asyncio.Task[list[str]] | None = None
+        self.task: asyncio.Task[list[str]] | None = None  # what later one-shots wait for
 
     @property
-    def healthy(self) -> bool:
-        return self._task is None or not self._task.done() or self._task.exception() is None
+    def healthy(self) -> bool:  # a one-shot: done is fine, failed is not
+        return self.task is None or not self.task.done() or self.task.exception() is None
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(catalogue.seed(self._sessions, self._settings, self._store))
-
-    @property
-    def task(self) -> asyncio.Task[list[str]] | None:
-        return self._task
-
-    async def stop(self) -> None:
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        self.task = self._spawn(catalogue.seed(self._sessions, self._settings, self._store))

@@ -20,6 +20,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from converge.control.events.repository import CHANNEL, list_events
+from converge.kit.service import Service
 from converge.models import Event
 
 log = structlog.get_logger(__name__)
@@ -81,31 +82,28 @@ class Subscription:
         return True
 
 
-class Broadcaster:
+class Broadcaster(Service):
+    name = "event-broadcaster"
+
     def __init__(self, *, conninfo: str, sessions: async_sessionmaker[AsyncSession]) -> None:
+        super().__init__()
         self._conninfo = conninfo
         self._sessions = sessions
         self._subs: set[Subscription] = set()
         self._ids: asyncio.Queue[int] = asyncio.Queue()
-        self._tasks: list[asyncio.Task[None]] = []
         self._listening = asyncio.Event()
-
-    name = "event-broadcaster"
 
     @property
     def healthy(self) -> bool:
-        return self._listening.is_set() and all(not t.done() for t in self._tasks)
+        return self._listening.is_set() and super().healthy
 
     async def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._listen()), asyncio.create_task(self._dispatch())]
+        self._spawn(self._listen())
+        self._spawn(self._dispatch())
         await asyncio.wait_for(self._listening.wait(), timeout=10)
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await super().stop()
         for sub in list(self._subs):
             sub.queue.put_nowait(None)
 

@@ -22,6 +22,7 @@ from typing import IO
 import httpx
 import structlog
 
+from converge.kit.service import cancel
 from converge.runtime.base import DeploymentSpec, Observation, ReplicaPhase, RuntimeBackend, Zone
 from converge.runtime.local import health
 from converge.runtime.local.adoption import adopt
@@ -94,11 +95,8 @@ class LocalBackend(RuntimeBackend):
 
     async def stop(self) -> None:
         """Stop supervising; the replicas keep running for the next LocalBackend to adopt."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel(self._task)
+        self._task = None
         self._persist()
         self._passed.set()  # delete() calls still waiting learn that nobody supervises any more
         if self._client is not None:
