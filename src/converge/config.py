@@ -76,6 +76,9 @@ class GatewaySettings(BaseModel):
     default_max_tokens: int = Field(default=512, ge=1, description="Reserved when a request sets none")
     limits_sync_s: float = Field(default=0.5, gt=0, description="How often replicas share limit counters")
     meter_flush_s: float = Field(default=1.0, gt=0)
+    usage_retention_days: int = Field(
+        default=90, ge=0, description="Usage records older than this are deleted, hourly (0: kept for ever)"
+    )
     snapshot_refresh_s: float = Field(default=10.0, gt=0, description="Full reload besides NOTIFY")
     connect_timeout_s: float = 5.0
     first_byte_timeout_s: float = 300.0  # a CPU replica may take minutes on a long completion

@@ -5,10 +5,28 @@ from __future__ import annotations
 import time
 import uuid
 
+import psycopg
 from sqlalchemy import select
 
-from converge.gateway.metering import Meter
+from converge.gateway.metering import PRUNE_LOCK_KEY, Meter
 from converge.models import UsageRecord
+
+
+def record(meter: Meter, **fields: object) -> None:
+    """One usage row: a plain successful chat request unless `fields` say otherwise."""
+    row: dict[str, object] = {
+        "started": time.time(),
+        "key_id": None,
+        "deployment_id": None,
+        "endpoint": "chat",
+        "status": 200,
+        "stream": False,
+        "prompt_tokens": 1,
+        "completion_tokens": 1,
+        "latency_ms": 1.0,
+        "ttft_ms": None,
+    }
+    meter.record(**(row | fields))
 
 
 def test_rows_are_copy_text_with_escapes_and_nulls():
@@ -72,19 +90,12 @@ async def test_usage_of_deleted_keys_deployments_and_projects_never_blocks_the_m
     gone, kept = await make_project(committed_client), await make_project(committed_client)
 
     def row(project: dict, model: str) -> None:
-        gateway.meter.record(
-            started=time.time(),
+        record(
+            gateway.meter,
             project_id=uuid.UUID(project["id"]),
             key_id=uuid.uuid4(),  # keys and deployments may be gone: usage is history
             deployment_id=uuid.uuid4(),
             model=model,
-            endpoint="chat",
-            status=200,
-            stream=False,
-            prompt_tokens=1,
-            completion_tokens=1,
-            latency_ms=1.0,
-            ttft_ms=None,
         )
 
     tag = uuid.uuid4().hex[:8]
@@ -98,3 +109,40 @@ async def test_usage_of_deleted_keys_deployments_and_projects_never_blocks_the_m
             await session.scalars(select(UsageRecord.model).where(UsageRecord.model.like(f"%-{tag}")))
         )
     assert models == {f"kept-{tag}"}
+
+
+async def test_usage_older_than_the_retention_is_pruned_by_one_replica_at_a_time(app, committed_client):
+    from support import make_project
+
+    gateway = app.state.converge.extras["gateway"]
+    meter, saved = gateway.meter, (gateway.meter.retention_days, gateway.meter._next_prune)
+    meter._next_prune = float("inf")  # no background round while the test looks
+    project = await make_project(committed_client)
+    tag = uuid.uuid4().hex[:8]
+    day = 86_400.0
+    for age_days, name in ((120, "old"), (91, "expired"), (89, "kept"), (0, "new")):
+        record(
+            meter,
+            started=time.time() - age_days * day,
+            project_id=uuid.UUID(project["id"]),
+            model=f"{name}-{tag}",
+        )
+    await meter._once()  # a flush only: no pruning round is due
+
+    async def models() -> set[str]:
+        async with app.state.converge.sessions() as session:
+            query = select(UsageRecord.model).where(UsageRecord.model.like(f"%-{tag}"))
+            return {m.removesuffix(f"-{tag}") for m in await session.scalars(query)}
+
+    assert await models() == {"old", "expired", "kept", "new"}
+    meter.retention_days = 90
+    try:
+        # Another replica pruning now (it holds the lock): this one skips the round.
+        async with await psycopg.AsyncConnection.connect(meter._conninfo) as other:
+            await other.execute("SELECT pg_advisory_lock(%s)", (PRUNE_LOCK_KEY,))
+            assert await meter.prune() == 0
+        assert await models() == {"old", "expired", "kept", "new"}
+        assert await meter.prune() >= 2
+    finally:
+        meter.retention_days, meter._next_prune = saved
+    assert await models() == {"kept", "new"}

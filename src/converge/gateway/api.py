@@ -204,6 +204,7 @@ class Gateway:
             interval_s=self.config.meter_flush_s,
             key_touch_s=self.settings.auth.key_last_used_resolution_s,
             on_dropped=self.metrics.meter_dropped.inc,
+            retention_days=self.config.usage_retention_days,
         )
         self.sync = CounterSync(conninfo=conninfo, interval_s=self.config.limits_sync_s, limiter=self.limiter)
         await self.dataplane.start()

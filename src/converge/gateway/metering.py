@@ -38,6 +38,14 @@ COLUMNS = (
     "ttft_ms",
 )
 COPY_SQL = f"COPY usage_records ({', '.join(COLUMNS)}) FROM STDIN"
+# Expired rows go in slices, so no single statement holds many row locks or runs for long.
+PRUNE_SQL = (
+    "DELETE FROM usage_records WHERE id IN"
+    " (SELECT id FROM usage_records WHERE at < now() - make_interval(days => %s) LIMIT %s)"
+)
+PRUNE_BATCH = 10_000
+PRUNE_EVERY_S = 3600.0
+PRUNE_LOCK_KEY = 0x43564755  # one gateway replica prunes at a time; the others skip that round
 TOUCH_KEYS_SQL = (
     "UPDATE api_keys SET last_used_at = now() WHERE id = ANY(%s)"
     " AND (last_used_at IS NULL OR last_used_at < now() - make_interval(secs => %s))"
@@ -135,9 +143,17 @@ class Meter(_Loop):
     name = "gateway_meter"
 
     def __init__(
-        self, *, conninfo: str, interval_s: float, key_touch_s: int, on_dropped: Callable[[int], None]
+        self,
+        *,
+        conninfo: str,
+        interval_s: float,
+        key_touch_s: int,
+        on_dropped: Callable[[int], None],
+        retention_days: int = 0,
     ) -> None:
         super().__init__(conninfo=conninfo, interval_s=interval_s)
+        self.retention_days = retention_days  # 0: usage is kept for ever
+        self._next_prune = time.monotonic() + 60.0  # the first round a minute after start
         self.pending: list[tuple[uuid.UUID, str]] = []  # (project, COPY text line)
         self._texts: dict[uuid.UUID | None, str] = {}
         self._clock = _Clock()
@@ -184,6 +200,30 @@ class Meter(_Loop):
             self._on_dropped(drop)
 
     async def _once(self) -> None:
+        await self._flush()
+        if self.retention_days and time.monotonic() >= self._next_prune:
+            self._next_prune = time.monotonic() + PRUNE_EVERY_S
+            await self.prune()
+
+    async def prune(self) -> int:
+        """Delete the usage records older than the retention; the number deleted."""
+        conn = await self._connection()
+        deleted = 0
+        while True:
+            async with conn.transaction():
+                cur = await conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (PRUNE_LOCK_KEY,))
+                row = await cur.fetchone()
+                if not (row and row[0]):
+                    break  # another replica is pruning now
+                cur = await conn.execute(PRUNE_SQL, (self.retention_days, PRUNE_BATCH))
+                deleted += cur.rowcount
+            if cur.rowcount < PRUNE_BATCH:
+                break
+        if deleted:
+            log.info("gateway_usage_pruned", rows=deleted, retention_days=self.retention_days)
+        return deleted
+
+    async def _flush(self) -> None:
         if not self.pending and not self.keys_seen:
             return
         rows, self.pending = self.pending, []
