@@ -117,6 +117,15 @@ class Env:
             assert asyncio.get_running_loop().time() < deadline, f"not routed: {route}"
             await asyncio.sleep(0.05)
 
+    async def chat_until(self, status: int, body: dict[str, Any], headers: dict[str, str]) -> httpx.Response:
+        """Chat until the answer has `status` (a change reaches the gateway within moments); the last answer."""
+        for _ in range(100):
+            resp = await self.client.post("/v1/chat/completions", json=body, headers=headers)
+            if resp.status_code == status:
+                break
+            await asyncio.sleep(0.05)
+        return resp
+
     def pool(self, deployed: Deployed) -> Any:
         """The gateway's replica pool of a deployment (made on first use, like a request does)."""
         return self.gateway._pool(self.gateway.dataplane.snapshot.by_id[uuid.UUID(deployed.id)])

@@ -72,11 +72,7 @@ async def test_a_spent_budget_stops_requests_before_the_replica(env):
         f"/projects/{d.project['id']}", json={"limits": {"monthly_tokens": 24}}, headers=ADMIN
     )
     assert resp.status_code == 200, resp.text
-    for _ in range(100):
-        spent = await env.client.post("/v1/chat/completions", json=CHAT, headers=d.key)
-        if spent.status_code == 429:
-            break
-        await asyncio.sleep(0.05)
+    spent = await env.chat_until(429, CHAT, d.key)
     assert spent.status_code == 429
     assert spent.json()["error"]["code"] == "insufficient_quota"
     assert "budget is spent" in spent.json()["error"]["message"]

@@ -31,19 +31,14 @@ def record(meter: Meter, **fields: object) -> None:
 
 def test_rows_are_copy_text_with_escapes_and_nulls():
     meter = Meter(conninfo="", interval_s=1.0, key_touch_s=60, on_dropped=lambda n: None)
-    meter.record(
+    record(
+        meter,
         started=1_800_000_000.25,
         project_id=uuid.UUID(int=1),
-        key_id=None,
-        deployment_id=None,
         model="a\tb\\c\nd",
-        endpoint="chat",
-        status=200,
         stream=True,
-        prompt_tokens=1,
         completion_tokens=2,
         latency_ms=3.5,
-        ttft_ms=None,
     )
     project, line = meter.pending[0]
     fields = line.rstrip("\n").split("\t")
@@ -61,19 +56,15 @@ async def test_a_batch_round_trips_through_the_database(app, committed_client):
     project = await make_project(committed_client)
     odd = f"we\\ird\tname-{uuid.uuid4().hex[:6]}"
     started = time.time()
-    gateway.meter.record(
+    record(
+        gateway.meter,
         started=started,
         project_id=uuid.UUID(project["id"]),
-        key_id=None,
-        deployment_id=None,
         model=odd,
-        endpoint="chat",
         status=429,
-        stream=False,
         prompt_tokens=0,
         completion_tokens=0,
         latency_ms=0.25,
-        ttft_ms=None,
     )
     await gateway.meter._once()
     async with app.state.converge.sessions() as session:

@@ -133,11 +133,7 @@ async def test_a_revoked_version_answers_403_with_the_reason(env):
         headers=ADMIN,
     )
     assert revoked.status_code == 200, revoked.text
-    for _ in range(100):
-        resp = await env.client.post("/v1/chat/completions", json=CHAT, headers=d.key)
-        if resp.status_code == 403:
-            break
-        await asyncio.sleep(0.05)
+    resp = await env.chat_until(403, CHAT, d.key)
     assert resp.status_code == 403
     assert "revoked" in resp.json()["error"]["message"]
     assert resp.json()["error"]["type"] == "permission_error"
