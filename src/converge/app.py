@@ -7,6 +7,7 @@ import contextlib
 import gc
 import sys
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,6 +17,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from starlette.types import Receive, Scope, Send
 
+import converge
 from converge import __version__
 from converge.config import Settings
 from converge.control.builds.api import router as builds_router
@@ -37,6 +39,8 @@ from converge.errors import PROBLEM_SCHEMA, install_error_handlers
 from converge.gateway.api import Gateway
 from converge.kit.observability import Metrics, RequestContextMiddleware
 from converge.runtime.base import RuntimeBackend
+from converge.runtime.local.sandbox import Sandbox
+from converge.runtime.local.sandbox import prepare as prepare_sandbox
 from converge.state import State
 from converge.storage.db import (
     make_engine,
@@ -79,10 +83,25 @@ def _print_first_key(token: str) -> None:
     )
 
 
-def _local_runtime(settings: Settings) -> RuntimeBackend:
+def _local_runtime(settings: Settings, sandbox: Sandbox) -> RuntimeBackend:
     from converge.runtime.local import LocalBackend, LocalConfig
 
-    return LocalBackend(LocalConfig(state_dir=settings.data_dir / "runtime"))
+    return LocalBackend(LocalConfig(state_dir=settings.data_dir / "runtime"), sandbox=sandbox)
+
+
+def _sandbox(settings: Settings) -> Sandbox:
+    """The user builds and replicas run as, and the paths it must be able to read."""
+    from converge.serving.v2 import find_mlserver_venv
+
+    readable = [Path(converge.__file__).resolve().parent]  # an editable install's sources
+    with contextlib.suppress(RuntimeError):  # no MLServer environment: V2 builds fail on their own
+        readable.append(find_mlserver_venv())
+    return prepare_sandbox(
+        data_dir=settings.data_dir,
+        user=settings.sandbox.user,
+        enabled=settings.sandbox.enabled,
+        readable=readable,
+    )
 
 
 def create_app(
@@ -99,6 +118,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         database = await asyncio.to_thread(start_database, settings)
         head = await asyncio.to_thread(migrate_and_bootstrap, database)
+        sandbox = await asyncio.to_thread(_sandbox, settings) if settings.run_workers else Sandbox()
         engine = make_engine(database, settings)
         sessions = make_sessionmaker(engine)
         metrics.watch_pool(lambda: _pool_stats(engine))
@@ -115,7 +135,7 @@ def create_app(
             broadcaster=broadcaster,
             oidc=oidc,
             head_revision=head,
-            runtime=runtime or _local_runtime(settings),
+            runtime=runtime or _local_runtime(settings, sandbox),
             services=[broadcaster],
             extras={"metrics": metrics, "artifacts": artifact_store(settings), "gateway": gateway},
         )
@@ -141,7 +161,11 @@ def create_app(
                     conninfo=conninfo,
                 ),
                 BuildRunner(
-                    sessions=sessions, settings=settings, store=store, concurrency=settings.build_concurrency
+                    sessions=sessions,
+                    settings=settings,
+                    store=store,
+                    concurrency=settings.build_concurrency,
+                    sandbox=sandbox,
                 ),
             ]
             for service in workers:

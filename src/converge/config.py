@@ -93,6 +93,13 @@ class GatewaySettings(BaseModel):
     wake_timeout_s: float = 180.0
 
 
+class SandboxSettings(BaseModel):
+    """Who runs model code on one machine (see runtime/local/sandbox.py)."""
+
+    enabled: bool = Field(default=True, description="Run builds and replicas as an unprivileged user")
+    user: str = Field(default="converge-sandbox", pattern=r"^[a-z_][a-z0-9_-]{0,31}$")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CONVERGE_", env_nested_delimiter="__", extra="ignore", frozen=True
@@ -113,6 +120,7 @@ class Settings(BaseSettings):
     server: ServerSettings = ServerSettings()
     library: LibrarySettings = LibrarySettings()
     gateway: GatewaySettings = GatewaySettings()
+    sandbox: SandboxSettings = SandboxSettings()
 
     @model_validator(mode="after")
     def _refuse_default_secrets(self) -> Settings:

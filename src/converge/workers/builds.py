@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import socket
 import sys
 import time
@@ -26,6 +25,7 @@ from converge.control.library import repository as library_repo
 from converge.kit.service import Service, cancel
 from converge.models import Build
 from converge.runtime.base import ServerKind
+from converge.runtime.local.sandbox import Sandbox
 from converge.storage.artifacts import ArtifactStore
 from converge.storage.db import transaction
 
@@ -54,9 +54,11 @@ class BuildRunner(Service):
         store: ArtifactStore,
         concurrency: int = 1,
         poll_s: float = 1.0,
+        sandbox: Sandbox | None = None,
     ) -> None:
         super().__init__()
         self._sessions, self._settings, self._store = sessions, settings, store
+        self._sandbox = sandbox or Sandbox()
         self._concurrency, self._poll_s = concurrency, poll_s
         self._active: set[asyncio.Task[None]] = set()  # the builds running now
 
@@ -129,7 +131,7 @@ class BuildRunner(Service):
         if await self._cancel_requested(build_id):
             raise Cancelled
         async with smoke_server(
-            kind, local, model.name, out, lambda: self._cancel_requested(build_id)
+            kind, local, model.name, out, lambda: self._cancel_requested(build_id), sandbox=self._sandbox
         ) as base_url:
             _say(out, "benchmark: running")
             if kind == ServerKind.LLAMA_CPP:
@@ -150,8 +152,13 @@ def _say(out: TextIO, line: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def smoke_server(kind: ServerKind, path: Path, name: str, out: TextIO, cancelled: Any):  # noqa: ANN201
-    """Start the target server on the artifact, wait until it is ready, stop it afterwards."""
+async def smoke_server(  # noqa: ANN201
+    kind: ServerKind, path: Path, name: str, out: TextIO, cancelled: Any, *, sandbox: Sandbox
+):
+    """Start the target server on the artifact, wait until it is ready, stop it afterwards.
+
+    This is the first time the artifact's code paths run: as the sandbox's user, with its
+    allow-listed environment, exactly as a replica would."""
     port = free_port()
     cmd = [
         sys.executable,
@@ -169,8 +176,15 @@ async def smoke_server(kind: ServerKind, path: Path, name: str, out: TextIO, can
         *(["--n-threads", "1"] if kind == ServerKind.LLAMA_CPP else []),  # what a default 1-CPU replica gets
     ]
     _say(out, "smoke-load: " + " ".join(cmd))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = await asyncio.create_subprocess_exec(*cmd, stdout=out, stderr=out, env=env)
+    proc = await asyncio.create_subprocess_exec(
+        *cmd,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=out,
+        stderr=out,
+        env=sandbox.environment(),
+        start_new_session=True,
+        **sandbox.popen_kwargs(),
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         t0 = time.perf_counter()

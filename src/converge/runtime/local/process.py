@@ -2,7 +2,8 @@
 
 A replica runs in its own session (`setsid`): a controller that crashes or is stopped with ^C
 does not take its replicas with it, so a new controller can adopt them; and one `killpg` stops
-a server together with any workers it forked.
+a server together with any workers it forked. It runs as the sandbox's user (see sandbox.py):
+subprocess switches uid and gid between fork and exec in C, with no preexec_fn.
 
 Memory limit: RLIMIT_DATA, not RLIMIT_AS. RLIMIT_AS counts every mapping, including model
 weights that llama.cpp maps read-only from the GGUF file (shared, reclaimable page cache) and
@@ -22,12 +23,14 @@ import contextlib
 import os
 import resource
 import signal
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
 from converge.runtime.base import ReplicaTemplate, Resources
+from converge.runtime.local.sandbox import Sandbox
 
 # Clock adjustments shift psutil's create_time (it adds the boot time); pid reuse within a
 # second with the same command line (which holds the replica's port) does not happen.
@@ -78,9 +81,10 @@ def describe_exit(code: int) -> str:
 class ProcessHandle:
     """A replica's process, whether this process spawned it (a child) or adopted it."""
 
-    def __init__(self, identity: Identity) -> None:
+    def __init__(self, identity: Identity, child: subprocess.Popen[bytes] | None = None) -> None:
         self.identity = identity
         self.exit: str | None = None
+        self._child = child  # kept so that subprocess never reaps it behind our back
 
     @property
     def pid(self) -> int:
@@ -90,6 +94,9 @@ class ProcessHandle:
         """None while the process runs; how it ended once it has (reaping it if it is our child)."""
         if self.exit is not None:
             return self.exit
+        if self._child is not None:
+            code = self._child.poll()
+            return None if code is None else self._exited(code)
         try:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
         except ChildProcessError:
@@ -100,7 +107,10 @@ class ProcessHandle:
             return self.exit
         if pid == 0:
             return None
-        self.exit = describe_exit(os.waitstatus_to_exitcode(status))
+        return self._exited(os.waitstatus_to_exitcode(status))
+
+    def _exited(self, code: int) -> str:
+        self.exit = describe_exit(code)
         # The leader is gone; workers it forked must not keep its port or memory. (Only right
         # after reaping our own child: its pid cannot have been reused yet.)
         with contextlib.suppress(OSError):
@@ -143,8 +153,11 @@ def replica_argv(*, prefix: list[str], template: ReplicaTemplate, port: int) -> 
     ]
 
 
-def spawn(*, argv: list[str], env: dict[str, str], log_path: Path) -> ProcessHandle:
-    """Start `argv` in a new session, stdout and stderr appended to `log_path`, stdin /dev/null.
+def spawn(
+    *, argv: list[str], env: dict[str, str], log_path: Path, sandbox: Sandbox | None = None
+) -> ProcessHandle:
+    """Start `argv` in a new session, stdout and stderr appended to `log_path`, stdin /dev/null,
+    as the sandbox's user when it has one.
 
     Raises OSError when the program cannot be executed.
     """
@@ -152,23 +165,24 @@ def spawn(*, argv: list[str], env: dict[str, str], log_path: Path) -> ProcessHan
     with contextlib.suppress(FileNotFoundError):
         if log_path.stat().st_size > MAX_LOG_BYTES:  # keep one previous generation, bounded
             os.replace(log_path, log_path.with_name(log_path.name + ".1"))
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-    actions = [
-        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-        (os.POSIX_SPAWN_DUP2, fd, 1),
-        (os.POSIX_SPAWN_DUP2, fd, 2),
-    ]
-    # Python ignores SIGPIPE and SIGXFSZ; an exec'd server must get the defaults back.
-    sigdef = (signal.SIGPIPE, signal.SIGXFSZ)
+    # Opened here and handed over: a sandboxed replica writes its log without any access to it.
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     try:
-        try:
-            pid = os.posix_spawnp(argv[0], argv, env, file_actions=actions, setsid=True, setsigdef=sigdef)
-        except NotImplementedError:  # no POSIX_SPAWN_SETSID: a process group of its own still works
-            pid = os.posix_spawnp(argv[0], argv, env, file_actions=actions, setpgroup=0, setsigdef=sigdef)
+        # restore_signals: Python ignores SIGPIPE and SIGXFSZ; an exec'd server needs the defaults.
+        child = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=fd,
+            stderr=fd,
+            env=env,
+            start_new_session=True,
+            restore_signals=True,
+            **(sandbox.popen_kwargs() if sandbox is not None else {}),
+        )
     finally:
         os.close(fd)
     try:
-        create_time = psutil.Process(pid).create_time()
+        create_time = psutil.Process(child.pid).create_time()
     except psutil.Error:  # already gone: poll() reports how it ended
         create_time = 0.0
-    return ProcessHandle(Identity(pid=pid, create_time=create_time, cmdline=tuple(argv)))
+    return ProcessHandle(Identity(pid=child.pid, create_time=create_time, cmdline=tuple(argv)), child)

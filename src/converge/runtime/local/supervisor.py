@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import sys
 import uuid
@@ -37,6 +36,7 @@ from converge.runtime.local.process import (
     spawn,
 )
 from converge.runtime.local.replica import REPLICA_ID, DeploymentState, ReplicaState
+from converge.runtime.local.sandbox import Sandbox
 from converge.runtime.local.state import StateDoc, StateFile, hold_lock
 from converge.runtime.local.zones import local_zone
 from converge.runtime.rollout import is_complete, is_paused, plan
@@ -53,8 +53,9 @@ class LocalBackend(RuntimeBackend):
     config_model = LocalConfig
     type = "local"
 
-    def __init__(self, config: LocalConfig) -> None:
+    def __init__(self, config: LocalConfig, *, sandbox: Sandbox | None = None) -> None:
         self.config = config
+        self.sandbox = sandbox or Sandbox()
         self._deployments: dict[uuid.UUID, DeploymentState] = {}
         self._ports = PortAllocator()
         self._state = StateFile(config.state_dir / "replicas.json")
@@ -306,18 +307,12 @@ class LocalBackend(RuntimeBackend):
         t = r.template
         prefix = self.config.server_command or [sys.executable, "-m", "converge.serving"]
         argv = replica_argv(prefix=prefix, template=t, port=port)
-        # Replicas never see the control plane's own settings (database URL, tokens, secrets).
-        inherited = {k: v for k, v in os.environ.items() if not k.startswith("CONVERGE_")}
-        env = {
-            **inherited,
-            "PYTHONUNBUFFERED": "1",
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            **t.env,
-        }
+        # Replicas never see the control plane's own settings (database URL, tokens, secrets):
+        # their environment is an allow-list (sandbox.py), and they run as the sandbox's user.
+        env = self.sandbox.environment(t.env)
         self._note(r, f"starting revision {r.revision} on port {port}")
         try:
-            handle = spawn(argv=argv, env=env, log_path=self._log_path(r.id))
+            handle = spawn(argv=argv, env=env, log_path=self._log_path(r.id), sandbox=self.sandbox)
         except OSError as exc:
             self._ports.release(port)
             self._failed(r, f"could not start {argv[0]}: {exc}", now)
