@@ -49,6 +49,7 @@ from converge.storage.db import (
     start_database,
     transaction,
 )
+from converge.storage.embedded import EmbeddedSupervisor
 from converge.workers.builds import BuildRunner
 from converge.workers.controller import Controller
 from converge.workers.defaults import DefaultDeployer
@@ -86,7 +87,10 @@ def _print_first_key(token: str) -> None:
 def _local_runtime(settings: Settings, sandbox: Sandbox) -> RuntimeBackend:
     from converge.runtime.local import LocalBackend, LocalConfig
 
-    return LocalBackend(LocalConfig(state_dir=settings.data_dir / "runtime"), sandbox=sandbox)
+    config = LocalConfig(
+        state_dir=settings.data_dir / "runtime", keep_replicas_on_stop=settings.keep_replicas_on_stop
+    )
+    return LocalBackend(config, sandbox=sandbox)
 
 
 def _sandbox(settings: Settings) -> Sandbox:
@@ -144,6 +148,10 @@ def create_app(
             token = await ensure_admin_key(session, settings)
         if token and on_first_key:
             on_first_key(token)
+        if database.embedded is not None:  # first in, last out: the others need it
+            supervisor = EmbeddedSupervisor(database.embedded)
+            await supervisor.start()
+            state.services.insert(0, supervisor)
         await broadcaster.start()
         if gateway is not None:  # the data path runs whether or not this process runs the workers
             await gateway.start(sessions=sessions, conninfo=conninfo)

@@ -49,6 +49,9 @@ class ServerSettings(BaseModel):
     public_docs: bool = False
     log_level: str = "INFO"
     sse_heartbeat_s: float = 15.0
+    metrics_token: SecretStr | None = Field(
+        default=None, description="When set, GET /metrics needs `Authorization: Bearer <token>`"
+    )
 
 
 class LibrarySettings(BaseModel):
@@ -78,6 +81,9 @@ class GatewaySettings(BaseModel):
     meter_flush_s: float = Field(default=1.0, gt=0)
     usage_retention_days: int = Field(
         default=90, ge=0, description="Usage records older than this are deleted, hourly (0: kept for ever)"
+    )
+    usage_spool_max_bytes: int = Field(
+        default=256 << 20, ge=0, description="Usage rows kept on disk while the database is away"
     )
     snapshot_refresh_s: float = Field(default=10.0, gt=0, description="Full reload besides NOTIFY")
     connect_timeout_s: float = 5.0
@@ -113,6 +119,8 @@ class Settings(BaseSettings):
     bootstrap_token: SecretStr | None = None
     run_workers: bool = True
     deploy_defaults: bool = True  # build and deploy the built-in models on first start
+    # Stopping `converge up` stops its replicas; True keeps them for the next start to adopt.
+    keep_replicas_on_stop: bool = False
     build_concurrency: int = Field(default=1, ge=1, le=16)  # builds benchmark: more at once skews figures
 
     database: DatabaseSettings = DatabaseSettings()

@@ -6,9 +6,10 @@ import time
 import uuid
 
 import psycopg
+import pytest
 from sqlalchemy import select
 
-from converge.gateway.metering import PRUNE_LOCK_KEY, Meter
+from converge.gateway.metering import PRUNE_LOCK_KEY, Meter, Spool
 from converge.models import UsageRecord
 
 
@@ -137,3 +138,55 @@ async def test_usage_older_than_the_retention_is_pruned_by_one_replica_at_a_time
     finally:
         meter.retention_days, meter._next_prune = saved
     assert await models() == {"kept", "new"}
+
+
+async def test_rows_of_an_outage_survive_a_restart_through_the_spool(app, committed_client, tmp_path):
+    """While the database is away every failed batch goes to the spool file; a new meter (the
+    process restarted) replays it, oldest first, before its own rows."""
+    from support import make_project
+
+    state = app.state.converge
+    project = uuid.UUID((await make_project(committed_client))["id"])
+    spool = Spool(tmp_path / "usage.spool", max_bytes=1 << 20)
+    away = Meter(
+        conninfo="postgresql://postgres@/postgres?host=/nonexistent",
+        interval_s=1.0,
+        key_touch_s=60,
+        on_dropped=lambda n: None,
+        spool=spool,
+    )
+    tag = uuid.uuid4().hex[:8]
+    for i in range(5):
+        record(away, project_id=project, model=f"outage-{tag}-{i}")
+    for _ in range(2):  # two failed batches: nothing is held twice, nothing is lost
+        with pytest.raises(psycopg.OperationalError):
+            await away._flush()
+    assert away.pending == [] and len(spool.lines()) == 5
+
+    back = Meter(
+        conninfo=state.database.url, interval_s=1.0, key_touch_s=60, on_dropped=lambda n: None, spool=spool
+    )
+    record(back, project_id=project, model=f"outage-{tag}-after")
+    await back._flush()
+    await back.stop()
+    assert spool.size == 0
+    async with state.sessions() as session:
+        rows = (
+            await session.scalars(
+                select(UsageRecord).where(UsageRecord.model.like(f"outage-{tag}-%")).order_by(UsageRecord.id)
+            )
+        ).all()
+    assert [r.model for r in rows] == [f"outage-{tag}-{i}" for i in range(5)] + [f"outage-{tag}-after"]
+
+
+def test_a_full_spool_drops_only_what_does_not_fit_and_counts_it(tmp_path):
+    dropped: list[int] = []
+    spool = Spool(tmp_path / "usage.spool", max_bytes=300)
+    meter = Meter(conninfo="", interval_s=1.0, key_touch_s=60, on_dropped=dropped.append, spool=spool)
+    for i in range(10):
+        record(meter, project_id=uuid.UUID(int=i), model="m")
+    rows, meter.pending = meter.pending, []
+    meter._keep(rows)
+    kept = len(spool.lines())
+    assert 0 < kept < 10 and dropped == [10 - kept]
+    assert spool.size <= 300

@@ -1,18 +1,22 @@
 """Batched writes of the data path: usage records (COPY) and the shared limit counters.
 
 Nothing here runs per request: a request appends a tuple to a list, and a loop writes the list
-every `meter_flush_s` with one COPY on its own connection. If the database is away the rows
-wait (up to `MAX_PENDING`, then the oldest are dropped and counted) and go out with the next
-batch.
+every `meter_flush_s` with one COPY on its own connection. If the database is away, each failed
+batch is appended to a spool file in the data directory (`Spool`), so a restart of the process
+loses nothing either; when the database is back the spool is replayed first, in order, then
+memory. Only rows beyond the spool's bound are dropped (counted and logged); without a spool,
+rows wait in memory up to `MAX_PENDING`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -93,6 +97,54 @@ def _id(value: uuid.UUID | None) -> str:
     return NULL if value is None else str(value)
 
 
+class Spool:
+    """Usage rows the database could not take yet: COPY text lines appended to one file.
+
+    Append-only while the database is away; replayed with one streamed COPY (a transaction)
+    and then emptied. A process killed between that commit and the truncation would replay the
+    spool twice: a window of microseconds, against losing every row of an outage.
+    """
+
+    def __init__(self, path: Path, *, max_bytes: int) -> None:
+        self.path, self.max_bytes = path, max_bytes
+
+    @property
+    def size(self) -> int:
+        try:
+            return self.path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def append(self, lines: list[str]) -> int:
+        """Write what fits under the bound; the number of lines that did not fit."""
+        room = self.max_bytes - self.size
+        data = bytearray()
+        kept = 0
+        for line in lines:
+            encoded = line.encode()
+            if len(data) + len(encoded) > room:
+                break
+            data += encoded
+            kept += 1
+        if data:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)  # once per failed batch (a second), not per request
+            finally:
+                os.close(fd)
+        return len(lines) - kept
+
+    def lines(self) -> list[str]:
+        with self.path.open("r", encoding="utf-8", newline="\n") as stream:
+            return stream.readlines()
+
+    def clear(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.truncate(self.path, 0)
+
+
 class _Loop(Service):
     """A background loop on its own autocommit connection, reconnecting after failures."""
 
@@ -150,8 +202,10 @@ class Meter(_Loop):
         key_touch_s: int,
         on_dropped: Callable[[int], None],
         retention_days: int = 0,
+        spool: Spool | None = None,
     ) -> None:
         super().__init__(conninfo=conninfo, interval_s=interval_s)
+        self.spool = spool
         self.retention_days = retention_days  # 0: usage is kept for ever
         self._next_prune = time.monotonic() + 60.0  # the first round a minute after start
         self.pending: list[tuple[uuid.UUID, str]] = []  # (project, COPY text line)
@@ -224,23 +278,55 @@ class Meter(_Loop):
         return deleted
 
     async def _flush(self) -> None:
-        if not self.pending and not self.keys_seen:
+        spooled = self.spool is not None and self.spool.size > 0
+        if not self.pending and not self.keys_seen and not spooled:
             return
         rows, self.pending = self.pending, []
         keys, self.keys_seen = self.keys_seen, set()
         try:
             conn = await self._connection()
-            try:
-                await self._copy(conn, rows, keys)
-            except psycopg.errors.ForeignKeyViolation:
-                # A project deleted while its usage waited here: those rows have nowhere to go.
-                rows = await self._without_deleted_projects(conn, rows)
-                await self._copy(conn, rows, keys)
+            if spooled:  # older than anything in memory: they go first
+                await self._replay(conn)
+            await self._write(conn, rows, keys)
         except BaseException:
-            self.pending[:0] = rows  # keep them for the next batch, oldest first
             self.keys_seen |= keys
+            self._keep(rows)
             raise
         self.written += len(rows)
+
+    def _keep(self, rows: list[tuple[uuid.UUID, str]]) -> None:
+        """Rows of a failed batch: to the spool when there is one, else back to memory."""
+        if self.spool is None:
+            self.pending[:0] = rows  # kept for the next batch, oldest first
+            return
+        try:
+            dropped = self.spool.append([line for _, line in rows])
+        except OSError:
+            log.warning("gateway_meter_spool_failed", path=str(self.spool.path), exc_info=True)
+            self.pending[:0] = rows
+            return
+        if dropped:
+            log.error("gateway_meter_spool_full", dropped=dropped, max_bytes=self.spool.max_bytes)
+            self._on_dropped(dropped)
+
+    async def _write(
+        self, conn: psycopg.AsyncConnection[Any], rows: list[tuple[uuid.UUID, str]], keys: set[uuid.UUID]
+    ) -> None:
+        try:
+            await self._copy(conn, rows, keys)
+        except psycopg.errors.ForeignKeyViolation:
+            # A project deleted while its usage waited here: those rows have nowhere to go.
+            rows[:] = await self._without_deleted_projects(conn, rows)
+            await self._copy(conn, rows, keys)
+
+    async def _replay(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        assert self.spool is not None
+        lines = await asyncio.to_thread(self.spool.lines)
+        rows = [(uuid.UUID(line.split("\t", 2)[1]), line) for line in lines]
+        await self._write(conn, rows, set())
+        self.spool.clear()
+        self.written += len(rows)
+        log.info("gateway_meter_spool_replayed", rows=len(rows))
 
     async def _without_deleted_projects(
         self, conn: psycopg.AsyncConnection[Any], rows: list[tuple[uuid.UUID, str]]

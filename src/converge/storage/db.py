@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,71 +43,10 @@ def start_database(settings: Settings) -> Database:
     """Use CONVERGE_DATABASE_URL, or start the embedded PostgreSQL in the data directory."""
     if settings.database_url:
         return Database(url=settings.database_url)
-    import pgserver  # imported lazily: external-database deployments never need it
+    from converge.storage.embedded import start_embedded  # external databases never need it
 
-    settings.pg_dir.mkdir(parents=True, exist_ok=True)
-    # cleanup_mode="stop": the server stops when the last process using it exits.
-    server = pgserver.get_server(settings.pg_dir, cleanup_mode="stop")
-    database = Database(url=server.get_uri(), embedded=server)
-    restrict_embedded_access(database, settings.pg_dir)
-    log.info("embedded_postgres_started", data=str(settings.pg_dir))
-    return database
-
-
-def _os_user(uid: int) -> str:
-    import pwd
-
-    return pwd.getpwuid(uid).pw_name
-
-
-def embedded_hba(pg_dir: Path) -> tuple[str, str]:
-    """pg_hba.conf and pg_ident.conf for the embedded server: only Converge's own OS user (and
-    the server's, for its own tools) gets in, as `postgres`, by peer authentication; everyone
-    else must give a password, and no role has one. Model code runs as another user (the
-    sandbox), so even a socket it could reach would refuse it."""
-    users = sorted({_os_user(os.geteuid()), _os_user(pg_dir.stat().st_uid)})
-    hba = (
-        "# Written by Converge at every start (storage/db.py); edits are replaced.\n"
-        "local all postgres peer map=converge\n"
-        "local all all scram-sha-256\n"
-        "host all all all scram-sha-256\n"
-    )
-    ident = "# Written by Converge at every start (storage/db.py).\n" + "".join(
-        f"converge {user} postgres\n" for user in users
-    )
-    return hba, ident
-
-
-def restrict_embedded_access(db: Database, pg_dir: Path) -> None:
-    """Replace initdb's `trust` rules with `embedded_hba` and reload, when they differ."""
-    hba, ident = embedded_hba(pg_dir)
-    changed = False
-    for name, text_ in (("pg_ident.conf", ident), ("pg_hba.conf", hba)):
-        path = pg_dir / name
-        if path.read_text() != text_:
-            st = path.stat()
-            tmp = path.with_suffix(".converge-tmp")
-            tmp.write_text(text_)
-            os.chown(tmp, st.st_uid, st.st_gid)
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, path)
-            changed = True
-    if changed:
-        engine = create_engine(to_driver_url(db.url))
-        try:
-            with engine.connect() as conn:
-                # Still allowed by the old rules; a rejected file would leave them in force.
-                conn.execute(text("SELECT pg_reload_conf()"))
-                errors = conn.execute(text("SELECT count(*) FROM pg_hba_file_rules WHERE error IS NOT NULL"))
-                if errors.scalar_one():
-                    raise RuntimeError(
-                        f"PostgreSQL refused the access rules written to {pg_dir / 'pg_hba.conf'}"
-                    )
-        finally:
-            engine.dispose()
-        log.info(
-            "embedded_postgres_access_restricted", detail="peer for Converge's user, password for others"
-        )
+    url, server = start_embedded(settings.pg_dir)
+    return Database(url=url, embedded=server)
 
 
 def make_engine(db: Database, settings: Settings) -> AsyncEngine:

@@ -158,6 +158,7 @@ async def make_backend(tmp_path: Path, stub: Path) -> AsyncIterator[Callable[...
             "kill_grace_s": 2,
             "backoff_initial_s": 0.2,
             "backoff_max_s": 1,
+            "keep_replicas_on_stop": True,  # most tests here are about adoption
             **overrides,
         }
         backend = LocalBackend(LocalConfig(**values))
@@ -634,3 +635,21 @@ def test_port_allocator_never_hands_out_a_reserved_port() -> None:
     assert ports.reserved == {5000, 5002}
     with socket.socket() as s:  # the default candidate is a port the OS says is free
         s.bind(("127.0.0.1", PortAllocator().allocate()))
+
+
+async def test_stopping_the_supervisor_stops_its_replicas_by_default(
+    make_backend: Callable[..., LocalBackend], stub: Path
+) -> None:
+    first = make_backend(keep_replicas_on_stop=False)
+    await first.start()
+    dep = uuid.uuid4()
+    await first.apply(spec=make_spec(dep, replicas=2))
+    before = await ready_at(first, dep, n=2)
+    await first.stop()
+    assert not [p for p in stub_processes(stub) if p.pid in {r.pid for r in before.replicas}]
+
+    # The deployment is still recorded: the next start brings its replicas back, new ones.
+    second = make_backend(keep_replicas_on_stop=False)
+    await second.start()
+    after = await ready_at(second, dep, n=2)
+    assert not {r.pid for r in after.replicas} & {r.pid for r in before.replicas}

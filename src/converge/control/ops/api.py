@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from converge.deps import StateDep
+from converge.errors import PROBLEM_RESPONSES, Unauthorized
 from converge.storage.db import current_revision
 
 router = APIRouter(tags=["operations"])
@@ -57,8 +59,15 @@ async def readiness(state: StateDep) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
-@router.get("/metrics", response_class=Response)
-async def metrics(state: StateDep) -> Response:
-    """Prometheus exposition format."""
+@router.get("/metrics", response_class=Response, responses={401: PROBLEM_RESPONSES[401]})
+async def metrics(request: Request, state: StateDep) -> Response:
+    """Prometheus exposition format; needs `Authorization: Bearer <CONVERGE_SERVER__METRICS_TOKEN>`
+    when that is set."""
+    token = state.settings.server.metrics_token
+    if token is not None:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        expected = token.get_secret_value().encode()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+            raise Unauthorized("/metrics needs the metrics bearer token (CONVERGE_SERVER__METRICS_TOKEN)")
     registry = state.extras["metrics"].registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -34,6 +34,10 @@ class LocalConfig(BaseModel):
     backoff_max_s: float = Field(default=30, gt=0)
     crashloop_restarts: int = Field(default=5, ge=0)
     crashloop_window_s: float = Field(default=120, gt=0)
+    keep_replicas_on_stop: bool = Field(
+        default=False,
+        description="Leave replicas running when the supervisor stops, for the next one to adopt",
+    )
     memory_limit: bool = True
     memory_limit_factor: float = Field(
         default=2.0,

@@ -95,9 +95,14 @@ class LocalBackend(RuntimeBackend):
         self._loaded = True
 
     async def stop(self) -> None:
-        """Stop supervising; the replicas keep running for the next LocalBackend to adopt."""
+        """Stop supervising, and stop the replicas: what a person stopping `converge up` expects.
+
+        With `keep_replicas_on_stop` they keep serving instead, for the next LocalBackend to
+        adopt (a restart of the control plane without downtime)."""
         await cancel(self._task)
         self._task = None
+        if self._loaded and not self.config.keep_replicas_on_stop:
+            await self._stop_replicas()
         self._persist()
         self._passed.set()  # delete() calls still waiting learn that nobody supervises any more
         if self._client is not None:
@@ -106,6 +111,29 @@ class LocalBackend(RuntimeBackend):
         if self._lock is not None:
             self._lock.close()  # releases the flock
             self._lock = None
+
+    async def _stop_replicas(self) -> None:
+        """SIGTERM every replica, SIGKILL what is left after `kill_grace_s`; deployments stay
+        recorded, so the next start brings their replicas back."""
+        replicas = [r for d in self._deployments.values() for r in d.replicas.values()]
+        handles = [r.handle for r in replicas if r.handle is not None] + self._dying
+        for handle in handles:
+            handle.signal(signal.SIGTERM)
+        deadline = monotonic() + self.config.kill_grace_s
+        while any(h.poll() is None for h in handles) and monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for handle in handles:
+            handle.signal(signal.SIGKILL)
+        while any(h.poll() is None for h in handles) and monotonic() < deadline + 5:
+            await asyncio.sleep(0.05)
+        for r in replicas:
+            if r.port is not None:
+                self._ports.release(r.port)
+        for dep in self._deployments.values():
+            dep.replicas.clear()
+        self._dying.clear()
+        if handles:
+            log.info("local_replicas_stopped", count=len(handles))
 
     # -- RuntimeBackend --------------------------------------------------------------------
 
