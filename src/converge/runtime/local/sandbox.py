@@ -215,7 +215,7 @@ def grant_search_to_ancestors(path: Path, *, uid: int, gid: int) -> None:
     chain = [*reversed(target.parents), target] if target.is_dir() else list(reversed(target.parents))
     for folder in chain:
         st = folder.stat()
-        if can_search(st, uid=uid, gid=gid):
+        if can_search(st, uid=uid, gid=gid) or _acl_grants_search(folder, uid=uid):
             continue
         try:
             grant_search(folder, uid=uid)
@@ -243,6 +243,13 @@ def grant_search(folder: Path, *, uid: int) -> None:
         _ENTRY.pack(tag, perm, ident) for (tag, ident), perm in sorted(perms.items())
     )
     os.setxattr(folder, _ACL_XATTR, blob)
+
+
+def _acl_grants_search(folder: Path, *, uid: int) -> bool:
+    try:
+        return bool(_read_acl(folder).get((_ACL_USER, uid), 0) & 1)
+    except OSError:
+        return False
 
 
 def _read_acl(folder: Path) -> dict[tuple[int, int], int]:
