@@ -10,11 +10,12 @@ from typing import Any
 
 import pytest
 from rich.console import Console
-from support import ADMIN, make_key
+from support import ADMIN
 from typer.testing import CliRunner
 
 from converge.cli import client as cli_client
 from converge.cli import deploy as cli_deploy
+from converge.cli import library as cli_library
 from converge.cli.main import app as cli_app
 from converge.control.builds.schemas import BuildState
 from converge.models import Build
@@ -24,6 +25,7 @@ from converge.models import Build
 async def cli(live_server: Any, settings: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch):
     wide = Console(width=250)
     monkeypatch.setattr(cli_deploy, "out", wide)
+    monkeypatch.setattr(cli_library, "out", wide)
     monkeypatch.setattr(cli_client, "err", Console(stderr=True, width=250))
     async with live_server() as srv:
         env = {
@@ -48,12 +50,19 @@ async def _built_model(app: Any, client: Any) -> tuple[dict[str, Any], dict[str,
         await client.post(
             f"/models/{model['id']}/versions/upload",
             params={"version": "v1", "filename": "w.bin"},
-            content=os.urandom(128),
+            content=b"weights " + os.urandom(120),  # never starts like a pickle
             headers={**ADMIN, "content-type": "application/octet-stream"},
         )
     ).json()
-    owner = await make_key(client, project["id"], "owner")
-    await client.post(f"/models/{model['id']}/versions/{version['id']}/approve", json={}, headers=owner)
+    approver = await client.post(
+        "/keys", json={"name": "approver", "role": "library-approver"}, headers=ADMIN
+    )
+    approved = await client.post(
+        f"/models/{model['id']}/versions/{version['id']}/approve",
+        json={},
+        headers={"Authorization": f"Bearer {approver.json()['token']}"},
+    )
+    assert approved.json()["state"] == "approved", approved.text
     async with app.state.converge.sessions() as session, session.begin():
         session.add(
             Build(
@@ -100,3 +109,36 @@ async def test_deploy_rolls_out_and_deployments_commands_manage_it(app, committe
     assert deleted.exit_code == 0
     missing = await cli("deployments", "show", "nope", "--project", project["name"])
     assert missing.exit_code == 1 and "No deployment 'nope'" in missing.output
+
+
+async def test_models_revoke_dry_run_names_the_deployments_and_a_reason_is_required(
+    app, committed_client, cli
+):
+    project, model, version = await _built_model(app, committed_client)
+    spec = {
+        "name": f"rv-{uuid.uuid4().hex[:6]}",
+        "model_version_id": version["id"],
+        "server": "llama-cpp",
+        "resources": {"cpu": 1, "memory_bytes": 1 << 30},
+    }
+    created = await committed_client.post(
+        "/deployments", params={"project": project["id"]}, json=spec, headers=ADMIN
+    )
+    assert created.status_code == 201, created.text
+
+    plan = await cli("models", "revoke", model["name"], "v1", "--dry-run")
+    no_reason = await cli("models", "revoke", model["name"], "v1")
+    still = (await committed_client.get(f"/models/{model['id']}", headers=ADMIN)).json()["versions"][0]
+    revoked = await cli("models", "revoke", model["name"], "v1", "--reason", "licence withdrawn")
+
+    assert plan.exit_code == 0, plan.output
+    assert (
+        "would stop 1 deployment(s) in 1 project(s)" in plan.output and "Nothing was changed" in plan.output
+    )
+    assert project["name"] in plan.output and spec["name"] in plan.output
+    assert no_reason.exit_code == 1 and "--reason" in no_reason.output
+    assert still["state"] == "approved"
+    assert revoked.exit_code == 0, revoked.output
+    assert f"{model['name']} v1: revoked" in revoked.output
+    gone = (await committed_client.get(f"/models/{model['id']}", headers=ADMIN)).json()["versions"][0]
+    assert gone["state_reason"] == "licence withdrawn"

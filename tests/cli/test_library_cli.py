@@ -100,8 +100,15 @@ def safetensors_file(folder: Path, rows: int = 2, cols: int = 3) -> Path:
     return path
 
 
+async def approver_token(cli: Cli) -> str:
+    """A library approver's organisation key, made with `converge keys create --role library-approver`."""
+    created = ok(await cli("keys", "create", unique("approver"), "--role", "library-approver"))
+    assert "(library-approver) created" in created.stderr
+    return created.stdout.strip().splitlines()[-1]
+
+
 async def owner_token(cli: Cli) -> str:
-    """A key of a different principal that holds library:approve (a project owner)."""
+    """A project owner's key: it holds no organisation permission."""
     admin = {"Authorization": f"Bearer {cli.admin_token}"}
     async with httpx.AsyncClient(base_url=cli.url) as http:
         project = await http.post("/projects", json={"name": unique("lib-cli")}, headers=admin)
@@ -188,7 +195,7 @@ async def test_a_declared_digest_that_does_not_match_registers_nothing(cli: Cli,
 async def test_approval_needs_a_second_principal(cli: Cli, tmp_path: Path) -> None:
     name = unique("tiny")
     ok(await cli("models", "add", str(safetensors_file(tmp_path)), "--name", name))
-    approver = await owner_token(cli)
+    approver = await approver_token(cli)
 
     own = failed(await cli("models", "approve", name, "v1"))
     other = ok(await cli("models", "approve", name, "v1", "--note", "looks fine", token=approver))
@@ -205,7 +212,7 @@ async def test_models_list_filters_by_state(cli: Cli, tmp_path: Path) -> None:
     approved, pending = f"{prefix}-a", f"{prefix}-p"
     ok(await cli("models", "add", str(safetensors_file(tmp_path, 3, 3)), "--name", approved))
     ok(await cli("models", "add", str(safetensors_file(tmp_path, 5, 5)), "--name", pending))
-    ok(await cli("models", "approve", approved, "v1", token=await owner_token(cli)))
+    ok(await cli("models", "approve", approved, "v1", token=await approver_token(cli)))
 
     only_approved = ok(await cli("models", "list", "--name", prefix, "--state", "approved"))
     both = ok(await cli("models", "list", "--name", prefix))
@@ -221,14 +228,17 @@ async def test_models_list_filters_by_state(cli: Cli, tmp_path: Path) -> None:
 async def test_deprecate_then_revoke_and_the_lifecycle_errors_read_well(cli: Cli, tmp_path: Path) -> None:
     name = unique("tiny")
     ok(await cli("models", "add", str(safetensors_file(tmp_path)), "--name", name))
-    ok(await cli("models", "approve", name, "v1", token=await owner_token(cli)))
+    approver = await approver_token(cli)
+    ok(await cli("models", "approve", name, "v1", token=approver))
 
-    deprecated = ok(await cli("models", "deprecate", name, "v1", "--note", "v2 is better"))
-    revoked = ok(await cli("models", "revoke", name, "v1", "--note", "licence problem"))
+    deprecated = ok(await cli("models", "deprecate", name, "v1", "--note", "v2 is better", token=approver))
+    plan = ok(await cli("models", "revoke", name, "v1", "--dry-run", token=approver))
+    revoked = ok(await cli("models", "revoke", name, "v1", "--reason", "licence problem", token=approver))
     again = failed(await cli("models", "deprecate", name, "v1"))
     listing = ok(await cli("models", "show", name))
 
     assert f"{name} v1: deprecated" in deprecated.stdout
+    assert f"Revoking {name} v1 (deprecated) would stop no deployments. Nothing was changed." in plan.stdout
     assert f"{name} v1: revoked" in revoked.stdout
     assert "Error 409" in again.stderr and "revoked" in again.stderr
     assert row(listing.stdout, "v1", "revoked", "safetensors")
@@ -376,3 +386,20 @@ async def test_sources_add_without_permission_is_a_readable_403(cli: Cli) -> Non
     )  # fmt: skip
 
     assert "Error 403" in result.stderr and "sources:write" in result.stderr
+
+
+async def test_a_project_owner_cannot_approve_or_revoke_the_organisations_models(
+    cli: Cli, tmp_path: Path
+) -> None:
+    name = unique("tiny")
+    ok(await cli("models", "add", str(safetensors_file(tmp_path)), "--name", name))
+    owner = await owner_token(cli)
+
+    approve = failed(await cli("models", "approve", name, "v1", token=owner))
+    revoke = failed(await cli("models", "revoke", name, "v1", "--reason", "mine", token=owner))
+    no_reason = failed(await cli("models", "revoke", name, "v1"))
+
+    assert "Error 403" in approve.stderr and "library:approve" in approve.stderr
+    assert "Error 403" in revoke.stderr and "library:govern" in revoke.stderr
+    assert "needs --reason" in no_reason.stderr
+    assert (await model_detail(cli, name))["versions"][0]["state"] == "pending_approval"

@@ -21,7 +21,7 @@ import httpx
 import psutil
 import psycopg
 import pytest
-from support import ADMIN, make_key, make_settings
+from support import ADMIN, make_settings
 
 from converge.app import create_app
 from converge.control.library.catalogue import smollm2_path
@@ -105,9 +105,10 @@ async def test_build_deploy_chat_survive_kill_and_roll_out_under_load(api: httpx
                 headers={**ADMIN, "content-type": "application/octet-stream"},
             )
         ).json()
-    owner = await make_key(api, project["id"], "owner")
+    made = await api.post("/keys", json={"name": "approver", "role": "library-approver"}, headers=ADMIN)
+    approver = {"Authorization": f"Bearer {made.json()['token']}"}
     approve = await api.post(
-        f"/models/{model['id']}/versions/{version['id']}/approve", json={}, headers=owner
+        f"/models/{model['id']}/versions/{version['id']}/approve", json={}, headers=approver
     )
     assert approve.json()["state"] == "approved"
 

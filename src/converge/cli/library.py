@@ -398,7 +398,7 @@ def next_steps(model: dict[str, Any], version: dict[str, Any]) -> None:
     if state == "pending_approval":
         out.print(
             Text("Next: waiting for approval. ", style="yellow").append(
-                "Ask someone with library:approve (a project owner or an admin) other than the submitter "
+                "Ask someone with library:approve (a library approver or an admin) other than the submitter "
                 f"({version.get('submitted_by')}) to run `converge models approve {name} {ver}`.",
                 style="",
             )
@@ -700,7 +700,8 @@ def models_approve(
     note_text: Annotated[str, typer.Option("--note", help="Why you approve")] = "",
     profile: ProfileOpt = None,
 ) -> None:
-    """Approve a version pending approval (needs library:approve; never your own submission)."""
+    """Approve a version pending approval (needs library:approve: a library approver or an admin;
+    never your own submission)."""
     _verdict("approve", name, version, note_text, profile)
 
 
@@ -711,19 +712,62 @@ def models_reject(
     note_text: Annotated[str, typer.Option("--note", help="Why: shown to the submitter")],
     profile: ProfileOpt = None,
 ) -> None:
-    """Reject a version (needs library:approve). Rejection is final."""
+    """Reject a version (a library approver, or the submitting project while only it deploys the
+    model). Rejection is final."""
     _verdict("reject", name, version, note_text, profile)
+
+
+def show_revocation_plan(model: dict[str, Any], plan: dict[str, Any]) -> None:
+    what = f"Revoking {model['name']} {plan['version']} ({plan['state']})"
+    if not plan["deployment_count"]:
+        out.print(Text(f"{what} would stop no deployments. Nothing was changed."))
+        return
+    projects = len(plan["projects"])
+    out.print(
+        Text(f"{what} would stop {plan['deployment_count']} deployment(s) in {projects} project(s). ").append(
+            "Nothing was changed.", style="dim"
+        )
+    )
+    rows = [
+        {"project": p["name"], "deployment": d["name"], "phase": d["phase"], "id": d["id"]}
+        for p in plan["projects"]
+        for d in p["deployments"]
+    ]
+    table(rows, ["project", "deployment", "phase", "id"], title="Deployments that would stop")
 
 
 @models.command("revoke")
 def models_revoke(
     name: Annotated[str, typer.Argument(help=NAME_HELP)],
     version: Annotated[str, typer.Argument(help=VERSION_HELP)],
-    note_text: Annotated[str, typer.Option("--note", help="Why: recorded in the audit log")],
+    reason: Annotated[
+        str | None,
+        typer.Option(
+            "--reason", "--note", help="Why (required): recorded in the audit log, sent to affected projects"
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Show the deployments, per project, that would stop; change nothing"),
+    ] = False,
     profile: ProfileOpt = None,
 ) -> None:
-    """Revoke a version (needs library:approve): deployments of it are stopped. Final."""
-    _verdict("revoke", name, version, note_text, profile)
+    """Revoke a version: every deployment of it, in any project, is stopped. Final.
+
+    Needs library:govern (a library approver or an admin), or the submitting project while no other
+    project deploys the model. Try it with --dry-run first."""
+    if not dry_run and not (reason or "").strip():
+        die("A revocation needs --reason: it is final, and the reason goes to every project it affects")
+    client = api(profile)
+    model = get_model(client, name)
+    chosen = get_version(model, version)
+    path = f"/models/{model['id']}/versions/{chosen['id']}/revoke"
+    if dry_run:
+        plan = call_json(client, "POST", path, params={"dry_run": "true"}, json={"reason": reason or ""})
+        show_revocation_plan(model, plan)
+        return
+    updated = call_json(client, "POST", path, json={"reason": reason})
+    out.print(Text(f"{model['name']} {updated['version']}: ").append(styled_state(updated["state"])))
 
 
 @models.command("deprecate")
@@ -733,7 +777,7 @@ def models_deprecate(
     note_text: Annotated[str, typer.Option("--note", help="Why, e.g. what replaces it")] = "",
     profile: ProfileOpt = None,
 ) -> None:
-    """Deprecate an approved version (needs library:approve): still deployable, flagged as old."""
+    """Deprecate an approved version (needs library:govern, like revoke): still deployable, flagged as old."""
     _verdict("deprecate", name, version, note_text, profile)
 
 

@@ -144,18 +144,26 @@ def keys_list(
 def keys_create(
     name: str,
     project: Annotated[
-        str | None, typer.Option(help="Project name or id; omit for an organisation admin key")
+        str | None,
+        typer.Option(help="Project name or id; omit for an organisation key (admins create those)"),
     ] = None,
-    role: Annotated[str, typer.Option(help="viewer | developer | owner")] = "developer",
+    role: Annotated[
+        str | None,
+        typer.Option(
+            help="Project key: viewer | developer (default) | owner. "
+            "Organisation key: admin (default) | library-approver (governs the Model Library only)"
+        ),
+    ] = None,
     expires_in_days: Annotated[int | None, typer.Option(help="Days until expiry")] = 90,
     profile: ProfileOpt = None,
 ) -> None:
     client = api(profile)
     if project:
-        body = {"name": name, "role": role, "expires_in_days": expires_in_days}
+        body = {"name": name, "role": role or "developer", "expires_in_days": expires_in_days}
         k = client.call("POST", f"/projects/{client.project_id(project)}/keys", json=body)
     else:
-        k = client.call("POST", "/keys", json={"name": name, "expires_in_days": expires_in_days})
+        body = {"name": name, "role": role or "admin", "expires_in_days": expires_in_days}
+        k = client.call("POST", "/keys", json=body)
     err.print(f"Key [bold]{k['name']}[/] ({k['role']}) created. It is shown only once:")
     print(k["token"])
 

@@ -1,7 +1,9 @@
 """Roles and permissions: the one table the API, the README and the tests are checked against.
 
-Roles are per project (`owner`, `developer`, `viewer`); `admin` is organisation-wide and holds
-every permission. Organisation-level permissions (marked below) are held by admins only.
+Project roles (`owner`, `developer`, `viewer`) hold permissions in one project. Organisation roles
+hold theirs across the organisation: `admin` holds every permission, `library-approver` governs the
+Model Library (approve, reject, revoke, deprecate, change any model) and holds nothing in any
+project. Organisation-level permissions (marked below) are held by organisation roles only.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ class Role(StrEnum):
     VIEWER = "viewer"
     DEVELOPER = "developer"
     OWNER = "owner"
+    LIBRARY_APPROVER = "library-approver"
     ADMIN = "admin"
 
 
 PROJECT_ROLES = (Role.VIEWER, Role.DEVELOPER, Role.OWNER)
+ORG_ROLES = (Role.ADMIN, Role.LIBRARY_APPROVER)
+# Only project roles and admin are ranked: a library approver grants nothing in any project.
 RANK = {Role.VIEWER: 0, Role.DEVELOPER: 1, Role.OWNER: 2, Role.ADMIN: 3}
 
 VIEWER = frozenset(
@@ -31,9 +36,17 @@ VIEWER = frozenset(
     }
 )
 DEVELOPER = VIEWER | {"keys:read", "keys:write", "library:submit", "deployments:write", "builds:write"}
-OWNER = DEVELOPER | {"project:write", "project:delete", "members:write", "audit:read", "library:approve"}
-# Organisation-level: only admins hold these.
-ORG_ONLY = frozenset({"projects:create", "keys:admin", "policies:write", "sources:write", "audit:read-all"})
+OWNER = DEVELOPER | {"project:write", "project:delete", "members:write", "audit:read"}
+# Organisation-level: only organisation roles hold these. The library's governance is here because
+# an approved or revoked version is approved or revoked for every project that deploys it.
+LIBRARY_GOVERNANCE = frozenset({"library:approve", "library:govern"})
+ORG_ONLY = LIBRARY_GOVERNANCE | {
+    "projects:create",
+    "keys:admin",
+    "policies:write",
+    "sources:write",
+    "audit:read-all",
+}
 ALL_PERMISSIONS = OWNER | ORG_ONLY
 
 ROLE_PERMISSIONS: dict[Role, frozenset[str]] = {
@@ -41,6 +54,7 @@ ROLE_PERMISSIONS: dict[Role, frozenset[str]] = {
     Role.DEVELOPER: DEVELOPER,
     Role.OWNER: OWNER,
     Role.ADMIN: ALL_PERMISSIONS,
+    Role.LIBRARY_APPROVER: frozenset({"library:read"}) | LIBRARY_GOVERNANCE,
 }
 
 
@@ -49,8 +63,9 @@ def role_allows(role: Role | str, permission: str) -> bool:
 
 
 def may_grant(granter: Role | str, granted: Role | str) -> bool:
-    """A principal can hand out (to a member or a key) at most its own role."""
-    return RANK[Role(granted)] <= RANK[Role(granter)]
+    """A principal can hand out (to a member or a key) at most its own role, and only ranked ones."""
+    granter, granted = Role(granter), Role(granted)
+    return granter in RANK and granted in RANK and RANK[granted] <= RANK[granter]
 
 
 def permission_matrix() -> dict[str, dict[str, bool]]:

@@ -22,6 +22,7 @@ import structlog
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from converge.core.rbac import role_allows
 from converge.gateway.limits import Limits
 from converge.kit import channels
 from converge.kit.service import Service
@@ -114,7 +115,10 @@ def key_entry(key: ApiKey) -> KeyEntry:
 async def load_snapshot(session: AsyncSession) -> Snapshot:
     snap = Snapshot()
     for key in await session.scalars(select(ApiKey)):
-        snap.keys[key.prefix] = key_entry(key)
+        # A key whose role cannot call models (an organisation's library approver) is not a
+        # data-path credential at all: it answers like an unknown key.
+        if role_allows(key.role, "inference:use"):
+            snap.keys[key.prefix] = key_entry(key)
     for project in await session.scalars(select(Project)):
         snap.projects[project.id] = ProjectEntry(
             id=project.id, name=project.name, limits=Limits.from_json(project.limits), scope=f"p:{project.id}"

@@ -14,7 +14,7 @@ from converge.models.base import Base, Timestamped, UUIDPk
 class ApiKey(UUIDPk, Timestamped, Base):
     """An API key: shown once, stored as a peppered hash, found by its public prefix.
 
-    A key with no project is an organisation key (role `admin`).
+    A key with no project is an organisation key (role `admin` or `library-approver`).
     """
 
     __tablename__ = "api_keys"

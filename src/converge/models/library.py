@@ -35,6 +35,11 @@ class LibraryModel(UUIDPk, Timestamped, Base):
     tags: Mapped[list[str]] = mapped_column(ARRAY(String(64)), default=list)
     visibility: Mapped[str] = mapped_column(String(16), default="public")
     projects: Mapped[list[uuid.UUID]] = mapped_column(ARRAY(Uuid), default=list)
+    # The project that submitted the model, which may manage it while no other project deploys
+    # it; None for the organisation's own (admins, the built-in catalogue, registry sync).
+    submitting_project_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("projects.id", ondelete="SET NULL"), index=True
+    )
     created_by: Mapped[str] = mapped_column(String(255))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 

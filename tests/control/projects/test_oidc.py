@@ -116,7 +116,13 @@ async def test_a_valid_admin_token_is_accepted(oidc, idp):
     resp = await oidc.get("/auth/whoami", headers=bearer(idp.token(sub, converge_roles=["admin"])))
 
     assert resp.status_code == 200, resp.text
-    assert resp.json() == {"subject": f"oidc:{sub}", "kind": "oidc", "is_admin": True, "roles": {}}
+    assert resp.json() == {
+        "subject": f"oidc:{sub}",
+        "kind": "oidc",
+        "is_admin": True,
+        "roles": {},
+        "org_roles": [],
+    }
 
 
 def _expired(idp: Issuer) -> str:
@@ -213,6 +219,89 @@ async def test_a_claim_cannot_grant_admin_or_unknown_roles_in_a_project(oidc, id
 
     assert whoami["is_admin"] is False and whoami["roles"] == {}
     assert read.status_code == 404
+
+
+async def _admin_upload(oidc: httpx.AsyncClient) -> dict[str, Any]:
+    model = (await oidc.post("/models", json={"name": f"m-{uuid.uuid4().hex[:8]}"}, headers=ADMIN)).json()
+    resp = await oidc.post(
+        f"/models/{model['id']}/versions/upload",
+        params={"version": "v1", "filename": "w.bin"},
+        content=uuid.uuid4().bytes,
+        headers={**ADMIN, "content-type": "application/octet-stream"},
+    )
+    assert resp.status_code == 201, resp.text
+    return resp.json()
+
+
+async def test_the_library_approver_claim_grants_the_organisation_role_and_nothing_in_projects(oidc, idp):
+    project = await make_project(oidc)
+    token = bearer(idp.token(new_sub(), converge_roles=["library-approver"]))
+    version = await _admin_upload(oidc)
+
+    whoami = (await oidc.get("/auth/whoami", headers=token)).json()
+    approved = await oidc.post(
+        f"/models/{version['model_id']}/versions/{version['id']}/approve", json={}, headers=token
+    )
+
+    assert whoami["is_admin"] is False and whoami["roles"] == {}
+    assert whoami["org_roles"] == ["library-approver"]
+    assert approved.status_code == 200 and approved.json()["state"] == "approved", approved.text
+    assert (await oidc.get(f"/projects/{project['id']}", headers=token)).status_code == 404
+
+
+async def test_library_approver_is_not_a_project_role_in_the_claim(oidc, idp):
+    project = await make_project(oidc)
+    token = bearer(idp.token(new_sub(), converge_roles=[f"{project['name']}:library-approver"]))
+    version = await _admin_upload(oidc)
+
+    whoami = (await oidc.get("/auth/whoami", headers=token)).json()
+    approve = await oidc.post(
+        f"/models/{version['model_id']}/versions/{version['id']}/approve", json={}, headers=token
+    )
+
+    assert whoami["roles"] == {} and whoami["org_roles"] == []
+    assert approve.status_code == 403
+
+
+async def test_an_approver_who_also_develops_never_approves_their_own_submission(oidc, idp):
+    project = await make_project(oidc)
+    claims = ["library-approver", f"{project['name']}:developer"]
+    token = bearer(idp.token(new_sub(), converge_roles=claims))
+    model = await oidc.post("/models", json={"name": f"m-{uuid.uuid4().hex[:8]}"}, headers=token)
+    assert model.status_code == 201, model.text
+    assert model.json()["submitting_project_id"] == project["id"]
+    version = await oidc.post(
+        f"/models/{model.json()['id']}/versions/upload",
+        params={"version": "v1", "filename": "w.bin"},
+        content=uuid.uuid4().bytes,
+        headers={**token, "content-type": "application/octet-stream"},
+    )
+    assert version.status_code == 201, version.text
+
+    own = await oidc.post(
+        f"/models/{model.json()['id']}/versions/{version.json()['id']}/approve", json={}, headers=token
+    )
+
+    assert own.status_code == 403
+    assert "separation of duties" in own.json()["detail"].lower()
+
+
+async def test_a_submitter_in_several_projects_names_the_project_a_model_is_for(oidc, idp):
+    first, second = await make_project(oidc), await make_project(oidc)
+    claims = [f"{first['name']}:developer", f"{second['name']}:owner"]
+    token = bearer(idp.token(new_sub(), converge_roles=claims))
+
+    unnamed = await oidc.post("/models", json={"name": f"m-{uuid.uuid4().hex[:8]}"}, headers=token)
+    named = await oidc.post(
+        "/models",
+        json={"name": f"m-{uuid.uuid4().hex[:8]}", "submitting_project_id": second["id"]},
+        headers=token,
+    )
+
+    assert unnamed.status_code == 422, unnamed.text
+    assert "submitting_project_id" in unnamed.json()["detail"]
+    assert named.status_code == 201, named.text
+    assert named.json()["submitting_project_id"] == second["id"]
 
 
 # --- roles from membership ---------------------------------------------------------------------

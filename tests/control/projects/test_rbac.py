@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 from support import ADMIN, make_key, make_project
 
-from converge.core.rbac import ROLE_PERMISSIONS, Role, may_grant, permission_matrix
+from converge.core.rbac import (
+    LIBRARY_GOVERNANCE,
+    PROJECT_ROLES,
+    ROLE_PERMISSIONS,
+    Role,
+    may_grant,
+    permission_matrix,
+)
+
+README = Path(__file__).resolve().parents[3] / "README.md"
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,31 @@ def test_the_table_is_monotonic_in_rank():
     for lower, higher in zip(order, order[1:], strict=False):
         assert ROLE_PERMISSIONS[lower] <= ROLE_PERMISSIONS[higher]
     assert all(row["admin"] for row in permission_matrix().values())
+
+
+def test_library_governance_is_organisation_level_only():
+    for role in PROJECT_ROLES:
+        assert not ROLE_PERMISSIONS[role] & LIBRARY_GOVERNANCE, role
+    # The library approver reads and governs the library, and holds nothing in any project.
+    assert ROLE_PERMISSIONS[Role.LIBRARY_APPROVER] == {"library:read"} | LIBRARY_GOVERNANCE
+    assert not may_grant(Role.LIBRARY_APPROVER, Role.VIEWER)
+    assert not may_grant(Role.OWNER, Role.LIBRARY_APPROVER)
+
+
+def test_the_readme_permission_table_is_the_matrix():
+    lines = README.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| permission |"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0].strip("`")] = {
+            role: cell == "yes" for role, cell in zip(header[1:], cells[1:], strict=True)
+        }
+    assert header[1:] == [r.value for r in Role]
+    assert rows == permission_matrix()
 
 
 async def test_nobody_grants_above_their_own_role(client):

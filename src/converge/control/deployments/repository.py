@@ -7,7 +7,7 @@ import uuid
 from sqlalchemy import func, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from converge.models import Deployment, DeploymentRevision
+from converge.models import Deployment, DeploymentRevision, ModelVersion, Project
 
 
 async def get(session: AsyncSession, deployment_id: uuid.UUID, *, lock: bool = False) -> Deployment | None:
@@ -86,3 +86,31 @@ async def specs_of(session: AsyncSession, deployments: list[Deployment]) -> dict
         )
     )
     return {did: spec for did, spec in (await session.execute(q)).all()}
+
+
+async def using_model(
+    session: AsyncSession,
+    *,
+    model_id: uuid.UUID,
+    version_id: uuid.UUID | None = None,
+    other_than: uuid.UUID | None = None,
+    limit: int | None = None,
+) -> list[tuple[Deployment, str]]:
+    """(deployment, its project's name) for live deployments of a library model's versions.
+
+    `version_id`: of that version only; `other_than`: only those outside that project.
+    """
+    q = (
+        select(Deployment, Project.name)
+        .join(ModelVersion, ModelVersion.id == Deployment.model_version_id)
+        .join(Project, Project.id == Deployment.project_id)
+        .where(ModelVersion.model_id == model_id, Deployment.deleting.is_(False))
+        .order_by(Project.name, Deployment.name)
+    )
+    if version_id is not None:
+        q = q.where(Deployment.model_version_id == version_id)
+    if other_than is not None:
+        q = q.where(Deployment.project_id != other_than)
+    if limit is not None:
+        q = q.limit(limit)
+    return [(d, name) for d, name in (await session.execute(q)).all()]

@@ -11,11 +11,15 @@ from starlette.requests import ClientDisconnect
 
 from converge.control.library import acquire, repository, service
 from converge.control.library.schemas import (
+    AffectedProject,
     ApprovalRead,
     ModelCreate,
     ModelDetail,
     ModelRead,
     ModelUpdate,
+    RevocationPlan,
+    RevokeBody,
+    StoppedDeployment,
     VerdictBody,
     VersionName,
     VersionRead,
@@ -28,7 +32,7 @@ from converge.core.lifecycle import VersionState
 from converge.deps import SessionDep, StateDep, unit_of_work
 from converge.errors import PROBLEM_RESPONSES, BadRequest, PayloadTooLarge
 from converge.kit.pagination import Page, PageDep, encode_cursor, page_of, uuid_after
-from converge.models import ModelVersion
+from converge.models import Deployment, ModelVersion
 from converge.storage.artifacts import ArtifactTooLarge, DigestMismatch
 
 router = APIRouter(prefix="/models", tags=["library"], responses=PROBLEM_RESPONSES)
@@ -64,7 +68,7 @@ async def list_models(
 ) -> Page[ModelRead]:
     rows = await repository.list_models(
         session,
-        visible=principal.visible_projects,
+        visible=service.library_scope(principal),
         name=name,
         tag=tag,
         format=format,
@@ -150,7 +154,7 @@ async def _admit(state: StateDep, principal: Principal, model_id: uuid.UUID, ver
     """Checks before any bytes move: the model is visible, the caller may submit, the name is free."""
     async with unit_of_work(state) as session:
         model = await service.visible_model(session, principal, model_id)
-        service.require_submit(principal)
+        service.require_submit(principal, model)
         await service.ensure_new_version(session, model, version)
         source = await source_for_uri(session, uri) if uri else None
         return (source.name, dict(source.options)) if source else None
@@ -256,7 +260,8 @@ async def approve_version(
     principal: PrincipalDep,
     state: StateDep,
 ) -> VersionRead:
-    """Approve (needs `library:approve`; never your own submission)."""
+    """Approve (needs `library:approve` at organisation level: a library approver or an admin;
+    never your own submission)."""
     version = await service.approve(
         session,
         principal,
@@ -276,36 +281,61 @@ async def reject_version(
     session: SessionDep,
     principal: PrincipalDep,
 ) -> VersionRead:
+    """Reject (final): a library approver or an admin, or the submitting project while no other
+    project deploys the model."""
     version = await service.reject(
         session, principal, model_id=model_id, version_id=version_id, note=body.note
     )
     return (await _versions_read(session, [version]))[0]
 
 
-async def _state_change(
-    target: VersionState,
-    model_id: uuid.UUID,
-    version_id: uuid.UUID,
-    body: VerdictBody,
-    session: SessionDep,
-    principal: PrincipalDep,
-) -> VersionRead:
-    version = await service.change_state(
-        session, principal, model_id=model_id, version_id=version_id, target=target, note=body.note
-    )
-    return (await _versions_read(session, [version]))[0]
-
-
-@router.post("/{model_id}/versions/{version_id}/revoke", response_model=VersionRead)
+@router.post(
+    "/{model_id}/versions/{version_id}/revoke",
+    response_model=VersionRead | RevocationPlan,
+    responses={200: {"description": "The revoked version, or with `dry_run` what revoking would stop"}},
+)
 async def revoke_version(
     model_id: uuid.UUID,
     version_id: uuid.UUID,
-    body: VerdictBody,
     session: SessionDep,
     principal: PrincipalDep,
-) -> VersionRead:
-    """Revoke: emits `model_version.revoked`, which deployments act on."""
-    return await _state_change(VersionState.REVOKED, model_id, version_id, body, session, principal)
+    body: RevokeBody | None = None,
+    dry_run: Annotated[
+        bool, Query(description="Answer the deployments, per project, that would stop; change nothing")
+    ] = False,
+) -> VersionRead | RevocationPlan:
+    """Revoke (final; a reason is required): emits `model_version.revoked`, and the deployments of
+    the version stop. Needs `library:govern` at organisation level, or the submitting project while
+    no other project deploys the model."""
+    version, stopped = await service.revoke(
+        session,
+        principal,
+        model_id=model_id,
+        version_id=version_id,
+        reason=body.reason if body else "",
+        dry_run=dry_run,
+    )
+    if dry_run:
+        return _revocation_plan(version, stopped)
+    return (await _versions_read(session, [version]))[0]
+
+
+def _revocation_plan(version: ModelVersion, stopped: list[tuple[Deployment, str]]) -> RevocationPlan:
+    projects: dict[uuid.UUID, AffectedProject] = {}
+    for deployment, project_name in stopped:
+        entry = projects.setdefault(
+            deployment.project_id,
+            AffectedProject(id=deployment.project_id, name=project_name, deployments=[]),
+        )
+        entry.deployments.append(StoppedDeployment.model_validate(deployment))
+    return RevocationPlan(
+        model_id=version.model_id,
+        version_id=version.id,
+        version=version.version,
+        state=VersionState(version.state),
+        projects=list(projects.values()),
+        deployment_count=len(stopped),
+    )
 
 
 @router.post("/{model_id}/versions/{version_id}/deprecate", response_model=VersionRead)
@@ -316,4 +346,8 @@ async def deprecate_version(
     session: SessionDep,
     principal: PrincipalDep,
 ) -> VersionRead:
-    return await _state_change(VersionState.DEPRECATED, model_id, version_id, body, session, principal)
+    """Deprecate an approved version: still deployable, flagged as old."""
+    version = await service.deprecate(
+        session, principal, model_id=model_id, version_id=version_id, note=body.note
+    )
+    return (await _versions_read(session, [version]))[0]

@@ -4,7 +4,7 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, StringConstraints
+from pydantic import AliasChoices, Field, StringConstraints
 
 from converge.core.lifecycle import VersionState
 from converge.kit.schemas import Input, Output
@@ -30,6 +30,11 @@ class ModelCreate(Input):
     projects: list[uuid.UUID] = Field(
         default_factory=list, description="Projects that see a restricted model"
     )
+    submitting_project_id: uuid.UUID | None = Field(
+        default=None,
+        description="The project submitting the model (it may manage the model while no other project "
+        "deploys it). Default: the caller's one project where it holds library:submit; admins: none",
+    )
 
 
 class ModelUpdate(Input):
@@ -46,6 +51,9 @@ class ModelRead(Output):
     tags: list[str]
     visibility: str
     projects: list[uuid.UUID]
+    submitting_project_id: uuid.UUID | None = Field(
+        description="The project that submitted the model; null: the organisation's own"
+    )
     created_by: str
     created_at: datetime
     updated_at: datetime
@@ -84,6 +92,40 @@ class ModelDetail(ModelRead):
 
 class VerdictBody(Input):
     note: str = Field(default="", max_length=2000)
+
+
+class RevokeBody(Input):
+    reason: str = Field(
+        default="",
+        max_length=2000,
+        validation_alias=AliasChoices("reason", "note"),
+        description="Why (required unless dry_run): recorded in the audit log and sent to every "
+        "project whose deployments stop. `note` is accepted as another name for it",
+    )
+
+
+class StoppedDeployment(Output):
+    id: uuid.UUID
+    name: str
+    phase: str
+
+
+class AffectedProject(Output):
+    id: uuid.UUID
+    name: str
+    deployments: list[StoppedDeployment]
+
+
+class RevocationPlan(Output):
+    """What revoking a version would stop; nothing was changed."""
+
+    dry_run: Literal[True] = True
+    model_id: uuid.UUID
+    version_id: uuid.UUID
+    version: str
+    state: VersionState = Field(description="The version's state now")
+    projects: list[AffectedProject] = Field(description="Per project, the deployments that would stop")
+    deployment_count: int
 
 
 class ApprovalRead(Output):

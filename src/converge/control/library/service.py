@@ -8,27 +8,36 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from converge.control.deployments import repository as deployments_repo
 from converge.control.events.service import record
 from converge.control.library import repository
 from converge.control.library.acquire import Acquired
 from converge.control.library.inspection import inspect_artifact, scan_artifact
 from converge.control.library.schemas import ModelCreate, ModelUpdate
 from converge.control.policies.repository import rules_for
+from converge.control.projects import repository as projects_repo
 from converge.control.projects.principal import Principal
 from converge.core.lifecycle import InvalidTransition, VersionState, transition
 from converge.core.policy import Decision, build_facts, evaluate
-from converge.errors import Conflict, Forbidden, NotFound, PolicyDenied
+from converge.errors import Conflict, Forbidden, NotFound, PolicyDenied, Unprocessable
 from converge.kit.unique import flush_or_conflict
-from converge.models import LibraryModel, ModelVersion
+from converge.models import Deployment, LibraryModel, ModelVersion
 
 S = VersionState
 SYSTEM = "system:policy"
 
 
+def library_scope(principal: Principal) -> set[uuid.UUID] | None:
+    """The projects whose restricted models the principal sees; None: the whole library (admins
+    and library approvers, who read the library organisation-wide)."""
+    return None if principal.can_org("library:read") else set(principal.roles)
+
+
 def _can_see(principal: Principal | None, model: LibraryModel) -> bool:
-    if principal is None or principal.is_admin or model.visibility == "public":
+    if principal is None or model.visibility == "public":
         return True
-    return bool(set(model.projects) & set(principal.roles))
+    scope = library_scope(principal)
+    return scope is None or bool(set(model.projects) & scope)
 
 
 async def visible_model(session: AsyncSession, principal: Principal, model_id: uuid.UUID) -> LibraryModel:
@@ -53,26 +62,86 @@ async def visible_version(
     return model, version
 
 
-def require_submit(principal: Principal) -> None:
-    _require(principal, "library:submit")
+def require_submit(principal: Principal, model: LibraryModel) -> None:
+    """Adding a version: `library:submit` in the project that submitted the model; the
+    organisation's own models (no submitting project) take it at organisation level (admins)."""
+    project_id = model.submitting_project_id
+    if project_id is None and not principal.can_org("library:submit"):
+        raise Forbidden(
+            f"Model '{model.name}' is the organisation's: adding versions to it needs the "
+            "'library:submit' permission at organisation level (an admin)"
+        )
+    if project_id is not None and not principal.can("library:submit", project_id):
+        raise Forbidden(
+            f"Adding versions to model '{model.name}' needs the 'library:submit' permission in the "
+            "project that submitted it (a developer or owner there)"
+        )
 
 
-def _require(principal: Principal, permission: str) -> None:
-    if not principal.can(permission):
-        raise Forbidden(f"This action needs the '{permission}' permission")
+async def _submitting_project(
+    session: AsyncSession, principal: Principal, requested: uuid.UUID | None
+) -> uuid.UUID | None:
+    """The project a new model is submitted for: the one asked for, or the caller's only project
+    where it may submit; admins submit for the organisation unless they name a project."""
+    if requested is not None:
+        if not principal.sees(requested) or await projects_repo.get_project(session, requested) is None:
+            raise NotFound(f"Project {requested} not found")
+        if not principal.can("library:submit", requested):
+            raise Forbidden("Your role in that project does not include 'library:submit'")
+        return requested
+    if principal.is_admin:
+        return None
+    candidates = sorted(p for p in principal.roles if principal.can("library:submit", p))
+    if not candidates:
+        raise Forbidden(
+            "Creating a model needs the 'library:submit' permission (a developer or owner of a project)"
+        )
+    if len(candidates) > 1:
+        raise Unprocessable(
+            "You may submit in several projects: name the one submitting this model in "
+            "'submitting_project_id'",
+            extra={"field": "submitting_project_id", "projects": [str(p) for p in candidates]},
+        )
+    return candidates[0]
+
+
+async def authorize_governance(
+    session: AsyncSession, principal: Principal, model: LibraryModel, *, permission: str, doing: str
+) -> None:
+    """Organisation governance (`permission` at organisation level), or the exception: whoever
+    holds `library:submit` in the project that submitted the model manages it while no other
+    project deploys any version of it (then it affects nobody else)."""
+    if principal.can_org(permission):
+        return
+    project_id = model.submitting_project_id
+    needs = f"{doing} needs the '{permission}' permission (a library approver or an admin)"
+    if project_id is None:
+        raise Forbidden(f"{needs}: model '{model.name}' is the organisation's")
+    if not principal.can("library:submit", project_id):
+        raise Forbidden(
+            f"{needs}, or 'library:submit' in the project that submitted model '{model.name}' "
+            "while no other project deploys it"
+        )
+    if await deployments_repo.using_model(session, model_id=model.id, other_than=project_id, limit=1):
+        raise Forbidden(
+            f"{needs}: another project deploys a version of model '{model.name}', so your project "
+            "no longer manages it alone"
+        )
 
 
 async def create_model(
     session: AsyncSession, principal: Principal | None, *, body: ModelCreate
 ) -> LibraryModel:
+    project_id = None
     if principal is not None:
-        _require(principal, "library:submit")
+        project_id = await _submitting_project(session, principal, body.submitting_project_id)
     model = LibraryModel(
         name=body.name,
         description=body.description,
         tags=body.tags,
         visibility=body.visibility,
         projects=body.projects,
+        submitting_project_id=project_id,
         created_by=principal.subject if principal else "system",
     )
     session.add(model)
@@ -85,7 +154,12 @@ async def create_model(
         restricted=model.visibility == "restricted",
         object_type="model",
         object_id=model.id,
-        changes={"name": model.name, "visibility": model.visibility, "tags": model.tags},
+        changes={
+            "name": model.name,
+            "visibility": model.visibility,
+            "tags": model.tags,
+            "submitting_project_id": str(project_id) if project_id else None,
+        },
     )
     return model
 
@@ -94,8 +168,9 @@ async def update_model(
     session: AsyncSession, principal: Principal, *, model_id: uuid.UUID, body: ModelUpdate
 ) -> LibraryModel:
     model = await visible_model(session, principal, model_id)
-    if not (principal.can("library:approve") or model.created_by == principal.subject):
-        raise Forbidden("Only the model's creator or a library approver can change it")
+    visibility = bool({"visibility", "projects"} & body.model_fields_set)
+    doing = "Changing a model's visibility" if visibility else "Changing a model"
+    await authorize_governance(session, principal, model, permission="library:govern", doing=doing)
     changes: dict[str, Any] = {}
     for field in body.model_fields_set:
         value = getattr(body, field)
@@ -122,15 +197,28 @@ async def _restricted(session: AsyncSession, model_id: uuid.UUID) -> bool:
     return model is not None and model.visibility == "restricted"
 
 
-async def _move(
-    session: AsyncSession, principal: Principal | None, version: ModelVersion, target: S, *, reason: str = ""
-) -> None:
+def _check_transition(version: ModelVersion, target: S) -> S:
     try:
-        version.state = transition(version.state, target)
+        return transition(version.state, target)
     except InvalidTransition as exc:
         raise Conflict(str(exc)) from exc
+
+
+async def _move(
+    session: AsyncSession,
+    principal: Principal | None,
+    version: ModelVersion,
+    target: S,
+    *,
+    reason: str = "",
+    audit: dict[str, Any] | None = None,
+    event: dict[str, Any] | None = None,
+) -> None:
+    """Change state; `audit` adds to the audit record, `event` to the event (default: the same)."""
+    version.state = _check_transition(version, target)
     version.state_reason = reason
     await session.flush()
+    changes = {"model_id": str(version.model_id), "version": version.version, "reason": reason}
     await record(
         session,
         principal,
@@ -139,7 +227,8 @@ async def _move(
         restricted=await _restricted(session, version.model_id),
         object_type="model_version",
         object_id=version.id,
-        changes={"model_id": str(version.model_id), "version": version.version, "reason": reason},
+        changes={**changes, **(audit or {})},
+        event_data={**changes, **event} if event is not None else None,
     )
 
 
@@ -217,7 +306,7 @@ async def register_version(
     transaction) so no transaction stays open during seconds of CPU work.
     """
     if principal is not None:
-        _require(principal, "library:submit")
+        require_submit(principal, model)
     await ensure_new_version(session, model, version)
     await repository.upsert_artifact(
         session,
@@ -335,8 +424,13 @@ async def approve(
     note: str,
     approvals_required: int,
 ) -> ModelVersion:
-    _require(principal, "library:approve")
     model, version = await visible_version(session, principal, model_id, version_id, lock=True)
+    # Never the exception for a submitting project: an approval is what lets every project that
+    # sees the model deploy the version, and visibility can widen later.
+    if not principal.can_org("library:approve"):
+        raise Forbidden(
+            "Approving a version needs the 'library:approve' permission (a library approver or an admin)"
+        )
     if version.submitted_by == principal.subject:
         raise Forbidden("Separation of duties: you submitted this version, so someone else must approve it")
     if version.state != S.PENDING_APPROVAL:
@@ -374,24 +468,94 @@ async def approve(
 async def reject(
     session: AsyncSession, principal: Principal, *, model_id: uuid.UUID, version_id: uuid.UUID, note: str
 ) -> ModelVersion:
-    _require(principal, "library:approve")
-    _, version = await visible_version(session, principal, model_id, version_id, lock=True)
+    model, version = await visible_version(session, principal, model_id, version_id, lock=True)
+    await authorize_governance(
+        session, principal, model, permission="library:approve", doing="Rejecting a version"
+    )
     await _add_approval(session, principal, version, verdict="reject", note=note)
     await _move(session, principal, version, S.REJECTED, reason=note or f"rejected by {principal.subject}")
     return version
 
 
-async def change_state(
+async def deprecate(
+    session: AsyncSession, principal: Principal, *, model_id: uuid.UUID, version_id: uuid.UUID, note: str
+) -> ModelVersion:
+    """An approved version stays deployable, flagged as old."""
+    model, version = await visible_version(session, principal, model_id, version_id, lock=True)
+    await authorize_governance(
+        session, principal, model, permission="library:govern", doing="Deprecating a version"
+    )
+    await _move(
+        session, principal, version, S.DEPRECATED, reason=note or f"deprecated by {principal.subject}"
+    )
+    return version
+
+
+async def revoke(
     session: AsyncSession,
     principal: Principal,
     *,
     model_id: uuid.UUID,
     version_id: uuid.UUID,
-    target: S,
-    note: str,
-) -> ModelVersion:
-    """Deprecate, revoke or restore; revocation is what running deployments act on."""
-    _require(principal, "library:approve")
-    _, version = await visible_version(session, principal, model_id, version_id, lock=True)
-    await _move(session, principal, version, target, reason=note or f"{target.value} by {principal.subject}")
-    return version
+    reason: str,
+    dry_run: bool = False,
+) -> tuple[ModelVersion, list[tuple[Deployment, str]]]:
+    """Revoke (final): the controller stops every deployment of the version. Returns the version
+    and the deployments that stop, with their projects' names; a dry run only answers them.
+
+    A dry run needs the same permission as the revocation: it names other projects' deployments.
+    """
+    model, version = await visible_version(session, principal, model_id, version_id, lock=not dry_run)
+    await authorize_governance(
+        session, principal, model, permission="library:govern", doing="Revoking a version"
+    )
+    _check_transition(version, S.REVOKED)
+    if not dry_run and not reason:
+        raise Unprocessable(
+            "A revocation needs a reason ('reason'): it is final, and the reason is recorded and sent "
+            "to every project whose deployments it stops",
+            extra={"field": "reason"},
+        )
+    stopped = await deployments_repo.using_model(session, model_id=model.id, version_id=version.id)
+    if not dry_run:
+        await _revoke_and_tell(session, principal, model, version, stopped=stopped, reason=reason)
+    return version, stopped
+
+
+async def _revoke_and_tell(
+    session: AsyncSession,
+    principal: Principal,
+    model: LibraryModel,
+    version: ModelVersion,
+    *,
+    stopped: list[tuple[Deployment, str]],
+    reason: str,
+) -> None:
+    """The organisation-wide event counts what stops (it must not name one project's deployments
+    to the others); the audit record names them, and each affected project hears of its own."""
+    counts = {
+        "deployments_stopped": len(stopped),
+        "projects_affected": len({d.project_id for d, _ in stopped}),
+    }
+    named = [
+        {"id": str(d.id), "name": d.name, "project_id": str(d.project_id), "project": project}
+        for d, project in stopped
+    ]
+    audit = {**counts, "deployments": named}
+    await _move(session, principal, version, S.REVOKED, reason=reason, audit=audit, event=counts)
+    for deployment, _ in stopped:
+        await record(
+            session,
+            principal,
+            action="deployment.model_version_revoked",
+            project_id=deployment.project_id,
+            object_type="deployment",
+            object_id=deployment.id,
+            changes={
+                "deployment": deployment.name,
+                "model": model.name,
+                "version": version.version,
+                "model_version_id": str(version.id),
+                "reason": reason,
+            },
+        )

@@ -42,6 +42,7 @@ async def whoami(principal: PrincipalDep) -> WhoAmI:
         kind=principal.kind,
         is_admin=principal.is_admin,
         roles={str(k): v for k, v in principal.roles.items()},
+        org_roles=sorted(principal.org_roles),
     )
 
 

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from converge.control.projects import repository
 from converge.control.projects.principal import Principal, merge_role
 from converge.core import apikeys as keys
-from converge.core.rbac import PROJECT_ROLES, Role
+from converge.core.rbac import ORG_ROLES, PROJECT_ROLES, Role
 from converge.deps import SessionDep, get_state, unit_of_work
 from converge.errors import Forbidden, Unauthorized
 from converge.state import State
@@ -57,8 +57,10 @@ async def _from_api_key(session: AsyncSession, state: State, prefix: str, secret
     if key.last_used_at is None or now - key.last_used_at > resolution:
         await repository.touch_key(session, key.id, now)
     subject = f"key:{key.prefix}"
-    if key.project_id is None:
-        return Principal(subject=subject, kind="key", is_admin=True, key_id=key.id)
+    if key.project_id is None:  # an organisation key: `admin`, or an organisation role below it
+        if key.role == Role.ADMIN:
+            return Principal(subject=subject, kind="key", is_admin=True, key_id=key.id)
+        return Principal(subject=subject, kind="key", org_roles=frozenset({Role(key.role)}), key_id=key.id)
     return Principal(subject=subject, kind="key", roles={key.project_id: Role(key.role)}, key_id=key.id)
 
 
@@ -72,14 +74,18 @@ async def _from_oidc(session: AsyncSession, state: State, token: str) -> Princip
     roles: dict = {}
     for project_id, role in await repository.memberships(session, subject):
         merge_role(roles, project_id, Role(role))
-    # Claim values "<project-name>:<role>" grant project roles; the admin value grants admin.
+    # Claim values "<project-name>:<role>" grant project roles; the admin value grants admin, and
+    # an organisation role's own name (`library-approver`) grants that role.
     wanted = dict(v.rsplit(":", 1) for v in values if ":" in v)
     named = await repository.project_ids_by_names(session, wanted) if wanted else {}
     for name, pid in named.items():
         if wanted[name] in {r.value for r in PROJECT_ROLES}:
             merge_role(roles, pid, Role(wanted[name]))
     is_admin = settings.oidc_admin_value in values
-    return Principal(subject=f"oidc:{subject}", kind="oidc", is_admin=is_admin, roles=roles)
+    org_roles = frozenset(r for r in ORG_ROLES if r != Role.ADMIN and r.value in values)
+    return Principal(
+        subject=f"oidc:{subject}", kind="oidc", is_admin=is_admin, roles=roles, org_roles=org_roles
+    )
 
 
 def _token(cred: HTTPAuthorizationCredentials | None) -> str:
@@ -117,7 +123,7 @@ DetachedPrincipalDep = Annotated[Principal, Depends(get_principal_detached)]
 
 
 def require(permission: str):  # noqa: ANN201 - returns a FastAPI dependency
-    """Organisation-level check: the principal holds `permission` in some role."""
+    """The principal holds `permission` in some role (a project's or the organisation's)."""
 
     async def dependency(principal: PrincipalDep) -> Principal:
         if not principal.can(permission):

@@ -15,6 +15,8 @@ class Principal:
     is_admin: bool = False
     roles: dict[uuid.UUID, Role] = field(default_factory=dict)
     key_id: uuid.UUID | None = None
+    # Organisation roles other than admin (`library-approver`): they hold nothing in any project.
+    org_roles: frozenset[Role] = frozenset()
 
     def role_in(self, project_id: uuid.UUID) -> Role | None:
         if self.is_admin:
@@ -22,13 +24,17 @@ class Principal:
         return self.roles.get(project_id)
 
     def can(self, permission: str, project_id: uuid.UUID | None = None) -> bool:
-        """With a project: the role there allows it. Without: some role allows it."""
+        """With a project: the role there allows it. Without: some role, here or anywhere, allows it."""
         if self.is_admin:
             return True
         if project_id is not None:
             role = self.roles.get(project_id)
             return role is not None and role_allows(role, permission)
-        return any(role_allows(r, permission) for r in self.roles.values())
+        return self.can_org(permission) or any(role_allows(r, permission) for r in self.roles.values())
+
+    def can_org(self, permission: str) -> bool:
+        """An organisation role allows it: for acts whose effect reaches every project."""
+        return self.is_admin or any(role_allows(r, permission) for r in self.org_roles)
 
     def sees(self, project_id: uuid.UUID | None) -> bool:
         """Organisation-wide objects (no project) are visible to every principal."""

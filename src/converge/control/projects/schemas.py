@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, StringConstraints
 
@@ -92,6 +92,10 @@ class KeyCreate(Input):
 
 class OrgKeyCreate(Input):
     name: KeyName
+    role: Literal[Role.ADMIN, Role.LIBRARY_APPROVER] = Field(
+        default=Role.ADMIN,
+        description="An organisation role: `admin`, or `library-approver` (governs the Model Library only)",
+    )
     expires_in_days: int | None = Field(default=None, ge=1, le=3650)
     limits: Limits = Limits()
 
@@ -123,4 +127,7 @@ class WhoAmI(Output):
     subject: str
     kind: str
     is_admin: bool
-    roles: dict[str, Role]
+    roles: dict[str, Role] = Field(description="Project id -> your role there")
+    org_roles: list[Role] = Field(
+        default_factory=list, description="Organisation roles other than admin, e.g. library-approver"
+    )

@@ -20,7 +20,7 @@ from converge.control.projects.schemas import (
     ProjectUpdate,
 )
 from converge.core import apikeys as keys
-from converge.core.rbac import Role, may_grant
+from converge.core.rbac import PROJECT_ROLES, Role, may_grant
 from converge.errors import Conflict, Forbidden, NotFound
 from converge.kit.unique import flush_or_conflict
 from converge.models import ApiKey, Member, Project
@@ -104,6 +104,14 @@ async def delete_project(session: AsyncSession, principal: Principal, *, project
     await session.flush()
 
 
+def _project_role_only(role: Role) -> None:
+    if role not in PROJECT_ROLES:
+        raise Forbidden(
+            f"'{role}' is an organisation role, not a project role: organisation keys (POST /keys) "
+            "or the OIDC roles claim carry it"
+        )
+
+
 def _check_grant(principal: Principal, project: Project, role: Role) -> None:
     own = principal.role_in(project.id)
     if own is None or not may_grant(own, role):
@@ -114,8 +122,7 @@ async def add_member(
     session: AsyncSession, principal: Principal, *, project_id: uuid.UUID, body: MemberCreate
 ) -> Member:
     project = await visible_project(session, principal, project_id, permission="members:write")
-    if body.role == Role.ADMIN:
-        raise Forbidden("'admin' is an organisation role, not a project role")
+    _project_role_only(body.role)
     _check_grant(principal, project, body.role)
     if await repository.member_by_subject(session, project.id, body.subject) is not None:
         raise Conflict(f"'{body.subject}' is already a member of '{project.name}'")
@@ -148,8 +155,7 @@ async def change_member_role(
     session: AsyncSession, principal: Principal, *, project_id: uuid.UUID, member_id: uuid.UUID, role: Role
 ) -> Member:
     project, member = await _member(session, principal, project_id, member_id)
-    if role == Role.ADMIN:
-        raise Forbidden("'admin' is an organisation role, not a project role")
+    _project_role_only(role)
     _check_grant(principal, project, role)
     _check_grant(principal, project, Role(member.role))
     before, member.role = member.role, role
@@ -229,8 +235,8 @@ async def create_key(
     session: AsyncSession, principal: Principal, *, project_id: uuid.UUID, body: KeyCreate, pepper: str
 ) -> tuple[ApiKey, str]:
     project = await visible_project(session, principal, project_id, permission="keys:write")
-    if body.role == Role.ADMIN:
-        raise Forbidden("Project keys cannot hold 'admin'; organisation keys are created under /keys")
+    if body.role not in PROJECT_ROLES:
+        raise Forbidden(f"Project keys cannot hold '{body.role}'; organisation keys are created under /keys")
     _check_grant(principal, project, body.role)
     return await _issue_key(
         session,
@@ -253,7 +259,7 @@ async def create_org_key(
         pepper=pepper,
         name=body.name,
         project_id=None,
-        role=Role.ADMIN,
+        role=Role(body.role),
         expires_at=_expiry(body.expires_in_days),
         limits=body.limits,
     )
