@@ -12,6 +12,7 @@ import os
 import pickle
 import pwd
 import shutil
+import stat
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ import pytest
 from converge.control.library.inspection import scan_artifact
 from converge.runtime.local import sandbox as sandbox_mod
 from converge.runtime.local.process import spawn
-from converge.runtime.local.sandbox import Sandbox, grant_search, grant_search_to_ancestors, prepare
+from converge.runtime.local.sandbox import Sandbox, grant_search_to_ancestors, prepare
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="switching users needs root")
@@ -87,24 +88,24 @@ def test_not_root_means_no_user_switch_and_says_so(monkeypatch: pytest.MonkeyPat
 
 
 @needs_root
-def test_search_grant_is_for_one_user_and_allows_no_listing(tmp_path: Path) -> None:
+def test_search_grant_crosses_folders_but_lists_nothing(tmp_path: Path) -> None:
     private = tmp_path / "private"
     (private / "inner").mkdir(parents=True)
     (private / "inner" / "file").write_text("hello")
     os.chmod(private, 0o700)
-    granted, other = 61234, 61235
-    grant_search_to_ancestors(private / "inner", uid=granted, gid=granted)
-    grant_search(private, uid=granted)  # idempotent
+    uid = 61234
 
-    def as_user(uid: int, *argv: str) -> str:
+    def as_user(*argv: str) -> str:
         box = Sandbox(uid=uid, gid=uid)
-        log = tmp_path / f"{uid}-{len(list(tmp_path.glob('*.log')))}.log"
+        log = tmp_path / f"{len(list(tmp_path.glob('*.log')))}.log"
         handle = spawn(argv=list(argv), env=box.environment(), log_path=log, sandbox=box)
         return f"{_wait_exit(handle)}: {log.read_text().strip()}"
 
-    assert as_user(granted, "cat", str(private / "inner" / "file")) == "exited with code 0: hello"
-    assert "Permission denied" in as_user(granted, "ls", str(private))
-    assert "Permission denied" in as_user(other, "cat", str(private / "inner" / "file"))
+    assert "Permission denied" in as_user("cat", str(private / "inner" / "file"))
+    grant_search_to_ancestors(private / "inner", uid=uid, gid=uid)
+    assert as_user("cat", str(private / "inner" / "file")) == "exited with code 0: hello"
+    assert "Permission denied" in as_user("ls", str(private))
+    assert stat.S_IMODE(private.stat().st_mode) == 0o701
 
 
 def _wait_exit(handle: Any, timeout_s: float = 60) -> str:

@@ -12,8 +12,8 @@ control plane's powers. When Converge runs as root it creates an unprivileged sy
 - A replica's log is a file descriptor the supervisor opens and hands over, so the user needs no
   write access to the data directory. Its HOME and TMPDIR are a scratch folder of its own.
 - The environment is built from an allow-list, never inherited: no database URL, no tokens.
-- The interpreter may live under a private home (`/root/.pyenv`): those folders get a POSIX
-  ACL entry that lets this one user search (x) them, nothing more and nobody else.
+- The interpreter may live under a private home (`/root/.pyenv`): those folders get search (x)
+  for others, never read, so a known path can be crossed but nothing can be listed.
 
 The embedded PostgreSQL also refuses the user (see `storage/db.py`: peer authentication for
 Converge's own OS user, passwords that do not exist for everyone else).
@@ -24,13 +24,11 @@ Converge's own user (the environment is still the allow-list).
 
 from __future__ import annotations
 
-import errno
 import grp
 import os
 import pwd
 import shutil
 import stat
-import struct
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping
@@ -63,14 +61,6 @@ SEARCHABLE = ("cache", "cache/artifacts")
 SCRATCH = "sandbox"
 # Created private before anything writes there, so they are never listable in between.
 PRIVATE = ("artifacts", "builds", "runtime")
-
-# POSIX ACL xattr layout (linux/posix_acl_xattr.h): a version word, then (tag, perm, id) entries
-# sorted by tag and id.
-_ACL_XATTR = "system.posix_acl_access"
-_ACL_VERSION = 2
-_ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_GROUP, _ACL_MASK, _ACL_OTHER = 1, 2, 4, 8, 16, 32
-_ACL_UNDEFINED_ID = 0xFFFFFFFF
-_ENTRY = struct.Struct("<HHI")
 
 
 @dataclass(frozen=True)
@@ -210,66 +200,16 @@ def can_search(st: os.stat_result, *, uid: int, gid: int) -> bool:
 
 
 def grant_search_to_ancestors(path: Path, *, uid: int, gid: int) -> None:
-    """Let `uid` search every folder from / down to `path` (inclusive when it is a folder)."""
+    """Let `uid` search every folder from / down to `path` (inclusive when it is a folder).
+
+    A folder that does not let it gets search (x) for others, never read: it can be crossed
+    by a path that is already known, not listed. (A POSIX ACL entry for this user alone was
+    tried first; it turns a later `chmod g+x` by another tool, pgserver's for one, into a mask
+    change that locks the owning group out, so plain modes it is.)"""
     target = path.resolve() if path.exists() else path.absolute()
     chain = [*reversed(target.parents), target] if target.is_dir() else list(reversed(target.parents))
     for folder in chain:
         st = folder.stat()
-        if can_search(st, uid=uid, gid=gid) or _acl_grants_search(folder, uid=uid):
-            continue
-        try:
-            grant_search(folder, uid=uid)
-            log.info(
-                "sandbox_search_granted", path=str(folder), detail="ACL: search (x) for the sandbox user only"
-            )
-        except OSError as exc:
-            if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
-                raise
-            # A file system without ACLs: the next best is search for everyone (still no listing).
+        if not can_search(st, uid=uid, gid=gid):
             os.chmod(folder, stat.S_IMODE(st.st_mode) | stat.S_IXOTH)
-            log.warning("sandbox_search_granted_to_all", path=str(folder), detail="no ACL support here")
-
-
-def grant_search(folder: Path, *, uid: int) -> None:
-    """Add (or extend) a POSIX ACL entry giving `uid` search permission on `folder`."""
-    entries = _read_acl(folder)
-    perms = {key: perm for key, perm in entries.items() if key[0] != _ACL_MASK}
-    key = (_ACL_USER, uid)
-    perms[key] = perms.get(key, 0) | 1
-    # The mask bounds named entries and the owning group; widen it by x only.
-    old_mask = entries.get((_ACL_MASK, _ACL_UNDEFINED_ID), perms[(_ACL_GROUP_OBJ, _ACL_UNDEFINED_ID)])
-    perms[(_ACL_MASK, _ACL_UNDEFINED_ID)] = old_mask | 1
-    blob = struct.pack("<I", _ACL_VERSION) + b"".join(
-        _ENTRY.pack(tag, perm, ident) for (tag, ident), perm in sorted(perms.items())
-    )
-    os.setxattr(folder, _ACL_XATTR, blob)
-
-
-def _acl_grants_search(folder: Path, *, uid: int) -> bool:
-    try:
-        return bool(_read_acl(folder).get((_ACL_USER, uid), 0) & 1)
-    except OSError:
-        return False
-
-
-def _read_acl(folder: Path) -> dict[tuple[int, int], int]:
-    try:
-        blob = os.getxattr(folder, _ACL_XATTR)
-    except OSError as exc:
-        if exc.errno != errno.ENODATA:
-            raise
-        mode = stat.S_IMODE(folder.stat().st_mode)
-        return {
-            (_ACL_USER_OBJ, _ACL_UNDEFINED_ID): (mode >> 6) & 7,
-            (_ACL_GROUP_OBJ, _ACL_UNDEFINED_ID): (mode >> 3) & 7,
-            (_ACL_OTHER, _ACL_UNDEFINED_ID): mode & 7,
-        }
-    (version,) = struct.unpack_from("<I", blob)
-    if version != _ACL_VERSION:
-        raise OSError(errno.ENOTSUP, f"unknown ACL version {version} on {folder}")
-    return {
-        (tag, ident): perm
-        for tag, perm, ident in (
-            _ENTRY.unpack_from(blob, offset) for offset in range(4, len(blob), _ENTRY.size)
-        )
-    }
+            log.info("sandbox_search_granted", path=str(folder), detail="search (x) for others, no listing")
