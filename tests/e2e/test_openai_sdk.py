@@ -1,7 +1,9 @@
 """The official OpenAI SDK against the gateway and the embedded defaults: a fresh Converge
 approves, builds and deploys SmolLM2 (llama.cpp) and all-MiniLM-L6-v2 (sentence-transformers)
 on its own; the SDK, given the gateway's base URL and a project key, lists the models, chats
-(streaming and not) and embeds. Slow by nature (builds benchmark the models): a few minutes.
+(streaming and not, with max_completion_tokens and a usage chunk) and embeds, and
+langchain-openai's max_tokens caps a real answer. Slow by nature (builds benchmark the
+models): a few minutes.
 """
 
 from __future__ import annotations
@@ -87,9 +89,42 @@ async def test_openai_sdk_lists_chats_streams_and_embeds(converge):
     pieces = [c.choices[0].delta.content or "" async for c in stream if c.choices]
     assert len(pieces) > 1 and "".join(pieces).strip()
 
+    # What current SDKs send instead of max_tokens is honoured by llama.cpp too.
+    capped = await sdk.chat.completions.create(
+        model="smollm2",
+        messages=[{"role": "user", "content": "Tell me a long story."}],
+        max_completion_tokens=4,
+    )
+    assert capped.usage is not None and 0 < capped.usage.completion_tokens <= 4
+
+    # A stream asked for with include_usage ends with OpenAI's usage chunk, counted by the gateway.
+    stream = await sdk.chat.completions.create(
+        model="smollm2", messages=messages, max_tokens=8, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = [c async for c in stream]
+    last = chunks[-1]
+    assert last.choices == [] and last.usage is not None
+    tokens = sum(1 for c in chunks if c.choices and c.choices[0].delta.content)
+    assert 0 < last.usage.completion_tokens == tokens <= 8
+    assert last.usage.prompt_tokens > 0
+    assert sum(1 for c in chunks if c.usage is not None) == 1
+
     embedded = await sdk.embeddings.create(model="minilm", input=["hello world", "bonjour le monde"])
     assert [len(e.embedding) for e in embedded.data] == [384, 384]
     assert embedded.usage.prompt_tokens > 0
+
+    # langchain-openai sends its max_tokens as max_completion_tokens.
+    langchain_openai = pytest.importorskip("langchain_openai")
+    llm = langchain_openai.ChatOpenAI(
+        model="smollm2",
+        base_url=f"{url}/v1",
+        api_key=created.json()["token"],
+        max_tokens=4,
+        max_retries=0,
+        timeout=120,
+    )
+    answer = await llm.ainvoke("Tell me a long story.")
+    assert answer.usage_metadata is not None and 0 < answer.usage_metadata["output_tokens"] <= 4
 
     missing = openai.NotFoundError
     with pytest.raises(missing) as info:

@@ -2,6 +2,10 @@
 
 It runs in the test's event loop on a real loopback port (aiohttp.web), answers fixed tokens,
 and records what it saw: requests, bodies, and streams whose client went away.
+
+Like llama-cpp-python's server it stops at `max_tokens` and knows no other name for it (a
+`max_completion_tokens` it is sent is ignored, as llama.cpp ignores it), counts the tokens it
+really answers, and streams no usage unless told to behave like OpenAI (`sends_usage`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from support import free_port
 
 
 class Upstream:
+    FULL = 5  # tokens in a whole non-streamed answer
+
     def __init__(self, *, name: str = "upstream", port: int | None = None) -> None:
         self.name = name
         self.port = port or free_port()
@@ -22,7 +28,9 @@ class Upstream:
         self.bodies: list[dict[str, Any]] = []
         self.mode = "ok"  # ok | 503 | 500 | garbage
         self.delay_s = 0.0
-        self.stream_chunks = 5
+        self.stream_chunks = 5  # tokens a stream has (one per event), before max_tokens
+        self.sends_usage = False  # stream a usage chunk when stream_options.include_usage asks
+        self.split_done = False  # write the final `data: [DONE]` event in two pieces
         self.stream_delay_s = 0.0
         self.streams_cut = 0  # streams whose client disconnected before the end
         self._runner: web.AppRunner | None = None
@@ -61,11 +69,18 @@ class Upstream:
             return web.Response(text="<html>not json</html>", content_type="text/html")
         return None
 
+    def answer(self, body: dict[str, Any]) -> list[str]:
+        """The tokens of a non-streamed answer: five, or max_tokens if that is fewer."""
+        tokens = ["hello", " from", f" {self.name}", ",", " friend"]
+        return tokens[: body.get("max_tokens") or len(tokens)]
+
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         if (early := await self._gate(request)) is not None:
             return early
         body = self.bodies[-1]
+        limit = body.get("max_tokens")
         if not body.get("stream"):
+            tokens = self.answer(body)
             return web.json_response(
                 {
                     "id": "cmpl-1",
@@ -75,17 +90,22 @@ class Upstream:
                     "choices": [
                         {
                             "index": 0,
-                            "message": {"role": "assistant", "content": f"hello from {self.name}"},
-                            "finish_reason": "stop",
+                            "message": {"role": "assistant", "content": "".join(tokens)},
+                            "finish_reason": "length" if len(tokens) < self.FULL else "stop",
                         }
                     ],
-                    "usage": {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12},
+                    "usage": {
+                        "prompt_tokens": 7,
+                        "completion_tokens": len(tokens),
+                        "total_tokens": 7 + len(tokens),
+                    },
                 }
             )
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         try:
-            for i in range(self.stream_chunks):
+            count = min(self.stream_chunks, limit or self.stream_chunks)
+            for i in range(count):
                 chunk = {
                     "id": "c",
                     "object": "chat.completion.chunk",
@@ -96,7 +116,16 @@ class Upstream:
                 await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
                 if self.stream_delay_s:
                     await asyncio.sleep(self.stream_delay_s)
-            await response.write(b"data: [DONE]\n\n")
+            if self.sends_usage and (body.get("stream_options") or {}).get("include_usage"):
+                usage = {"prompt_tokens": 7, "completion_tokens": count, "total_tokens": 7 + count}
+                chunk = {"id": "c", "object": "chat.completion.chunk", "choices": [], "usage": usage}
+                await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            if self.split_done:  # [DONE] in two reads, as a slow network may deliver it
+                await response.write(b"data: [DO")
+                await asyncio.sleep(0.05)
+                await response.write(b"NE]\n\n")
+            else:
+                await response.write(b"data: [DONE]\n\n")
         except (ConnectionResetError, asyncio.CancelledError):
             self.streams_cut += 1
             raise

@@ -2,8 +2,9 @@
 
 Per request and in memory only: authenticate the key (cached), resolve the model name inside
 the caller's project, apply governance and limits, pick a replica, forward the body as bytes,
-meter. Bodies are parsed once with orjson to read what the gateway needs (model, max_tokens,
-stream) and forwarded unchanged; no pydantic, no database, no INFO log on this path.
+meter. Bodies are parsed once with orjson and checked against the parameter table of the server
+that answers them (`params.py`), then forwarded unchanged unless a parameter had to be
+translated; no pydantic, no database, no INFO log on this path.
 
 Errors use the OpenAI envelope ``{"error": {"message", "type", "param", "code"}}``: unknown
 model 404, malformed body 400 naming the field, over a limit 429 with Retry-After, upstream
@@ -29,10 +30,10 @@ from starlette.types import Receive, Scope, Send
 
 from converge.config import Settings
 from converge.core import apikeys
-from converge.gateway import upstream
+from converge.gateway import params, upstream, usage
 from converge.gateway.dataplane import WAITING_PHASES, DataPlane, KeyEntry, ProjectEntry, Route
 from converge.gateway.limits import Limiter, Limits, Rejection
-from converge.gateway.metering import CounterSync, Meter
+from converge.gateway.metering import CounterSync, Meter, Spool
 from converge.gateway.metrics import GatewayMetrics
 from converge.gateway.routing import Pool, QueueFull, QueueTimeout, Replica
 
@@ -105,60 +106,8 @@ class GatewayError(Exception):
         )
 
 
-def _bad(param: str, message: str) -> GatewayError:
-    return GatewayError(400, message, param=param, code="invalid_value")
-
-
-def _positive_int(body: dict[str, Any], name: str) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise _bad(name, f"'{name}' must be a positive integer, got {value!r}")
-    return value
-
-
-def validate(endpoint: str, body: Any) -> tuple[str, bool, int | None, int]:
-    """(model, stream, max completion tokens or None, choices) of a body, or a 400 naming the field."""
-    if not isinstance(body, dict):
-        raise _bad("body", "The request body must be a JSON object")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise _bad("model", "'model' is required: the name of a deployment (see GET /v1/models)")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise _bad("stream", f"'stream' must be true or false, got {stream!r}")
-    if endpoint == "chat":
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise _bad("messages", "'messages' is required: a non-empty list of {role, content} objects")
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-                raise _bad(f"messages[{i}]", f"messages[{i}] must be an object with a 'role'")
-    elif endpoint == "completions":
-        prompt = body.get("prompt")
-        if not isinstance(prompt, str | list) or (isinstance(prompt, list) and not prompt):
-            raise _bad("prompt", "'prompt' is required: a string or a non-empty list")
-    elif endpoint == "embeddings":
-        given = body.get("input")
-        if not isinstance(given, str | list) or (isinstance(given, list) and not given):
-            raise _bad("input", "'input' is required: a string or a non-empty list of strings")
-        if stream:
-            raise _bad("stream", "embeddings cannot be streamed")
-    asked = _positive_int(body, "max_completion_tokens") or _positive_int(body, "max_tokens")
-    return model, stream, asked, _positive_int(body, "n") or 1
-
-
-def _usage(data: bytes) -> tuple[int, int] | None:
-    try:
-        usage = orjson.loads(data).get("usage")
-    except (orjson.JSONDecodeError, AttributeError):
-        return None
-    if not isinstance(usage, dict):
-        return None
-    prompt = usage.get("prompt_tokens") or 0
-    completion = usage.get("completion_tokens") or 0
-    return (prompt, completion) if isinstance(prompt, int) and isinstance(completion, int) else None
+def _bad(param: str, message: str, code: str = "invalid_value") -> GatewayError:
+    return GatewayError(400, message, param=param, code=code)
 
 
 class Gateway:
@@ -205,6 +154,10 @@ class Gateway:
             key_touch_s=self.settings.auth.key_last_used_resolution_s,
             on_dropped=self.metrics.meter_dropped.inc,
             retention_days=self.config.usage_retention_days,
+            spool=Spool(
+                self.settings.data_dir / "gateway" / "usage.spool",
+                max_bytes=self.config.usage_spool_max_bytes,
+            ),
         )
         self.sync = CounterSync(conninfo=conninfo, interval_s=self.config.limits_sync_s, limiter=self.limiter)
         await self.dataplane.start()
@@ -410,14 +363,21 @@ class Gateway:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise _bad("body", f"The request body is not valid JSON: {exc}") from None
-        model, stream, asked, choices = validate(endpoint, body)
-        route = self._route(caller, model, endpoint)
+        try:
+            model = params.model_of(body)
+            route = self._route(caller, model, endpoint)
+            ask = params.read(body, endpoint=endpoint, server=route.server, model=model)
+        except params.Invalid as exc:
+            raise _bad(exc.param, exc.message, exc.code) from None
+        if ask.rewrite:  # a parameter was translated for this server
+            raw = orjson.dumps(body)
         raw = await self._govern(caller, route, endpoint, body, raw)
         # Reserve the worst case: the prompt (at most one token per 4 bytes of body, a generous
         # bound) plus the completion asked for (or the default), settled to the real count later.
-        completion = 0 if endpoint == "embeddings" else (asked or self.config.default_max_tokens) * choices
+        asked = ask.completion_limit or self.config.default_max_tokens
+        completion = 0 if endpoint == "embeddings" else asked * ask.choices
         reserve = len(raw) // 4 + 1 + completion
-        await self._forward(receive, send, caller, route, endpoint, path, raw, model, stream, reserve)
+        await self._forward(receive, send, caller, route, endpoint, path, raw, ask, reserve)
 
     async def _govern(
         self, caller: Caller, route: Route, endpoint: str, body: dict[str, Any], raw: bytes
@@ -451,8 +411,7 @@ class Gateway:
         endpoint: str,
         path: str,
         raw: bytes,
-        model: str,
-        stream: bool,
+        ask: params.Ask,
         reserve: int,
     ) -> None:
         started, t0 = time.time(), time.perf_counter()
@@ -467,10 +426,19 @@ class Gateway:
                 headers=((b"retry-after", str(admitted.retry_after).encode()), *admitted.headers),
             )
         status, prompt, completion, ttft = 499, 0, 0, None
+        stream = ask.stream
         try:
             if stream:
                 status, prompt, completion, ttft = await self._stream(
-                    receive, send, caller, route, endpoint, path, raw, t0
+                    receive,
+                    send,
+                    caller,
+                    route,
+                    endpoint,
+                    path,
+                    raw,
+                    t0,
+                    include_usage=ask.include_usage is True,
                 )
             else:
                 status, prompt, completion = await self._unary(send, caller, route, endpoint, path, raw)
@@ -497,7 +465,7 @@ class Gateway:
                 project_id=caller.project.id,
                 key_id=caller.key.id if caller.key else None,
                 deployment_id=route.deployment_id,
-                model=model,
+                model=ask.model,
                 endpoint=endpoint,
                 status=status,
                 stream=stream,
@@ -623,14 +591,14 @@ class Gateway:
             )
         prompt = completion = 0
         if status == 200 and endpoint != "v2":
-            usage = _usage(data)
-            if usage is None:
+            used = usage.usage_of(data)
+            if used is None:
                 self.metrics.upstream_errors.labels(route.label, "502").inc()
                 raise _upstream_failed(
                     route,
                     upstream.UpstreamError(502, "the model server's answer has no usage", retryable=False),
                 )
-            prompt, completion = usage
+            prompt, completion = used
         headers = [(b"content-type", response.headers.get("Content-Type", "application/json").encode())]
         headers += self._limit_headers(caller)
         await _respond(send, status, data, headers)
@@ -646,6 +614,8 @@ class Gateway:
         path: str,
         raw: bytes,
         t0: float,
+        *,
+        include_usage: bool,
     ) -> tuple[int, int, int, float | None]:
         route, pool, replica, response = await self._attempt(route, path, raw, stream=True, tried=())
         task = asyncio.current_task()
@@ -660,7 +630,9 @@ class Gateway:
             task.cancel()
 
         watcher = asyncio.create_task(watch())
-        prompt = completion = 0
+        tally = usage.StreamUsage(
+            owed=include_usage, endpoint=endpoint, prompt_estimate=_prompt_estimate(raw)
+        )
         ttft: float | None = None
         ok: bool | None = True
         status = response.status
@@ -703,27 +675,27 @@ class Gateway:
                 if not chunk:
                     if ttft is None:
                         await send({"type": "http.response.start", "status": 200, "headers": headers})
+                    if rest := tally.end():
+                        await send({"type": "http.response.body", "body": rest, "more_body": True})
                     break
+                chunk = tally.feed(chunk)
+                if not chunk:  # only part of an event so far
+                    continue
                 if ttft is None:
                     # The headers go out with the first chunk, so a replica that fails before
                     # its first token still gets a proper error status.
                     await send({"type": "http.response.start", "status": 200, "headers": headers})
                     ttft = time.perf_counter() - t0
                     self.metrics.series(route.label, endpoint).ttft.observe(ttft)
-                completion += _content_tokens(chunk)
-                if b'"usage"' in chunk and (usage := _stream_usage(chunk)) is not None:
-                    prompt, completion = usage
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-            if prompt == 0 and completion:
-                prompt = len(raw) // 4 + 1  # llama.cpp streams no usage: estimate the prompt
-            return status, prompt, completion, ttft
+            return (status, *tally.used(), ttft)
         except asyncio.CancelledError:
             if not gone:
                 raise
             task.uncancel()
             ok = None  # the client left: not the replica's fault
-            return 499, prompt, completion, ttft
+            return (499, tally.prompt, tally.completion, ttft)
         finally:
             watcher.cancel()
             response.close()  # on a client that left this also cancels the upstream generation
@@ -756,7 +728,7 @@ class Gateway:
             raw = await self._read_body(receive)
             raw = await self._govern(caller, route, "v2", orjson.loads(raw) if self.hooks else {}, raw)
             path_up = f"/v2/models/{route.model_name}/infer"
-            return await self._forward(receive, send, caller, route, "v2", path_up, raw, name, False, 0)
+            return await self._forward(receive, send, caller, route, "v2", path_up, raw, params.Ask(name), 0)
         raise GatewayError(404, f"Unknown V2 route {path}", code="not_found")
 
     async def _v2_metadata(self, send: Send, route: Route, name: str) -> None:
@@ -814,25 +786,9 @@ def _upstream_failed(route: Route, error: upstream.UpstreamError) -> GatewayErro
     return GatewayError(error.status, f"'{route.name}': {error.message}", type_="server_error", code=code)
 
 
-def _content_tokens(chunk: bytes) -> int:
-    """Streamed tokens in a chunk of SSE events: llama.cpp sends one token per content delta."""
-    count = chunk.count(b'"content":') + chunk.count(b'"text":')
-    if not count:
-        return 0
-    empty = sum(
-        chunk.count(e) for e in (b'"content": ""', b'"content":""', b'"content": null', b'"content":null')
-    )
-    return count - empty
-
-
-def _stream_usage(chunk: bytes) -> tuple[int, int] | None:
-    """The usage an OpenAI-style upstream sends in its last event (stream_options.include_usage)."""
-    for line in chunk.split(b"\n"):
-        if b'"usage"' in line and line.startswith(b"data:"):
-            usage = _usage(line[5:].strip())
-            if usage is not None and (usage[0] or usage[1]):
-                return usage
-    return None
+def _prompt_estimate(raw: bytes) -> int:
+    """Prompt tokens of a stream whose upstream counts none (llama.cpp): about 4 bytes a token."""
+    return len(raw) // 4 + 1
 
 
 async def _respond(

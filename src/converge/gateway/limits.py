@@ -8,8 +8,9 @@ Each scope (an API key, a project) has counters per window: requests and tokens 
 *Per minute* uses the sliding-window approximation: the estimate at time t, a fraction f into
 the current minute, is ``current + previous * (1 - f)``. A request is admitted when the
 estimate plus this request fits the limit. Tokens are *reserved* at admission (the prompt
-estimate plus the request's ``max_tokens``, or the configured default) and *settled* to the
-real count when the answer is in, on the same counters, so every endpoint shares one budget.
+estimate plus the request's ``max_completion_tokens``, else ``max_tokens``, else the configured
+default, times ``n``) and *settled* to the real count when the answer is in, on the same
+counters, so every endpoint shares one budget.
 
 *Across replicas* each gateway keeps its own counts exactly and in memory, writes them as
 absolute values to ``gateway_counters`` (one row per gateway, scope, window: no lost updates,
@@ -147,7 +148,7 @@ class Limiter:
                             code="rate_limit_exceeded",
                             message=(
                                 f"This request reserves {tokens} tokens, more than the {_who(scope)}'s limit"
-                                f" of {limits.tpm} tokens per minute; lower max_tokens"
+                                f" of {limits.tpm} tokens per minute; lower max_tokens (or max_completion_tokens)"
                             ),
                             retry_after=60,
                             headers=(),
