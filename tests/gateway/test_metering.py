@@ -190,3 +190,17 @@ def test_a_full_spool_drops_only_what_does_not_fit_and_counts_it(tmp_path):
     kept = len(spool.lines())
     assert 0 < kept < 10 and dropped == [10 - kept]
     assert spool.size <= 300
+
+
+async def test_the_last_flush_at_shutdown_spools_or_counts_what_it_cannot_write(tmp_path):
+    dead = "postgresql://postgres@/postgres?host=/nonexistent"
+    dropped: list[int] = []
+    without = Meter(conninfo=dead, interval_s=1.0, key_touch_s=60, on_dropped=dropped.append)
+    spool = Spool(tmp_path / "usage.spool", max_bytes=1 << 20)
+    with_spool = Meter(conninfo=dead, interval_s=1.0, key_touch_s=60, on_dropped=dropped.append, spool=spool)
+    for meter in (without, with_spool):
+        for _ in range(3):
+            record(meter, project_id=uuid.UUID(int=7), model="m")
+        await meter.stop()
+    assert dropped == [3]  # counted, not silently lost
+    assert len(spool.lines()) == 3 and with_spool.pending == []

@@ -158,10 +158,16 @@ class _Loop(Service):
 
     async def stop(self) -> None:
         await super().stop()
-        with contextlib.suppress(Exception):
+        try:
             await self._once()  # the last batch
+        except Exception as exc:
+            self._final_flush_failed(exc)
         if self._conn is not None:
-            await self._conn.close()
+            with contextlib.suppress(Exception):
+                await self._conn.close()
+
+    def _final_flush_failed(self, exc: Exception) -> None:
+        log.warning(f"{self.name}_final_flush_failed", error=str(exc).splitlines()[0][:300])
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
         if self._conn is None or self._conn.closed:
@@ -252,6 +258,19 @@ class Meter(_Loop):
             drop = len(self.pending) - MAX_PENDING
             del self.pending[:drop]
             self._on_dropped(drop)
+
+    def _final_flush_failed(self, exc: Exception) -> None:
+        # The rows are in the spool (or, without one, lost with this process): say which.
+        spooled = self.spool is not None and not self.pending
+        log.warning(
+            "gateway_meter_final_flush_failed",
+            error=str(exc).splitlines()[0][:300],
+            spool=str(self.spool.path) if spooled and self.spool is not None else None,
+            lost=0 if spooled else len(self.pending),
+        )
+        if not spooled and self.pending:
+            self._on_dropped(len(self.pending))
+            self.pending = []
 
     async def _once(self) -> None:
         await self._flush()
