@@ -11,6 +11,10 @@ measured here a bare proxy on httpx collapsed at 64 concurrent requests where ai
 Requests to `infer` are checked against the V2 tensor rules (and the model's declared inputs)
 before they are forwarded, so a malformed request is a 400 with a message, not MLServer's
 bare "Internal Server Error".
+
+Models load through restricted unpicklers (`v2_restricted`, run inside MLServer's environment
+with a copy of `core/pickle_allowlist.py`): the probe and MLServer's runtimes only import the
+globals the registration scan allows, as a second line behind that scan.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from converge.serving import v2_restricted
 from converge.serving.common import ModelHost, positive_int
 
 log = logging.getLogger("converge.serving.v2")
@@ -50,10 +55,13 @@ KIND = "v2"
 MLSERVER_VENV_ENV = "CONVERGE_MLSERVER_VENV"
 MLSERVER_VENV_DIR = ".venv-mlserver"
 FORMATS = ("auto", "pickle", "mlflow", "onnx")
+# mlserver_sklearn.SKLearnModel and mlserver_mlflow.MLflowRuntime, loading through the allow-list.
 IMPLEMENTATIONS = {
-    "pickle": "mlserver_sklearn.SKLearnModel",
-    "mlflow": "mlserver_mlflow.MLflowRuntime",
+    "pickle": v2_restricted.SKLEARN_RUNTIME,
+    "mlflow": v2_restricted.MLFLOW_RUNTIME,
 }
+# Inside the folder MLServer starts from: the restricted runtimes and the allow-list.
+SUPPORT_DIR = "converge-runtime"
 STOP_TIMEOUT_S = 10
 
 # V2 tensor datatypes and what their elements must be.
@@ -270,28 +278,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-# Runs in MLServer's environment: it loads the model the way mlserver-sklearn does (joblib).
-_SKLEARN_PROBE = """
-import json, sys
-import joblib
-model = joblib.load(sys.argv[1])
-n = getattr(model, "n_features_in_", None)
-print(json.dumps({
-    "type": type(model).__module__ + "." + type(model).__qualname__,
-    "n_features": int(n) if n is not None else None,
-    "feature_names": hasattr(model, "feature_names_in_"),
-    "predict": callable(getattr(model, "predict", None)),
-}))
-"""
-
-
-def probe_sklearn(python: Path, model_path: Path, *, env: dict[str, str], timeout: float) -> dict[str, Any]:
+def probe_sklearn(
+    python: Path, model_path: Path, *, env: dict[str, str], timeout: float, support: Path
+) -> dict[str, Any]:
     """Load the model once in MLServer's environment and read what its inputs look like.
 
-    A model that cannot load fails here with the loader's own error, before MLServer starts.
+    It loads the way the runtime will (`v2_restricted`, from `support`), so a model that
+    cannot load, or imports a global outside the allow-list, fails here with the loader's own
+    error, before MLServer starts.
     """
     proc = subprocess.run(
-        [str(python), "-I", "-c", _SKLEARN_PROBE, str(model_path)],
+        [str(python), "-I", "-c", v2_restricted.PROBE, str(model_path), str(support)],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -462,8 +459,11 @@ class MLServerProcess:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def mlserver_env(venv: Path) -> dict[str, str]:
-    """Our environment minus what would change MLServer's settings or mix the two environments."""
+def mlserver_env(venv: Path, *, support: Path | None = None) -> dict[str, str]:
+    """Our environment minus what would change MLServer's settings or mix the two environments.
+
+    `support`, when given, is the only entry on PYTHONPATH: the restricted runtimes' folder.
+    """
     env = {
         key: value
         for key, value in os.environ.items()
@@ -473,6 +473,8 @@ def mlserver_env(venv: Path) -> dict[str, str]:
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     env["VIRTUAL_ENV"] = str(venv)
     env["PYTHONUNBUFFERED"] = "1"
+    if support is not None:
+        env["PYTHONPATH"] = str(support)
     return env
 
 
@@ -612,16 +614,24 @@ class MLServerHost(ModelHost):
 
         args = self.args
         venv = find_mlserver_venv(args.mlserver_venv)
-        env = mlserver_env(venv)
+        root = Path(tempfile.mkdtemp(prefix="converge-mlserver-"))
+        support = v2_restricted.install(root / SUPPORT_DIR)
+        env = mlserver_env(venv, support=support)
         model_path = Path(args.model_path).resolve()
         inputs: list[dict[str, Any]] = []
         if self.fmt == "pickle":
-            facts = probe_sklearn(venv / "bin" / "python", model_path, env=env, timeout=args.ready_timeout)
+            try:
+                facts = probe_sklearn(
+                    venv / "bin" / "python", model_path, env=env, timeout=args.ready_timeout, support=support
+                )
+            except BaseException:
+                shutil.rmtree(root, ignore_errors=True)
+                raise
             inputs = declared_sklearn_inputs(facts)
             log.info("scikit-learn model: %s, inputs %s", facts["type"], inputs or "undeclared")
         http_port, grpc_port = free_port(), free_port()
         folder = write_mlserver_config(
-            Path(tempfile.mkdtemp(prefix="converge-mlserver-")),
+            root,
             model_name=args.model_name,
             model_path=model_path,
             implementation=IMPLEMENTATIONS[self.fmt],

@@ -54,6 +54,29 @@ def onnx_file(path: Path) -> Path:
     return path
 
 
+def external_data_escapes(path: Path) -> list[str]:
+    """External-data locations that leave the model's folder (absolute, `..`, symlinks out).
+
+    The registration scan refuses such models; this is the replica's own check before
+    onnxruntime opens whatever file a location names.
+    """
+    import onnx
+    from onnx import external_data_helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    folder = path.parent.resolve()
+    escapes = set()
+    for tensor in external_data_helper._get_all_tensors(model):  # every initializer and attribute tensor
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                target = (folder / entry.value).resolve()
+                if Path(entry.value).is_absolute() or not target.is_relative_to(folder):
+                    escapes.add(entry.value)
+    return sorted(escapes)
+
+
 def _dims(shape: Any) -> list[int]:
     """onnxruntime dims (ints, symbolic names, None) as V2 metadata dims (-1 = any)."""
     return [dim if isinstance(dim, int) and dim >= 0 else -1 for dim in shape or []]
@@ -104,6 +127,11 @@ class OnnxModel:
         self.invalid_argument = InvalidArgument
         self.name = name
         self.path = onnx_file(path)
+        escapes = external_data_escapes(self.path)
+        if escapes:
+            raise ValueError(
+                f"{self.path.name} reads external data from outside its folder: {', '.join(escapes)}"
+            )
         options = ort.SessionOptions()
         options.log_severity_level = 3  # warnings about unused initializers are noise here
         self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])

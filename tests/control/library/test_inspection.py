@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import importlib.util
+import io
 import json
 import pickle
 import struct
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -219,6 +222,35 @@ def test_pickles_are_recognised_raw_compressed_and_as_torch_archives(tmp_path: P
     packed_facts = inspect_artifact(packed)
     assert packed_facts.format == "pickle"
     assert packed_facts.extra["compression"] == "gzip"
+
+
+def test_pickles_are_recognised_by_content_whatever_their_name_or_protocol(tmp_path: Path) -> None:
+    payload = pickle.dumps({"coef": [1.0, 2.0]}, protocol=0)  # protocol 0: no magic byte at all
+    raw = tmp_path / "weights.dat"
+    raw.write_bytes(payload)
+    torch_named = tmp_path / "pytorch_model.bin"
+    torch_named.write_bytes(pickle.dumps([1, 2], protocol=1))
+    packed = tmp_path / "blob"
+    packed.write_bytes(bz2.compress(payload))
+    bundle = tmp_path / "bundle"
+    with tarfile.open(bundle, "w:gz") as archive:
+        info = tarfile.TarInfo("model/weights.dat")
+        info.size = len(payload)
+        archive.addfile(info, io.BytesIO(payload))
+    for path in (raw, torch_named, packed, bundle):
+        assert detect_format(path) == "pickle", path.name
+    assert inspect_artifact(bundle).extra == {
+        "container": "compressed",
+        "compression": "gzip",
+        "file_bytes": bundle.stat().st_size,
+    }
+
+
+def test_text_and_json_are_not_mistaken_for_protocol_0_pickles(tmp_path: Path) -> None:
+    for name, text in (("notes", "Version 2\nnothing here\n"), ("config", '{"a": 1}'), ("vocab", "[PAD]\n")):
+        path = tmp_path / name
+        path.write_text(text)
+        assert detect_format(path) == "unknown", name
 
 
 def test_folder_with_pickled_weights_leaves_parameter_count_unknown(tmp_path: Path) -> None:

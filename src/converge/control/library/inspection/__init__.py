@@ -1,8 +1,9 @@
-"""Facts read from model files themselves, and pickle scanning.
+"""Facts read from model files themselves, and the scan of the code paths they carry.
 
-Nothing here loads weights, unpickles, or touches the network: headers and metadata are read
-(GGUF via a memory map, safetensors headers, ONNX graphs, JSON/YAML side files) and pickles are
-disassembled, never executed. Builds call these before anything is allowed to load a model.
+Nothing here loads weights, unpickles, renders a template or touches the network: headers and
+metadata are read (GGUF, safetensors headers, ONNX graphs, JSON/YAML side files), pickles are
+followed opcode by opcode against an allow-list, never executed, and chat templates are parsed,
+never rendered. Builds call these before anything is allowed to load a model.
 """
 
 from converge.control.library.inspection.detect import detect_format
@@ -13,13 +14,18 @@ from converge.control.library.inspection.results import (
     InspectionError,
     ScanResult,
 )
-from converge.control.library.inspection.scanning import DEFAULT_MAX_DECOMPRESSED_BYTES, scan_artifact
+from converge.control.library.inspection.scanning import (
+    DEFAULT_MAX_DECOMPRESSED_BYTES,
+    ScanLimits,
+    scan_artifact,
+)
 
 __all__ = [
     "DEFAULT_MAX_DECOMPRESSED_BYTES",
     "Finding",
     "Inspection",
     "InspectionError",
+    "ScanLimits",
     "ScanResult",
     "detect_format",
     "inspect_artifact",

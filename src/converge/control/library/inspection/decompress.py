@@ -8,8 +8,8 @@ chunks and counted, so a small "zip bomb" cannot exhaust memory or disk.
 from __future__ import annotations
 
 import bz2
+import contextlib
 import gzip
-import io
 import lzma
 import zlib
 from collections.abc import Iterator
@@ -55,53 +55,88 @@ def _is_zlib_header(cmf: int, flg: int) -> bool:
     return cmf & 0x0F == 8 and cmf >> 4 <= 7 and (cmf << 8 | flg) % 31 == 0 and not flg & 0x20
 
 
-def iter_decompressed(path: Path, *, codec: str) -> Iterator[bytes]:
-    """Yield the decompressed content in chunks of at most CHUNK_BYTES."""
-    if codec in ("zlib", "joblib-zlib"):
-        yield from _iter_zlib(path, skip=_JOBLIB_ZF_HEADER_BYTES if codec == "joblib-zlib" else 0)
-        return
-    with _open_stream(path, codec=codec) as stream:
-        while chunk := stream.read(CHUNK_BYTES):
-            yield chunk
+Source = Path | IO[bytes]
 
 
-def _open_stream(path: Path, *, codec: str) -> io.BufferedIOBase:
+def strong_magic(codec: str | None) -> bool:
+    """Codecs whose magic is long enough that a match means the file really is compressed.
+
+    zlib's two-byte header, legacy lzma's and joblib's "ZF" also open ordinary binary files
+    (and some protocol 0 pickles), so those only count when their content inflates.
+    """
+    return codec in ("gzip", "bz2", "xz", "lz4")
+
+
+def iter_decompressed(source: Source, *, codec: str) -> Iterator[bytes]:
+    """Yield the decompressed content in chunks of at most CHUNK_BYTES.
+
+    `source` is a path or a binary stream read from its current position.
+    """
+    with _as_stream(source) as raw:
+        if codec in ("zlib", "joblib-zlib"):
+            yield from _iter_zlib(raw, skip=_JOBLIB_ZF_HEADER_BYTES if codec == "joblib-zlib" else 0)
+            return
+        with _open_stream(raw, codec=codec) as stream:
+            # read1, not read: on a truncated stream read() drops what it inflated before the
+            # error, and that prefix is exactly what a loader would already have acted on.
+            while chunk := stream.read1(CHUNK_BYTES):
+                yield chunk
+
+
+@contextlib.contextmanager
+def _as_stream(source: Source) -> Iterator[IO[bytes]]:
+    if isinstance(source, Path):
+        with source.open("rb") as stream:
+            yield stream
+    else:
+        yield source
+
+
+def _open_stream(raw: IO[bytes], *, codec: str) -> gzip.GzipFile | bz2.BZ2File | lzma.LZMAFile:
     # These readers inflate lazily: each read() returns at most the size asked for.
     if codec == "gzip":
-        return gzip.open(path, "rb")
+        return gzip.GzipFile(fileobj=raw, mode="rb")
     if codec == "bz2":
-        return bz2.open(path, "rb")
+        return bz2.BZ2File(raw, "rb")
     if codec in ("xz", "lzma"):
-        return lzma.open(path, "rb")  # detects .xz and the legacy .lzma container alike
+        return lzma.LZMAFile(raw, "rb")  # detects .xz and the legacy .lzma container alike
     raise UnsupportedCompression(f"{codec} compression cannot be decompressed here")
 
 
-def _iter_zlib(path: Path, *, skip: int) -> Iterator[bytes]:
+def _iter_zlib(source: IO[bytes], *, skip: int) -> Iterator[bytes]:
     inflater = zlib.decompressobj()
-    with path.open("rb") as source:
-        source.seek(skip)
-        while compressed := source.read(CHUNK_BYTES):
-            # max_length bounds each output piece; the remainder waits in unconsumed_tail.
-            yield inflater.decompress(compressed, CHUNK_BYTES)
-            while inflater.unconsumed_tail:
-                yield inflater.decompress(inflater.unconsumed_tail, CHUNK_BYTES)
+    source.read(skip)
+    while compressed := source.read(CHUNK_BYTES):
+        # max_length bounds each output piece; the remainder waits in unconsumed_tail.
+        yield inflater.decompress(compressed, CHUNK_BYTES)
+        while inflater.unconsumed_tail:
+            yield inflater.decompress(inflater.unconsumed_tail, CHUNK_BYTES)
+        if inflater.eof:
+            break
+    if not inflater.eof:
+        raise zlib.error("the zlib stream is truncated")
     yield inflater.flush()
 
 
-def peek_decompressed(path: Path, *, codec: str, size: int = 8) -> bytes:
-    """The first `size` decompressed bytes, without inflating the rest."""
+def peek_decompressed(source: Source, *, codec: str, size: int = 8) -> bytes:
+    """The first `size` decompressed bytes, without inflating the rest (stream position kept)."""
+    start = None if isinstance(source, Path) else source.tell()
     head = b""
-    for chunk in iter_decompressed(path, codec=codec):
-        head += chunk
-        if len(head) >= size:
-            break
+    try:
+        for chunk in iter_decompressed(source, codec=codec):
+            head += chunk
+            if len(head) >= size:
+                break
+    finally:
+        if start is not None and not isinstance(source, Path):
+            source.seek(start)
     return head[:size]
 
 
-def decompress_into(path: Path, *, codec: str, sink: IO[bytes], max_bytes: int) -> int:
+def decompress_into(source: Source, *, codec: str, sink: IO[bytes], max_bytes: int) -> int:
     """Write the decompressed content to `sink`; refuse to go past `max_bytes`."""
     total = 0
-    for chunk in iter_decompressed(path, codec=codec):
+    for chunk in iter_decompressed(source, codec=codec):
         total += len(chunk)
         if total > max_bytes:
             raise DecompressionLimitExceeded(f"decompressed size exceeds the limit of {max_bytes} bytes")

@@ -1,40 +1,36 @@
-"""Tell model formats apart by their bytes first and by their names only when bytes are silent.
+"""Tell model formats apart by their bytes, never by their names.
 
-Names are easy to get wrong (a `.bin` may be a torch pickle or raw tensor data), so magic
-numbers and structural checks decide; extensions only break ties for formats that have no
-magic (protocol 0/1 pickles, ONNX protobufs).
+Uploads are stored by digest, so a name is often lost, and names are easy to get wrong anyway
+(a `.bin` may be a torch pickle or raw tensor data). Magic numbers and structural checks
+decide, protocol 0/1 pickles (which have no magic) included: see `pickles.looks_like_pickle`.
+Only ONNX, whose protobuf has no magic, still takes its `.onnx` name as a hint.
 """
 
 from __future__ import annotations
 
-import re
 import struct
 import zipfile
 from pathlib import Path
+from typing import IO
 
 from converge.control.library.inspection import decompress
+from converge.control.library.inspection.containers import Budget, Leaf, ScanLimits, walk
+from converge.control.library.inspection.pickles import NPY_MAGIC, is_pickle_magic, looks_like_pickle
 
-HEAD_BYTES = 32
-PICKLE_SUFFIXES = frozenset({".pkl", ".pickle", ".joblib"})
+HEAD_BYTES = 512
 TORCH_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".ckpt"})
-# `.bin` is left out: many raw-tensor files use it, so only its content can make it a pickle.
-_PICKLE_BY_NAME = PICKLE_SUFFIXES | {".pt", ".pth", ".ckpt"}
 # The safetensors reference implementation refuses headers above 100 MB; so do we.
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 # Field tags that can follow ONNX ModelProto.ir_version (field 1, varint) in serialised order.
 _ONNX_SECOND_TAGS = frozenset({0x12, 0x1A, 0x22, 0x2A, 0x32, 0x3A, 0x42, 0x52, 0x5A, 0x62, 0x72, 0x7A})
-# torch writes tensor storages as "<archive>/data/<n>"; they are raw bytes, never unpickled.
-TORCH_STORAGE_ENTRY = re.compile(r"(^|/)data/\d+$")
+# Looking for a pickle inside an archive to name a file's format is cheaper than a scan.
+_DETECT_LIMITS = ScanLimits(max_depth=4, max_members=1_000, max_decompressed_bytes=256 * 1024**2)
 
 
 def read_head(path: Path, size: int = HEAD_BYTES) -> bytes:
     with path.open("rb") as stream:
         return stream.read(size)
-
-
-def is_pickle_magic(head: bytes) -> bool:
-    # Protocol 2+ pickles open with PROTO <version>; protocols 0 and 1 have no marker at all.
-    return len(head) >= 2 and head[0] == 0x80 and head[1] <= 5
 
 
 def is_safetensors_head(head: bytes, *, file_size: int) -> bool:
@@ -48,65 +44,97 @@ def _looks_like_onnx(head: bytes) -> bool:
     return len(head) >= 3 and head[0] == 0x08 and 1 <= head[1] <= 0x7F and head[2] in _ONNX_SECOND_TAGS
 
 
-def has_pickle_suffix(path: Path) -> bool:
-    # Covers joblib's compressed names too, e.g. "model.pkl.gz" or "model.joblib.xz".
-    return any(suffix.lower() in _PICKLE_BY_NAME for suffix in path.suffixes)
+def sniff_stream(stream: IO[bytes]) -> str:
+    """The container kind of the bytes from the stream's position (which is kept).
 
-
-def sniff(path: Path) -> str:
-    """Low-level container kind of one file: gguf, safetensors, zip, pickle, compressed, onnx or unknown."""
-    head = read_head(path)
+    One of gguf, safetensors, zip, tar, hdf5, npy, pickle, compressed, onnx or unknown.
+    """
+    start = stream.tell()
+    head = stream.read(HEAD_BYTES)
+    size = stream.seek(0, 2) - start
+    stream.seek(start)
     if head.startswith(b"GGUF"):
         return "gguf"
     # Before the pickle check: a safetensors header length such as 0x0280 begins b"\x80\x02".
-    if is_safetensors_head(head, file_size=path.stat().st_size):
+    if is_safetensors_head(head, file_size=size):
         return "safetensors"
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return "zip"
+    if head[257:262] == b"ustar":
+        return "tar"
+    if head.startswith(HDF5_MAGIC):
+        return "hdf5"
+    if head.startswith(NPY_MAGIC):
+        return "npy"
     if is_pickle_magic(head):
         return "pickle"
-    if decompress.compression_codec(head) is not None:
+    codec = decompress.compression_codec(head)
+    if decompress.strong_magic(codec):
         return "compressed"
-    if _looks_like_onnx(head) or path.suffix.lower() == ".onnx":
-        return "onnx"
-    if has_pickle_suffix(path):
+    if looks_like_pickle(stream):
         return "pickle"
+    if codec is not None and _inflates(stream, codec=codec):
+        return "compressed"
+    if _is_tar_header(head):
+        return "tar"  # a pre-POSIX tar without the "ustar" magic: its header checksum tells
+    if _is_zip_with_prefix(stream):
+        return "zip"  # zipfile (Keras, a plain extract) finds the archive at the end of a file
+    if _looks_like_onnx(head):
+        return "onnx"
     return "unknown"
 
 
-def zip_pickle_entries(source: zipfile.ZipFile) -> list[str]:
-    """Entries of an archive that a loader would unpickle (torch's data.pkl, constants.pkl, ...)."""
-    names = []
-    for name in source.namelist():
-        if TORCH_STORAGE_ENTRY.search(name) or name.endswith("/"):
-            continue
-        if Path(name).suffix.lower() in PICKLE_SUFFIXES:
-            names.append(name)
-            continue
-        with source.open(name) as entry:
-            if is_pickle_magic(entry.read(2)):
-                names.append(name)
-    return names
+def _is_tar_header(block: bytes) -> bool:
+    if len(block) < 512:
+        return False
+    try:
+        stored = int(block[148:156].replace(b"\0", b" ").strip() or b"x", 8)
+    except ValueError:
+        return False
+    return stored == 8 * ord(" ") + sum(block[:148]) + sum(block[156:512])
+
+
+def _is_zip_with_prefix(stream: IO[bytes]) -> bool:
+    start = stream.tell()
+    try:
+        return zipfile.is_zipfile(stream)
+    finally:
+        stream.seek(start)
+
+
+def _inflates(stream: IO[bytes], *, codec: str) -> bool:
+    try:
+        return bool(decompress.peek_decompressed(stream, codec=codec, size=1))
+    except Exception:  # a weak magic on bytes that are not compressed at all
+        return False
+
+
+def sniff(path: Path) -> str:
+    """`sniff_stream` of a whole file; a `.onnx` name counts when the bytes are silent."""
+    with path.open("rb") as stream:
+        kind = sniff_stream(stream)
+    if kind == "unknown" and path.suffix.lower() == ".onnx":
+        return "onnx"
+    return kind
 
 
 def _file_format(path: Path) -> str:
     kind = sniff(path)
     if kind in ("gguf", "safetensors", "onnx", "pickle"):
         return kind
-    if kind == "zip":
-        try:
-            with zipfile.ZipFile(path) as archive:
-                return "pickle" if zip_pickle_entries(archive) else "unknown"
-        except (zipfile.BadZipFile, OSError):
-            return "pickle" if has_pickle_suffix(path) or path.suffix.lower() in TORCH_SUFFIXES else "unknown"
-    if kind == "compressed":
-        codec = decompress.compression_codec(read_head(path))
-        try:
-            inner = decompress.peek_decompressed(path, codec=codec or "")
-        except Exception:  # a corrupt or unsupported stream: only the name can still speak
-            inner = b""
-        return "pickle" if is_pickle_magic(inner) or has_pickle_suffix(path) else "unknown"
+    if kind in ("zip", "tar", "compressed"):
+        return "pickle" if first_pickle(path) is not None else "unknown"
     return "unknown"
+
+
+def first_pickle(path: Path) -> str | None:
+    """Where the first pickle inside a container file is (its label), or None."""
+    budget = Budget(_DETECT_LIMITS)
+    with path.open("rb") as stream:
+        for item in walk(stream, label=path.name, name=path.name, sniff=sniff_stream, budget=budget):
+            if isinstance(item, Leaf) and item.kind == "pickle":
+                return item.label
+    return None
 
 
 def _directory_format(path: Path) -> str:

@@ -66,7 +66,7 @@ class Finding:
 class ScanResult:
     status: ScanStatus
     findings: list[Finding] = field(default_factory=list)
-    scanner: str = "picklescan"
+    scanner: str = "converge-allowlist"
     scanner_version: str | None = None
     scanned_files: list[str] = field(default_factory=list)
 

@@ -1,202 +1,167 @@
-"""`scan_artifact`: find code-execution risks in the pickles a model artifact carries.
+"""`scan_artifact`: find the code paths a model artifact carries, and refuse the unknown ones.
+
+Pickles are judged against an allow-list (`converge.core.pickle_allowlist`): a pickle is clean
+only when every global it imports is one real model formats need; anything else is a
+"dangerous" finding. Pickles are found by content, whatever their name or protocol, inside
+zip/tar archives and compressed streams at any depth (`containers`). Other formats' code
+paths are checked too: chat templates (`templates`), Keras configs, ONNX external data and
+safetensors headers (`formats`).
 
 What each status means (the policy engine decides what to do with it):
 
-- "unsafe": some pickle imports a global picklescan rates dangerous (os/posix.system,
-  subprocess.*, builtins.eval/exec, ...). Unpickling it can run arbitrary code.
-- "error": a pickle-bearing file could not be read to its end: corrupt, truncated, an
-  unsupported or oversized compression, or bytes after a pickle that the parser cannot
-  follow. We fail closed because a scan that stopped early cannot vouch for the rest.
-  Uncompressed joblib files that inline numpy array bytes land here today: joblib writes raw
-  array data between pickle opcodes, so no pickle parser (picklescan included) can see past
-  the first array.
-- "clean": every pickle was read end to end and nothing dangerous was found. Globals that
-  picklescan calls "suspicious" (anything outside its small allow-list, such as
-  sklearn.linear_model.LogisticRegression) are kept as findings with severity "suspicious"
-  but do not change the status: every real sklearn pickle references its own estimator
-  classes, so failing on them would reject every sklearn model, while the dangerous list is
-  the actual code-execution surface. A stricter policy can still act on those findings.
-- "not_applicable": nothing in the artifact carries pickles (GGUF, safetensors, ONNX).
+- "unsafe": some finding is dangerous: a pickle imports a global outside the allow-list (or
+  one that cannot be resolved without running it), a chat template reaches for private
+  attributes or unknown globals, a Keras model holds a Lambda layer or a foreign module, an
+  ONNX tensor reads data outside the artifact, a safetensors header points out of bounds, or
+  an archive member would extract outside its folder.
+- "error": something could not be read to its end, or a limit was exceeded (nesting depth,
+  member count, decompressed bytes, compression ratio): corrupt, truncated, an unsupported
+  or oversized compression, bytes after a pickle the parser cannot follow. We fail closed
+  because a scan that stopped early cannot vouch for the rest.
+- "clean": the artifact holds pickles, each was read end to end, and nothing is dangerous.
+- "not_applicable": the artifact holds no pickles at all (GGUF, safetensors, ONNX), and its
+  other code paths passed.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
-import pickletools
-import tempfile
-from pathlib import Path
-from typing import IO
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
 
-from picklescan import scanner as picklescan
-from picklescan.relaxed_zipfile import RelaxedZipFile
-
-from converge.control.library.inspection import decompress
-from converge.control.library.inspection.detect import (
-    TORCH_SUFFIXES,
-    has_pickle_suffix,
-    is_pickle_magic,
-    read_head,
-    sniff,
-    zip_pickle_entries,
+from converge.control.library.inspection import formats, templates
+from converge.control.library.inspection.containers import (
+    DEFAULT_MAX_DECOMPRESSED_BYTES,
+    Budget,
+    Leaf,
+    ScanLimits,
+    walk,
 )
+from converge.control.library.inspection.detect import sniff_stream
+from converge.control.library.inspection.pickles import npy_findings, scan_pickle_stream
 from converge.control.library.inspection.results import Finding, ScanResult, ScanStatus
+from converge.core.pickle_allowlist import ALLOWLIST_VERSION
 
-# Inflated content above this size is refused: far above any sklearn/joblib model we expect,
-# low enough that a crafted "zip bomb" cannot fill the disk.
-DEFAULT_MAX_DECOMPRESSED_BYTES = 16 * 1024**3
-# Inflated pickles are held in memory up to this size, then spill to a temporary file.
-_SPOOL_BYTES = 64 * 1024**2
-# torch's legacy (pre-1.6) format: five pickles (magic number, protocol, sys info, the object,
-# storage keys) followed by raw storage bytes that torch reads without unpickling.
-_TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-_TORCH_LEGACY_PICKLES = 5
+SCANNER = "converge-allowlist"
+PICKLE_NAMES = frozenset({".pkl", ".pickle", ".joblib", ".pt", ".pth", ".ckpt"})
 _SEVERITY_ORDER = {"dangerous": 0, "suspicious": 1, "error": 2}
+
+__all__ = ["DEFAULT_MAX_DECOMPRESSED_BYTES", "SCANNER", "ScanLimits", "scan_artifact"]
 
 
 def scan_artifact(
-    path: str | Path, *, max_decompressed_bytes: int = DEFAULT_MAX_DECOMPRESSED_BYTES
+    path: str | Path,
+    *,
+    max_decompressed_bytes: int = DEFAULT_MAX_DECOMPRESSED_BYTES,
+    limits: ScanLimits | None = None,
 ) -> ScanResult:
-    """Scan every pickle-bearing file under `path` (a file or a folder)."""
+    """Scan every file under `path` (a file or a folder). `limits` overrides `max_decompressed_bytes`."""
     target = Path(path)
-    version = _scanner_version()
+    version = scanner_version()
     if not target.exists():
         missing = Finding(file=str(target), global_name=None, severity="error", message="path does not exist")
-        return ScanResult(status="error", findings=[missing], scanner_version=version)
+        return ScanResult(status="error", findings=[missing], scanner=SCANNER, scanner_version=version)
     root = target if target.is_dir() else target.parent
     files = [target] if target.is_file() else sorted(item for item in target.rglob("*") if item.is_file())
-    findings: list[Finding] = []
+    budget = Budget(limits or ScanLimits(max_decompressed_bytes=max_decompressed_bytes))
+    findings: list[Finding] = _link_findings(target) if target.is_dir() else []
     scanned: list[str] = []
+    saw_pickle = False
     for file in files:
         label = file.relative_to(root).as_posix()
-        outcome = _scan_file(file, label=label, max_bytes=max_decompressed_bytes)
-        if outcome is not None:
-            scanned.append(label)
-            findings.extend(outcome)
+        for item in _walk_file(file, label=label, budget=budget):
+            if isinstance(item, Finding):
+                findings.append(item)
+                continue
+            outcome = _check_leaf(item, root=root)
+            if outcome is not None:
+                found, carries_pickle = outcome
+                scanned.append(item.label)
+                findings.extend(found)
+                saw_pickle = saw_pickle or carries_pickle
+    findings.sort(key=lambda finding: _SEVERITY_ORDER[finding.severity])  # stable: file order kept
     return ScanResult(
-        status=_status(findings, scanned=bool(scanned)),
+        status=_status(findings, saw_pickle=saw_pickle),
         findings=findings,
+        scanner=SCANNER,
         scanner_version=version,
         scanned_files=scanned,
     )
 
 
-def _scanner_version() -> str | None:
+def scanner_version() -> str:
+    """Our allow-list's version, and picklescan's (the second opinion), e.g. "1+picklescan-1.0.5"."""
     try:
-        return importlib.metadata.version("picklescan")
+        return f"{ALLOWLIST_VERSION}+picklescan-{importlib.metadata.version('picklescan')}"
     except importlib.metadata.PackageNotFoundError:
-        return None
+        return ALLOWLIST_VERSION
 
 
-def _status(findings: list[Finding], *, scanned: bool) -> ScanStatus:
+def _status(findings: list[Finding], *, saw_pickle: bool) -> ScanStatus:
     severities = {finding.severity for finding in findings}
     if "dangerous" in severities:
         return "unsafe"  # a confirmed threat outranks an incomplete read elsewhere
     if "error" in severities:
         return "error"
-    return "clean" if scanned else "not_applicable"
+    return "clean" if saw_pickle else "not_applicable"
+
+
+def _walk_file(file: Path, *, label: str, budget: Budget) -> Iterator[Leaf | Finding]:
+    try:
+        with file.open("rb") as stream:
+            yield from walk(stream, label=label, name=file.name, sniff=sniff_stream, budget=budget, path=file)
+    except Exception as exc:  # fail closed: whatever stopped the scan, the file is not vouched for
+        yield _error(label, f"could not be scanned: {type(exc).__name__}: {exc}")
+
+
+def _check_leaf(leaf: Leaf, *, root: Path) -> tuple[list[Finding], bool] | None:
+    """(findings, whether it holds a pickle) for one leaf; None when it carries no code path we know."""
+    try:
+        if leaf.kind == "pickle":
+            return scan_pickle_stream(leaf.stream, label=leaf.label), True
+        if leaf.kind == "npy":
+            return npy_findings(leaf.stream, label=leaf.label)
+        found = _check_other(leaf, root=root)
+        return None if found is None else (found, False)
+    except Exception as exc:  # fail closed: a check that broke cannot vouch for the file
+        return [_error(leaf.label, f"could not be scanned: {type(exc).__name__}: {exc}")], False
+
+
+def _check_other(leaf: Leaf, *, root: Path) -> list[Finding] | None:
+    label, stream = leaf.label, leaf.stream
+    if leaf.kind == "gguf":
+        return templates.gguf_findings(stream, label=label)
+    if leaf.kind == "safetensors":
+        return formats.safetensors_findings(stream, label=label)
+    if leaf.kind == "hdf5":
+        return formats.hdf5_findings(stream, label=label)
+    if leaf.kind == "onnx" or leaf.name.lower().endswith(".onnx"):
+        return formats.onnx_findings(stream, label=label, path=leaf.path, root=root)
+    if leaf.name == "config.json":
+        return formats.keras_config_findings(stream, label=label)
+    if leaf.name in templates.TEMPLATE_FILES:
+        return templates.json_template_findings(stream, label=label)
+    if leaf.name.endswith(".jinja"):
+        source = stream.read(templates.MAX_TEMPLATE_CHARS * 4).decode("utf-8", errors="replace")
+        return templates.template_findings(source, label=label)
+    if leaf.kind == "unknown" and PurePosixPath(leaf.name).suffix.lower() in PICKLE_NAMES:
+        # Content decides, but a name that promises a pickle and bytes that are none is not
+        # something to vouch for either.
+        return [_error(label, "is named like a pickle but its bytes cannot be parsed as one")]
+    return None
+
+
+def _link_findings(folder: Path) -> list[Finding]:
+    """Symlinks (to files or folders) that point out of the artifact hand a loader someone else's files."""
+    root = folder.resolve()
+    found = []
+    for entry in sorted(folder.rglob("*")):
+        if entry.is_symlink() and not entry.resolve().is_relative_to(root):
+            label = entry.relative_to(folder).as_posix()
+            message = "is a symlink to a path outside the artifact"
+            found.append(Finding(file=label, global_name=None, severity="dangerous", message=message))
+    return found
 
 
 def _error(label: str, message: str) -> Finding:
     return Finding(file=label, global_name=None, severity="error", message=message)
-
-
-def _scan_file(path: Path, *, label: str, max_bytes: int) -> list[Finding] | None:
-    """Findings for one file, or None when the file carries no pickles at all."""
-    try:
-        kind = sniff(path)
-        if kind == "pickle":
-            with path.open("rb") as stream:
-                return _scan_pickle(stream, label=label, torch_layout=path.suffix.lower() in TORCH_SUFFIXES)
-        if kind == "zip":
-            with path.open("rb") as stream:
-                return _scan_zip(stream, label=label)
-        if kind == "compressed":
-            return _scan_compressed(path, label=label, max_bytes=max_bytes)
-        return None
-    except Exception as exc:  # fail closed: whatever stopped the scan, the file is not vouched for
-        return [_error(label, f"could not be scanned: {type(exc).__name__}: {exc}")]
-
-
-def _scan_zip(stream: IO[bytes], *, label: str) -> list[Finding] | None:
-    # picklescan's lenient reader accepts the same slightly malformed archives torch.load does.
-    with RelaxedZipFile(stream) as archive:
-        entries = zip_pickle_entries(archive)
-        if not entries:
-            return None
-        findings: list[Finding] = []
-        for name in entries:
-            with archive.open(name) as entry:
-                findings.extend(_scan_pickle(entry, label=f"{label}:{name}", torch_layout=False))
-        return findings
-
-
-def _scan_compressed(path: Path, *, label: str, max_bytes: int) -> list[Finding] | None:
-    codec = decompress.compression_codec(read_head(path)) or ""
-    named_pickle = has_pickle_suffix(path)
-    try:
-        head = decompress.peek_decompressed(path, codec=codec)
-    except Exception as exc:  # corrupt stream or a codec we lack (lz4)
-        return [_error(label, f"{codec} content could not be decompressed: {exc}")] if named_pickle else None
-    if not (named_pickle or is_pickle_magic(head)):
-        return None  # e.g. a gzipped tokenizer or tarball: no pickles to worry about
-    with tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES) as inflated:
-        try:
-            decompress.decompress_into(path, codec=codec, sink=inflated, max_bytes=max_bytes)
-        except Exception as exc:
-            return [_error(label, f"{codec} content could not be decompressed: {exc}")]
-        inflated.seek(0)
-        return _scan_pickle(inflated, label=label, torch_layout=False)
-
-
-def _scan_pickle(stream: IO[bytes], *, label: str, torch_layout: bool) -> list[Finding]:
-    start = stream.tell()
-    problem = _unreadable_part(stream, torch_layout=torch_layout)
-    stream.seek(start)
-    if torch_layout:
-        # scan_bytes knows torch's legacy multi-pickle layout and falls back to a plain scan.
-        report = picklescan.scan_bytes(stream, label, file_ext=".pt")
-    else:
-        report = picklescan.scan_pickle_bytes(stream, label)
-    innocuous = picklescan.SafetyLevel.Innocuous
-    findings = [_global_finding(label, item) for item in report.globals if item.safety is not innocuous]
-    findings.sort(key=lambda finding: (_SEVERITY_ORDER[finding.severity], finding.global_name or ""))
-    # picklescan returns "no globals, no error" for bytes that are not a pickle at all, so our
-    # own end-to-end parse is what tells a clean pickle from garbage.
-    if problem is not None:
-        findings.append(_error(label, problem))
-    elif report.scan_err:
-        findings.append(_error(label, "picklescan could not parse the whole pickle stream"))
-    return findings
-
-
-def _global_finding(label: str, item: picklescan.Global) -> Finding:
-    name = f"{item.module}.{item.name}"
-    if item.safety is picklescan.SafetyLevel.Dangerous:
-        message = f"{name} can execute code or touch the system when unpickled"
-        return Finding(file=label, global_name=name, severity="dangerous", message=message)
-    message = f"{name} is outside picklescan's allow-list; unpickling runs its code"
-    return Finding(file=label, global_name=name, severity="suspicious", message=message)
-
-
-def _unreadable_part(stream: IO[bytes], *, torch_layout: bool) -> str | None:
-    """Why the stream cannot be parsed as back-to-back pickles up to its end, or None if it can.
-
-    pickletools only disassembles; nothing here is unpickled or executed.
-    """
-    count = 0
-    legacy_torch = False
-    while True:
-        offset = stream.tell()
-        try:
-            for opcode, arg, _position in pickletools.genops(stream):
-                if count == 0 and torch_layout and arg == _TORCH_LEGACY_MAGIC and "LONG" in opcode.name:
-                    legacy_torch = True
-        except Exception as exc:  # genops raises ValueError and friends on foreign bytes
-            where = "the pickle stream" if count == 0 else f"the bytes after pickle {count}"
-            return f"cannot parse {where} at offset {offset}: {exc}"
-        count += 1
-        if legacy_torch and count >= _TORCH_LEGACY_PICKLES:
-            return None  # what follows is raw tensor storage
-        if not stream.read(1):
-            return None
-        stream.seek(-1, 1)
