@@ -21,8 +21,8 @@ import pytest
 
 from converge.core import pickle_allowlist
 from converge.core.pickle_allowlist import find_allowed, restricted_loads
-from converge.serving import v2_restricted
 from converge.serving.v2 import find_mlserver_venv
+from converge.serving.v2 import restricted as v2_restricted
 
 
 class Plants:
@@ -188,7 +188,7 @@ def test_the_probe_in_mlservers_environment_loads_models_and_refuses_gadgets(tmp
 def test_onnx_replica_refuses_external_data_outside_its_folder(tmp_path: Path) -> None:
     from onnx import TensorProto, helper
 
-    from converge.serving.v2_onnx import external_data_escapes
+    from converge.serving.v2.onnx import external_data_escapes
 
     def model_with(location: str) -> Path:
         weight = helper.make_tensor("W", TensorProto.FLOAT, [2, 2], [1.0] * 4)

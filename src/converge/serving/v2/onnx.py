@@ -25,7 +25,14 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from converge.serving.common import ModelHost
-from converge.serving.v2 import KIND, V2Error, check_inputs, error_response, infer_path, parse_infer_request
+from converge.serving.v2.protocol import (
+    KIND,
+    V2Error,
+    check_inputs,
+    error_response,
+    infer_path,
+    parse_infer_request,
+)
 
 # onnxruntime's element types (NodeArg.type) as V2 datatypes and numpy dtypes.
 ORT_TYPES: dict[str, tuple[str, Any]] = {

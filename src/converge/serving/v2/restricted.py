@@ -3,9 +3,11 @@
 Defence in depth behind the registration scan: even if a hostile pickle got past it, the
 replica's unpickler refuses to import anything `pickle_allowlist` does not allow, so the gadget
 never gets a callable to call. This file runs inside `.venv-mlserver`, which does not have
-converge installed: `v2.py` copies it, together with `core/pickle_allowlist.py` (as
-`converge_pickle_allowlist.py`), into the folder MLServer starts from and puts that folder on
-its PYTHONPATH. So it imports nothing from converge, and mlserver only where MLServer runs it.
+converge installed: `install()` (called by `host.py`) copies it, as `converge_v2_restricted.py`,
+together with `core/pickle_allowlist.py` (as `converge_pickle_allowlist.py`), into the folder
+MLServer starts from, and `mlserver.py` puts that folder on its PYTHONPATH. So it imports nothing
+from converge (but the allow-list, when it runs in Converge's own environment) and imports
+mlserver only where MLServer runs it; nothing else in this package may be imported from here.
 
 - `restricted_joblib_load(path)`: what `joblib.load` does for joblib and plain pickle files
   (compressed or not, inline numpy arrays included), with `find_class` restricted. joblib's
