@@ -1,86 +1,20 @@
-"""The `converge` CLI driven through typer's CliRunner against a real server on a loopback port.
-
-The CLI's httpx client is synchronous and the server runs in this test's event loop, so every
-invocation runs in a worker thread; calling it on the loop thread would deadlock.
-"""
+"""The `converge` CLI driven through typer's CliRunner against a real server on a loopback port
+(the `cli` fixture, tests/cli/conftest.py): login, status, projects, keys, help."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import stat
-import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import typer
-from rich.console import Console
-from typer.testing import CliRunner, Result
+from cli_support import Cli, bearer, ok, unique
+from typer.testing import CliRunner
 
-from converge.cli import client as cli_client
-from converge.cli import main as cli_main
 from converge.cli.main import app as cli_app
-
-Env = dict[str, str | None]
-
-
-@dataclass
-class Cli:
-    url: str
-    admin_token: str
-    config: Path  # the isolated profile file (CONVERGE_CLI_CONFIG)
-
-    def env(self, **overrides: str | None) -> Env:
-        base: Env = {
-            "CONVERGE_CLI_CONFIG": str(self.config),
-            "CONVERGE_URL": self.url,
-            "CONVERGE_API_KEY": self.admin_token,
-            "NO_COLOR": "1",
-        }
-        return {**base, **overrides}
-
-    async def __call__(self, *args: str, env: Env | None = None) -> Result:
-        return await asyncio.to_thread(CliRunner().invoke, cli_app, list(args), env=env or self.env())
-
-
-@pytest.fixture
-async def server(live_server: Any) -> AsyncIterator[Any]:
-    async with live_server() as srv:
-        yield srv
-
-
-@pytest.fixture
-def cli(server: Any, settings: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Cli:
-    assert settings.bootstrap_token is not None
-    # The CLI's consoles fix their width when created if COLUMNS is set then (xdist workers set it);
-    # wide ones keep rich from folding a table cell or an error line that a test looks for.
-    wide_out, wide_err = Console(width=250), Console(stderr=True, width=250)
-    monkeypatch.setattr(cli_main, "out", wide_out)
-    monkeypatch.setattr(cli_main, "err", wide_err)
-    monkeypatch.setattr(cli_client, "err", wide_err)
-    return Cli(
-        url=server.url,
-        admin_token=settings.bootstrap_token.get_secret_value(),
-        config=tmp_path / "cli.json",
-    )
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-def ok(result: Result) -> Result:
-    assert result.exit_code == 0, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
-    return result
 
 
 async def project_by_name(cli: Cli, name: str) -> dict[str, Any]:

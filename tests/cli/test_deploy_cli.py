@@ -3,42 +3,15 @@ the in-memory runtime backend (the session app)."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import uuid
 from typing import Any
 
-import pytest
-from rich.console import Console
+from cli_support import Cli
 from support import ADMIN
-from typer.testing import CliRunner
 
-from converge.cli import client as cli_client
-from converge.cli import deploy as cli_deploy
-from converge.cli import library as cli_library
-from converge.cli.main import app as cli_app
 from converge.control.builds.schemas import BuildState
 from converge.models import Build
-
-
-@pytest.fixture
-async def cli(live_server: Any, settings: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch):
-    wide = Console(width=250)
-    monkeypatch.setattr(cli_deploy, "out", wide)
-    monkeypatch.setattr(cli_library, "out", wide)
-    monkeypatch.setattr(cli_client, "err", Console(stderr=True, width=250))
-    async with live_server() as srv:
-        env = {
-            "CONVERGE_CLI_CONFIG": str(tmp_path / "cli.json"),
-            "CONVERGE_URL": srv.url,
-            "CONVERGE_API_KEY": settings.bootstrap_token.get_secret_value(),
-            "NO_COLOR": "1",
-        }
-
-        async def run(*args: str):
-            return await asyncio.to_thread(CliRunner().invoke, cli_app, list(args), env=env)
-
-        yield run
 
 
 async def _built_model(app: Any, client: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -78,7 +51,7 @@ async def _built_model(app: Any, client: Any) -> tuple[dict[str, Any], dict[str,
     return project, model, version
 
 
-async def test_deploy_rolls_out_and_deployments_commands_manage_it(app, committed_client, cli):
+async def test_deploy_rolls_out_and_deployments_commands_manage_it(app: Any, committed_client: Any, cli: Cli):
     project, model, _ = await _built_model(app, committed_client)
     # A format the servers cannot guess: the API's 422 reaches the user readably.
     failed = await cli("deploy", f"{model['name']}:v1", "--project", project["name"], "--timeout", "30")
@@ -112,7 +85,7 @@ async def test_deploy_rolls_out_and_deployments_commands_manage_it(app, committe
 
 
 async def test_models_revoke_dry_run_names_the_deployments_and_a_reason_is_required(
-    app, committed_client, cli
+    app: Any, committed_client: Any, cli: Cli
 ):
     project, model, version = await _built_model(app, committed_client)
     spec = {
@@ -142,3 +115,10 @@ async def test_models_revoke_dry_run_names_the_deployments_and_a_reason_is_requi
     assert f"{model['name']} v1: revoked" in revoked.output
     gone = (await committed_client.get(f"/models/{model['id']}", headers=ADMIN)).json()["versions"][0]
     assert gone["state_reason"] == "licence withdrawn"
+
+
+async def test_the_log_of_an_unknown_build_is_a_readable_404(cli: Cli):
+    result = await cli("builds", "logs", str(uuid.uuid4()))
+
+    assert result.exit_code == 1, result.output
+    assert "Error 404" in result.stderr and "Traceback" not in result.output

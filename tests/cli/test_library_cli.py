@@ -1,94 +1,22 @@
 """`converge models | policies | sources` driven through CliRunner against a real server.
 
-As in test_cli.py, every invocation runs in a worker thread (the server runs on this test's
-event loop) and writes commit, so every name is unique.
+As in test_cli.py, every write commits, so every name is unique.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import re
 import struct
-import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from rich.console import Console
-from typer.testing import CliRunner, Result
+from cli_support import Cli, failed, ok, row, unique
 
-from converge.cli import client as cli_client
-from converge.cli import library as cli_library
-from converge.cli import main as cli_main
-from converge.cli.main import app as cli_app
 from converge.control.library.catalogue import smollm2_path
-
-Env = dict[str, str | None]
-
-
-@dataclass
-class Cli:
-    url: str
-    admin_token: str
-    config: Path
-
-    def env(self, **overrides: str | None) -> Env:
-        base: Env = {
-            "CONVERGE_CLI_CONFIG": str(self.config),
-            "CONVERGE_URL": self.url,
-            "CONVERGE_API_KEY": self.admin_token,
-            "NO_COLOR": "1",
-        }
-        return {**base, **overrides}
-
-    async def __call__(self, *args: str, token: str | None = None) -> Result:
-        env = self.env(CONVERGE_API_KEY=token) if token else self.env()
-        return await asyncio.to_thread(CliRunner().invoke, cli_app, list(args), env=env)
-
-
-@pytest.fixture
-async def server(live_server: Any) -> AsyncIterator[Any]:
-    async with live_server() as srv:
-        yield srv
-
-
-@pytest.fixture
-def cli(server: Any, settings: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Cli:
-    assert settings.bootstrap_token is not None
-    # Wide consoles: rich must not fold a table cell or an error line that a test looks for.
-    wide_out, wide_err = Console(width=250), Console(stderr=True, width=250)
-    monkeypatch.setattr(cli_main, "out", wide_out)
-    monkeypatch.setattr(cli_library, "out", wide_out)
-    monkeypatch.setattr(cli_main, "err", wide_err)
-    monkeypatch.setattr(cli_client, "err", wide_err)
-    return Cli(url=server.url, admin_token=settings.bootstrap_token.get_secret_value(), config=tmp_path / "c")
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-def ok(result: Result) -> Result:
-    assert result.exit_code == 0, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
-    return result
-
-
-def failed(result: Result) -> Result:
-    assert result.exit_code == 1, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
-    assert isinstance(result.exception, SystemExit)  # a deliberate exit, not a crash
-    assert "Traceback" not in result.output
-    return result
-
-
-def row(text: str, *cells: str) -> bool:
-    """Whether one line of `text` holds these cells in order (table borders and padding between)."""
-    pattern = r"[\s│┃]+".join(re.escape(c) for c in cells)
-    return any(re.search(pattern, line) for line in text.splitlines())
 
 
 def safetensors_file(folder: Path, rows: int = 2, cols: int = 3) -> Path:

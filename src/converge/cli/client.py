@@ -1,4 +1,9 @@
-"""The CLI's only way in: the HTTP API, with a saved profile (URL + key)."""
+"""The CLI's only way in: the HTTP API, with a saved profile (URL + key).
+
+Every command gets its client from `api(profile)` and talks through `Api`, which turns each way a
+request can fail into one readable line on stderr and an exit code: 2 when the server cannot be
+reached, 1 for anything else.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +11,22 @@ import json
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, NoReturn
 
 import httpx
 import typer
-from rich.console import Console
-from rich.markup import escape
+from rich.text import Text
 
-err = Console(stderr=True)
+from converge.cli.output import die
+
+ProfileOpt = Annotated[str | None, typer.Option("--profile", help="Saved profile to use")]
+YesOpt = Annotated[bool, typer.Option("--yes", help="Do not ask")]
+# Uploads, URI registrations and source syncs do all their work (fetch, scan, inspect) before
+# answering.
+SLOW = httpx.Timeout(30.0, read=1800.0)
 
 
 def config_path() -> Path:
@@ -58,29 +69,66 @@ def current_profile(name: str | None = None) -> Profile:
     return Profile(url=url.rstrip("/"), key=env_key or chosen.get("key"))
 
 
+def api(profile: str | None = None) -> Api:
+    """A client for the saved profile `profile` (or the current one, or CONVERGE_URL/_API_KEY)."""
+    return Api(current_profile(profile))
+
+
+def is_uuid(ref: str) -> bool:
+    try:
+        uuid.UUID(ref)
+    except ValueError:
+        return False
+    return True
+
+
+def fail(resp: httpx.Response) -> NoReturn:
+    """Exit 1 with the status and the server's own words (shown literally, not as markup)."""
+    try:
+        body = resp.json()
+        detail = body.get("detail") or body.get("error", {}).get("message") or resp.text
+    except (ValueError, AttributeError):  # not JSON, or JSON of another shape
+        detail = resp.text
+    die(Text.assemble((f"Error {resp.status_code}:", "red"), " ", str(detail)))
+
+
 class Api:
     def __init__(self, profile: Profile, *, timeout: float = 30.0) -> None:
         headers = {"Authorization": f"Bearer {profile.key}"} if profile.key else {}
         self.http = httpx.Client(base_url=profile.url, headers=headers, timeout=timeout)
 
+    def unreachable(self) -> NoReturn:
+        hint = " - is `converge up` running?"
+        die(Text.assemble((f"Cannot reach Converge at {self.http.base_url}", "red"), hint), code=2)
+
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """The answer, whatever its status. Exits 2 when the server cannot be reached; other
+        transport failures are raised, for a caller that can say more about them (see `send`)."""
         try:
             return self.http.request(method, path, **kwargs)
         except httpx.ConnectError:
-            err.print(f"[red]Cannot reach Converge at {self.http.base_url}[/] - is `converge up` running?")
-            raise typer.Exit(2) from None
+            self.unreachable()
+
+    def send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """The answer, whatever its status; exits with a readable line on any transport failure."""
+        try:
+            return self.request(method, path, **kwargs)
+        except httpx.TimeoutException:
+            die(f"The server did not answer {method} {path} in time")
+        except httpx.HTTPError as exc:
+            die(f"Request {method} {path} failed: {exc}")
 
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
-        resp = self.request(method, path, **kwargs)
+        """The decoded answer (None when empty); exits 1 with the server's words on a 4xx/5xx."""
+        resp = self.send(method, path, **kwargs)
         if resp.status_code >= 400:
             fail(resp)
-        if resp.status_code == 204 or not resp.content:
-            return None
-        return resp.json()
+        return resp.json() if resp.status_code != 204 and resp.content else None
 
     def paged(
         self, path: str, *, params: dict[str, Any] | None = None, limit: int | None = None
     ) -> Iterator[Any]:
+        """Every item of a cursor-paginated collection (at most `limit`), fetching pages as needed."""
         params = dict(params or {})
         seen = 0
         while True:
@@ -94,24 +142,40 @@ class Api:
                 return
             params["cursor"] = page["next_cursor"]
 
+    def named(self, path: str, ref: str, *, params: dict[str, Any] | None = None) -> Any:
+        """The item of a collection whose name (or id) is `ref`, or None."""
+        for item in self.paged(path, params={"limit": 500, **(params or {})}):
+            if ref in (item["name"], item["id"]):
+                return item
+        return None
+
+    def lookup(self, path: str, ref: str) -> Any:
+        """The object at `path` that `ref` names or identifies, or None when no name matches."""
+        return self.call("GET", f"{path}/{ref}") if is_uuid(ref) else self.named(path, ref)
+
+    @contextmanager
+    def lines(self, path: str, *, params: dict[str, Any]) -> Iterator[Iterator[str]]:
+        """A streamed text answer (a log), line by line, for as long as the server sends it."""
+        try:
+            with self.http.stream("GET", path, params=params, timeout=None) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    fail(resp)
+                yield resp.iter_lines()
+        except httpx.ConnectError:
+            self.unreachable()
+
+    def delete(self, path: str, *, ask: str | None) -> None:
+        """DELETE `path`, once the user answers yes to `ask` (None: they said --yes already)."""
+        if ask is not None:
+            typer.confirm(ask, abort=True)
+        self.call("DELETE", path)
+
     def project_id(self, ref: str) -> str:
         """Accept a project id or name."""
-        try:
+        if is_uuid(ref):
             return str(uuid.UUID(ref))
-        except ValueError:
-            pass
-        for project in self.paged("/projects", params={"limit": 500}):
-            if project["name"] == ref:
-                return str(project["id"])
-        err.print(f"[red]No project named '{ref}' is visible to you[/]")
-        raise typer.Exit(1)
-
-
-def fail(resp: httpx.Response) -> None:
-    try:
-        body = resp.json()
-        detail = body.get("detail") or body.get("error", {}).get("message") or resp.text
-    except ValueError:
-        detail = resp.text
-    err.print(f"[red]Error {resp.status_code}:[/] {escape(str(detail))}")
-    raise typer.Exit(1)
+        project = self.named("/projects", ref)
+        if project is None:
+            die(f"No project named '{ref}' is visible to you")
+        return str(project["id"])

@@ -6,26 +6,20 @@ import time
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console, Group
-from rich.live import Live
+from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
-from converge.cli.client import Api, current_profile, err
-from converge.cli.library import fields, get_model, get_version, table
+from converge.cli.client import Api, ProfileOpt, YesOpt, api
+from converge.cli.models import get_model, get_version
+from converge.cli.output import die, echo, fields, live, table
 
 deployments = typer.Typer(help="Deployments: approved models served by replicas.", no_args_is_help=True)
 builds = typer.Typer(
     help="Builds: fetch, smoke-load and benchmark a version for a profile.", no_args_is_help=True
 )
-out = Console()
-
-ProfileOpt = Annotated[str | None, typer.Option("--profile", help="Saved CLI profile to use")]
 ProjectOpt = Annotated[str, typer.Option("--project", "-p", help="Project name or id")]
 FINAL_BUILD = {"succeeded", "failed", "cancelled"}
-
-
-def api(profile: str | None) -> Api:
-    return Api(current_profile(profile))
 
 
 def split_ref(ref: str) -> tuple[str, str | None]:
@@ -39,27 +33,23 @@ def resolve_version(client: Api, ref: str) -> tuple[dict[str, Any], dict[str, An
     if version is None:
         servable = [v for v in model["versions"] if v["state"] in ("approved", "deprecated")]
         if not servable:
-            err.print(f"[red]'{model['name']}' has no approved version[/]")
-            raise typer.Exit(1)
+            die(f"'{model['name']}' has no approved version")
         return model, servable[-1]
     return model, get_version(model, version)
 
 
 def find_deployment(client: Api, project_id: str, ref: str) -> dict[str, Any]:
-    for item in client.paged("/deployments", params={"project": project_id, "limit": 500}):
-        if ref in (item["name"], item["id"]):
-            return item
-    err.print(f"[red]No deployment '{ref}' in this project[/]")
-    raise typer.Exit(1)
+    deployment = client.named("/deployments", ref, params={"project": project_id})
+    if deployment is None:
+        die(f"No deployment '{ref}' in this project")
+    return deployment
 
 
 def follow_build(client: Api, build: dict[str, Any]) -> dict[str, Any]:
     """Stream the build log until it ends; return the final build."""
-    with client.http.stream(
-        "GET", f"/ai-converge/builds/{build['id']}/logs", params={"follow": True}, timeout=None
-    ) as resp:
-        for line in resp.iter_lines():
-            out.print(f"[dim]{line}[/]")
+    with client.lines(f"/ai-converge/builds/{build['id']}/logs", params={"follow": True}) as lines:
+        for line in lines:
+            echo(Text(line, style="dim"))
     return client.call("GET", f"/ai-converge/builds/{build['id']}")
 
 
@@ -95,10 +85,10 @@ def rollout_view(d: dict[str, Any]) -> Group:
 def watch(client: Api, deployment_id: str, *, timeout: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     d = client.call("GET", f"/deployments/{deployment_id}")
-    with Live(rollout_view(d), console=out, refresh_per_second=4) as live:
+    with live(rollout_view(d)) as view:
         while time.monotonic() < deadline:
             d = client.call("GET", f"/deployments/{deployment_id}")
-            live.update(rollout_view(d))
+            view.update(rollout_view(d))
             current = [r for r in d["status"].get("replicas", []) if r["revision"] == d["revision"]]
             if d["phase"] in ("Ready", "Degraded", "Revoked") and (d["phase"] != "Ready" or current):
                 break
@@ -135,7 +125,7 @@ def deploy(
             if b["model_version_id"] == version["id"] and b["profile"] == build_profile
         ]
         if not done:
-            out.print(f"Building {model_obj['name']}:{version['version']} for profile '{build_profile}'...")
+            echo(f"Building {model_obj['name']}:{version['version']} for profile '{build_profile}'...")
             b = client.call(
                 "POST",
                 "/ai-converge/build",
@@ -143,8 +133,7 @@ def deploy(
             )
             b = follow_build(client, b)
             if b["state"] != "succeeded":
-                err.print(f"[red]Build {b['state']}:[/] {b['reason']}")
-                raise typer.Exit(1)
+                die(Text.assemble((f"Build {b['state']}:", "red"), " ", str(b["reason"])))
     body = {
         "name": name or model_obj["name"].replace(".", "-").replace("_", "-")[:63],
         "model_version_id": version["id"],
@@ -154,11 +143,11 @@ def deploy(
         **({"server": server} if server else {}),
     }
     d = client.call("POST", "/deployments", params={"project": pid}, json=body)
-    out.print(f"Deployment [bold]{d['name']}[/] ({d['id']}) created at revision {d['revision']}")
+    echo(f"Deployment [bold]{d['name']}[/] ({d['id']}) created at revision {d['revision']}")
     if wait:
         d = watch(client, d["id"], timeout=timeout)
         colour = "green" if d["phase"] == "Ready" else "red"
-        out.print(f"[{colour}]{d['name']}: {d['phase']}[/]")
+        echo(f"[{colour}]{d['name']}: {d['phase']}[/]")
         if d["phase"] != "Ready":
             raise typer.Exit(1)
 
@@ -186,7 +175,7 @@ def deployments_list(
 def deployments_show(deployment: str, project: ProjectOpt = "default", profile: ProfileOpt = None) -> None:
     client = api(profile)
     d = find_deployment(client, client.project_id(project), deployment)
-    out.print(rollout_view(d))
+    echo(rollout_view(d))
     fields([(k, v) for k, v in d["spec"].items()], title="Spec")
 
 
@@ -202,13 +191,8 @@ def deployments_logs(
     client = api(profile)
     d = find_deployment(client, client.project_id(project), deployment)
     params: dict[str, Any] = {"tail": tail, "follow": follow, **({"replica": replica} if replica else {})}
-    with client.http.stream("GET", f"/deployments/{d['id']}/logs", params=params, timeout=None) as resp:
-        if resp.status_code >= 400:
-            resp.read()
-            from converge.cli.client import fail
-
-            fail(resp)
-        for line in resp.iter_lines():
+    with client.lines(f"/deployments/{d['id']}/logs", params=params) as lines:
+        for line in lines:
             print(line)
 
 
@@ -220,7 +204,7 @@ def deployments_redeploy(
     client = api(profile)
     d = find_deployment(client, client.project_id(project), deployment)
     d = client.call("POST", f"/deployments/{d['id']}/redeploy")
-    out.print(f"Redeploying {d['name']} (generation {d['restart_generation']})")
+    echo(f"Redeploying {d['name']} (generation {d['restart_generation']})")
 
 
 @deployments.command("rollback")
@@ -233,22 +217,20 @@ def deployments_rollback(
     client = api(profile)
     d = find_deployment(client, client.project_id(project), deployment)
     d = client.call("POST", f"/deployments/{d['id']}/rollback", json={"revision": revision})
-    out.print(f"{d['name']}: revision {d['revision']} (the spec of revision {revision}) is rolling out")
+    echo(f"{d['name']}: revision {d['revision']} (the spec of revision {revision}) is rolling out")
 
 
 @deployments.command("delete")
 def deployments_delete(
     deployment: str,
     project: ProjectOpt = "default",
-    yes: Annotated[bool, typer.Option("--yes")] = False,
+    yes: YesOpt = False,
     profile: ProfileOpt = None,
 ) -> None:
     client = api(profile)
     d = find_deployment(client, client.project_id(project), deployment)
-    if not yes:
-        typer.confirm(f"Stop and delete {d['name']}?", abort=True)
-    client.call("DELETE", f"/deployments/{d['id']}")
-    out.print(f"Deleting {d['name']}")
+    client.delete(f"/deployments/{d['id']}", ask=None if yes else f"Stop and delete {d['name']}?")
+    echo(f"Deleting {d['name']}")
 
 
 @builds.command("create")
@@ -270,10 +252,10 @@ def builds_create(
             "profile": build_profile,
         },
     )
-    out.print(f"Build {b['id']} queued")
+    echo(f"Build {b['id']} queued")
     if follow:
         b = follow_build(client, b)
-        out.print(f"Build {b['state']} {b['reason']}")
+        echo(f"Build {b['state']} {b['reason']}")
         if b["results"]:
             fields(list(b["results"].items()), title="Benchmark")
 
@@ -305,14 +287,12 @@ def builds_logs(
     build_id: str, follow: Annotated[bool, typer.Option("--follow", "-f")] = False, profile: ProfileOpt = None
 ) -> None:
     client = api(profile)
-    with client.http.stream(
-        "GET", f"/ai-converge/builds/{build_id}/logs", params={"follow": follow}, timeout=None
-    ) as resp:
-        for line in resp.iter_lines():
+    with client.lines(f"/ai-converge/builds/{build_id}/logs", params={"follow": follow}) as lines:
+        for line in lines:
             print(line)
 
 
 @builds.command("cancel")
 def builds_cancel(build_id: str, profile: ProfileOpt = None) -> None:
     b = api(profile).call("POST", f"/ai-converge/builds/{build_id}/cancel")
-    out.print(f"Build {b['id']}: {b['state']}")
+    echo(f"Build {b['id']}: {b['state']}")

@@ -1,22 +1,24 @@
-"""`converge`: start the platform and manage it over its HTTP API."""
+"""`converge`: start the platform and manage it over its HTTP API.
+
+This module wires the command groups, one module each, and holds the few top-level commands.
+"""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
-from converge.cli.client import Api, Profile, current_profile, err, save_profile
+from converge.cli.client import Api, Profile, ProfileOpt, api, save_profile
 from converge.cli.deploy import builds, deploy, deployments
-from converge.cli.library import models, policies, sources
+from converge.cli.keys import keys
+from converge.cli.models import models
+from converge.cli.output import echo, table
+from converge.cli.policies import policies
+from converge.cli.projects import members, projects
+from converge.cli.sources import sources
 
 app = typer.Typer(help="Converge: a self-hosted AI factory.", no_args_is_help=True)
-projects = typer.Typer(help="Projects (tenants).", no_args_is_help=True)
-keys = typer.Typer(help="API keys.", no_args_is_help=True)
-members = typer.Typer(help="Project members and their roles.", no_args_is_help=True)
 app.add_typer(projects, name="projects")
 app.add_typer(keys, name="keys")
 app.add_typer(members, name="members")
@@ -26,22 +28,6 @@ app.add_typer(sources, name="sources")
 app.add_typer(deployments, name="deployments")
 app.add_typer(builds, name="builds")
 app.command("deploy")(deploy)
-out = Console()
-
-ProfileOpt = Annotated[str | None, typer.Option("--profile", help="Saved profile to use")]
-
-
-def api(profile: str | None = None) -> Api:
-    return Api(current_profile(profile))
-
-
-def table(rows: list[dict], columns: list[str], title: str | None = None) -> None:
-    t = Table(title=title)
-    for c in columns:
-        t.add_column(c)
-    for r in rows:
-        t.add_row(*["" if r.get(c) is None else escape(str(r.get(c))) for c in columns])
-    out.print(t)
 
 
 @app.command()
@@ -59,14 +45,16 @@ def up(
 def status(profile: ProfileOpt = None) -> None:
     """Readiness of the server and who you are logged in as."""
     client = api(profile)
-    resp = client.request("GET", "/readiness")
+    resp = client.send("GET", "/readiness")
     ready = resp.json()
     colour = "green" if resp.status_code == 200 else "red"
-    out.print(f"[bold]{client.http.base_url}[/]: [{colour}]{ready['status']}[/]")
-    table([{"check": k, **v} for k, v in ready["checks"].items()], ["check", "ok", "error"])
+    echo(f"[bold]{client.http.base_url}[/]: [{colour}]{ready['status']}[/]")
+    # str(): a check's flag has always read True/False here, where other tables say yes/no.
+    rows = [{"check": k, **v, "ok": str(v["ok"])} for k, v in ready["checks"].items()]
+    table(rows, ["check", "ok", "error"])
     if client.http.headers.get("authorization"):
         me = client.call("GET", "/auth/whoami")
-        out.print(f"Logged in as [bold]{me['subject']}[/] ({'admin' if me['is_admin'] else 'member'})")
+        echo(f"Logged in as [bold]{me['subject']}[/] ({'admin' if me['is_admin'] else 'member'})")
 
 
 @app.command()
@@ -82,125 +70,7 @@ def login(
     profile = Profile(url=url.rstrip("/"), key=key)
     me = Api(profile).call("GET", "/auth/whoami")
     path = save_profile(name, profile)
-    out.print(f"Logged in to {url} as [bold]{me['subject']}[/]; profile '{name}' saved in {path}")
-
-
-@projects.command("list")
-def projects_list(profile: ProfileOpt = None) -> None:
-    rows = list(api(profile).paged("/projects"))
-    table(rows, ["id", "name", "your_role", "description", "created_at"], title="Projects")
-
-
-@projects.command("create")
-def projects_create(
-    name: str,
-    description: Annotated[str, typer.Option(help="Free text")] = "",
-    cpu: Annotated[float | None, typer.Option(help="CPU quota (cores)")] = None,
-    memory_gb: Annotated[float | None, typer.Option(help="Memory quota (GiB)")] = None,
-    gpus: Annotated[int | None, typer.Option(help="GPU quota")] = None,
-    profile: ProfileOpt = None,
-) -> None:
-    quotas = {"cpu": cpu, "memory_bytes": int(memory_gb * 2**30) if memory_gb else None, "gpus": gpus}
-    body = {"name": name, "description": description, "quotas": quotas}
-    p = api(profile).call("POST", "/projects", json=body)
-    out.print(f"Created project [bold]{p['name']}[/] ({p['id']})")
-
-
-@projects.command("show")
-def projects_show(project: str, profile: ProfileOpt = None) -> None:
-    client = api(profile)
-    p = client.call("GET", f"/projects/{client.project_id(project)}")
-    table([{"field": k, "value": v} for k, v in p.items()], ["field", "value"], title=p["name"])
-
-
-@projects.command("delete")
-def projects_delete(
-    project: str,
-    yes: Annotated[bool, typer.Option("--yes", help="Do not ask")] = False,
-    profile: ProfileOpt = None,
-) -> None:
-    client = api(profile)
-    pid = client.project_id(project)
-    if not yes:
-        typer.confirm(f"Delete project {project} and everything in it?", abort=True)
-    client.call("DELETE", f"/projects/{pid}")
-    out.print(f"Deleted project {project}")
-
-
-@keys.command("list")
-def keys_list(
-    project: Annotated[
-        str | None, typer.Option(help="Project name or id; omit for organisation keys")
-    ] = None,
-    profile: ProfileOpt = None,
-) -> None:
-    client = api(profile)
-    path = f"/projects/{client.project_id(project)}/keys" if project else "/keys"
-    cols = ["id", "name", "prefix", "role", "expires_at", "revoked_at", "last_used_at"]
-    table(list(client.paged(path)), cols, title="API keys")
-
-
-@keys.command("create")
-def keys_create(
-    name: str,
-    project: Annotated[
-        str | None,
-        typer.Option(help="Project name or id; omit for an organisation key (admins create those)"),
-    ] = None,
-    role: Annotated[
-        str | None,
-        typer.Option(
-            help="Project key: viewer | developer (default) | owner. "
-            "Organisation key: admin (default) | library-approver (governs the Model Library only)"
-        ),
-    ] = None,
-    expires_in_days: Annotated[int | None, typer.Option(help="Days until expiry")] = 90,
-    profile: ProfileOpt = None,
-) -> None:
-    client = api(profile)
-    if project:
-        body = {"name": name, "role": role or "developer", "expires_in_days": expires_in_days}
-        k = client.call("POST", f"/projects/{client.project_id(project)}/keys", json=body)
-    else:
-        body = {"name": name, "role": role or "admin", "expires_in_days": expires_in_days}
-        k = client.call("POST", "/keys", json=body)
-    err.print(f"Key [bold]{k['name']}[/] ({k['role']}) created. It is shown only once:")
-    print(k["token"])
-
-
-@keys.command("revoke")
-def keys_revoke(
-    key_id: str,
-    project: Annotated[str | None, typer.Option(help="Project name or id of a project key")] = None,
-    profile: ProfileOpt = None,
-) -> None:
-    client = api(profile)
-    path = f"/projects/{client.project_id(project)}/keys/{key_id}" if project else f"/keys/{key_id}"
-    k = client.call("DELETE", path)
-    out.print(f"Revoked key {k['name']} ({k['prefix']})")
-
-
-@members.command("list")
-def members_list(project: str, profile: ProfileOpt = None) -> None:
-    client = api(profile)
-    rows = list(client.paged(f"/projects/{client.project_id(project)}/members"))
-    table(rows, ["id", "subject", "role", "added_by", "created_at"], title="Members")
-
-
-@members.command("add")
-def members_add(project: str, subject: str, role: str = "developer", profile: ProfileOpt = None) -> None:
-    client = api(profile)
-    m = client.call(
-        "POST", f"/projects/{client.project_id(project)}/members", json={"subject": subject, "role": role}
-    )
-    out.print(f"Added {m['subject']} as {m['role']}")
-
-
-@members.command("remove")
-def members_remove(project: str, member_id: str, profile: ProfileOpt = None) -> None:
-    client = api(profile)
-    client.call("DELETE", f"/projects/{client.project_id(project)}/members/{member_id}")
-    out.print("Removed")
+    echo(f"Logged in to {url} as [bold]{me['subject']}[/]; profile '{name}' saved in {path}")
 
 
 if __name__ == "__main__":

@@ -9,13 +9,11 @@ from typing import Any
 
 import uvicorn
 from pydantic import ValidationError
-from rich.console import Console
 
 from converge.cli.client import Profile, save_profile
+from converge.cli.output import echo
 from converge.config import Settings
 from converge.kit.observability import configure_logging
-
-console = Console()
 
 
 def serve(*, host: str | None, port: int | None) -> None:
@@ -25,7 +23,7 @@ def serve(*, host: str | None, port: int | None) -> None:
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
-        console.print(f"[red]Invalid configuration:[/] {exc.errors()[0]['msg']}")
+        echo(f"[red]Invalid configuration:[/] {exc.errors()[0]['msg']}")
         raise SystemExit(2) from None
     configure_logging(settings.server.log_level, json_logs=not os.isatty(2))
 
@@ -33,7 +31,7 @@ def serve(*, host: str | None, port: int | None) -> None:
 
     def first_key(token: str) -> None:
         path = save_profile("local", Profile(url=settings.base_url, key=token))
-        console.print(
+        echo(
             "\n[bold green]First start:[/] an organisation admin key was created. It is shown only now:\n\n"
             f"  [bold]{token}[/]\n\n(saved as the CLI profile 'local' in {path})\n"
         )
@@ -54,7 +52,7 @@ def serve(*, host: str | None, port: int | None) -> None:
     # would outlive us; exiting normally runs the exit handlers, as Ctrl-C does.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     server = uvicorn.Server(config)
-    console.print(f"Converge starting on [bold]{settings.base_url}[/] (data: {settings.data_dir})")
+    echo(f"Converge starting on [bold]{settings.base_url}[/] (data: {settings.data_dir})")
     server.run()
 
 
