@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import structlog
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from starlette.types import Receive, Scope, Send
@@ -38,6 +38,7 @@ from converge.control.usage.api import router as usage_router
 from converge.errors import PROBLEM_SCHEMA, install_error_handlers
 from converge.gateway.api import Gateway
 from converge.kit.observability import Metrics, RequestContextMiddleware
+from converge.kit.schemas import storable_parameters
 from converge.runtime.base import RuntimeBackend
 from converge.runtime.local.sandbox import Sandbox
 from converge.runtime.local.sandbox import prepare as prepare_sandbox
@@ -98,7 +99,7 @@ def _sandbox(settings: Settings) -> Sandbox:
     from converge.serving.v2 import find_mlserver_venv
 
     readable = [Path(converge.__file__).resolve().parent]  # an editable install's sources
-    with contextlib.suppress(RuntimeError):  # no MLServer environment: V2 builds fail on their own
+    with contextlib.suppress(FileNotFoundError):  # no MLServer environment: V2 builds fail on their own
         readable.append(find_mlserver_venv())
     return prepare_sandbox(
         data_dir=settings.data_dir,
@@ -212,6 +213,8 @@ def create_app(
         openapi_url="/openapi.json" if settings.server.public_docs else None,
         docs_url="/docs" if settings.server.public_docs else None,
         redoc_url=None,
+        # Query and path parameters follow the text rule request bodies get from `Input`.
+        dependencies=[Depends(storable_parameters)],
     )
     install_error_handlers(app)
     for router in (

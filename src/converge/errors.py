@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+import psycopg
+import sqlalchemy.exc
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+# What a database that is away raises: through SQLAlchemy, from psycopg directly (listeners,
+# the meter), or a pool with no connection to give.
+DATABASE_AWAY: tuple[type[Exception], ...] = (
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+    sqlalchemy.exc.TimeoutError,
+    psycopg.OperationalError,
+)
+DATABASE_RETRY_AFTER_S = 5
 PROBLEM_JSON = "application/problem+json"
 TYPE_BASE = "https://converge.dev/problems/"
 log = structlog.get_logger(__name__)
@@ -62,6 +75,15 @@ class Unprocessable(AppError):
     status_code, type, title = 422, "validation-error", "Invalid request"
 
 
+class ProblemResponse(JSONResponse):
+    media_type = PROBLEM_JSON
+
+    def render(self, content: Any) -> bytes:
+        # ASCII-escaped: a detail that quotes the caller's input may hold a lone surrogate,
+        # which cannot be encoded as UTF-8 and would turn a 422 into a 500.
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 def problem(
     *, status: int, type_: str, title: str, detail: str, instance: str | None = None, **extra: Any
 ) -> JSONResponse:
@@ -75,7 +97,7 @@ def problem(
         body["instance"] = instance
     body.update(extra)
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+    return ProblemResponse(body, status_code=status, headers=headers)
 
 
 def _validation_detail(errors: list[dict[str, Any]]) -> tuple[int, str, list[dict[str, Any]]]:
@@ -130,16 +152,73 @@ def install_error_handlers(app: FastAPI) -> None:
             instance=request.url.path,
         )
 
+    async def _database_away(request: Request, exc: Exception) -> JSONResponse:
+        # A lost or refused connection, or a pool with none left: the database is restarting
+        # or unreachable. Nothing was committed; the same request can simply be sent again.
+        log.warning("database_unavailable", path=request.url.path, error=str(exc).splitlines()[0][:300])
+        response = problem(
+            status=503,
+            type_="database-unavailable",
+            title="Database unavailable",
+            detail="The database is unavailable right now; nothing was changed. Retry shortly.",
+            instance=request.url.path,
+        )
+        response.headers["Retry-After"] = str(DATABASE_RETRY_AFTER_S)
+        return response
+
+    for kind in DATABASE_AWAY:
+        app.add_exception_handler(kind, _database_away)
+
+    # Starlette's last-resort handler (ServerErrorMiddleware) re-raises after sending this, and
+    # uvicorn then closes the connection: it only sees what escapes `UnhandledErrors` below.
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled_error", path=request.url.path)
-        return problem(
-            status=500,
-            type_="internal",
-            title="Internal error",
-            detail="An unexpected error occurred; the request id identifies it in the server log.",
-            instance=request.url.path,
-        )
+        return internal_error(request.url.path)
+
+    app.add_middleware(UnhandledErrors)
+
+
+def internal_error(path: str) -> JSONResponse:
+    return problem(
+        status=500,
+        type_="internal",
+        title="Internal error",
+        detail="An unexpected error occurred; the request id identifies it in the server log.",
+        instance=path,
+    )
+
+
+class UnhandledErrors:
+    """Turns an unexpected exception into a logged 500 problem and ends it there.
+
+    Starlette's ServerErrorMiddleware sends the 500 and then re-raises so the server can log it;
+    uvicorn answers a re-raised exception by closing the connection, so a keep-alive client's
+    next request met a reset. Installed as the innermost middleware, so the access log, the
+    metrics and CORS still see the 500. An exception after the response has started is left to
+    propagate: half a response can only be ended by closing the connection."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            if started:
+                raise
+            log.exception("unhandled_error", path=scope["path"])
+            await internal_error(scope["path"])(scope, receive, send)
 
 
 PROBLEM_SCHEMA: dict[str, Any] = {

@@ -13,6 +13,7 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from converge.kit.context import request_id_var
@@ -89,7 +90,10 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        rid = headers.get(b"x-request-id", b"").decode()[:64] or uuid.uuid4().hex
+        # A client's id is kept only if it is printable ASCII (it is logged, stored and echoed);
+        # latin-1 decodes any header bytes, so an odd one is replaced rather than a 500.
+        given = headers.get(b"x-request-id", b"")[:64].decode("latin-1")
+        rid = given if given and given.isascii() and given.isprintable() else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
         token = request_id_var.set(rid)
         structlog.contextvars.bind_contextvars(request_id=rid)
@@ -112,7 +116,7 @@ class RequestContextMiddleware:
             if limited and message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_body:
-                    raise _BodyTooLarge
+                    raise _BodyTooLarge(self.max_body)
             return message
 
         async def send_with_id(message: Message) -> None:
@@ -125,6 +129,7 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, counting_receive, send_with_id)
         except _BodyTooLarge:
+            # Only reached by an app that lets the exception escape, before it answered.
             status = 413
             await self._too_large(send)
         finally:
@@ -169,5 +174,9 @@ class RequestContextMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(HTTPException):
+    """Raised from `receive`, inside the app: an HTTPException, because FastAPI passes those on
+    from body parsing (to the problem+json handler) and turns any other error there into a 400."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"The request body exceeds the limit of {limit} bytes")

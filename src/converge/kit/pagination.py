@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import binascii
 import uuid
 from collections.abc import Sequence
 from typing import Annotated, Any, Generic, TypeVar
@@ -12,6 +11,7 @@ from fastapi import Depends, Query
 from pydantic import BaseModel
 
 from converge.errors import BadRequest
+from converge.kit.schemas import INT64_MAX, text_problem
 
 T = TypeVar("T")
 MAX_LIMIT = 500
@@ -31,11 +31,23 @@ def encode_cursor(value: object) -> str:
     return base64.urlsafe_b64encode(str(value).encode()).decode().rstrip("=")
 
 
+INVALID_CURSOR = "Invalid cursor: pass back the next_cursor value of a previous page"
+# A cursor holds one key (a UUID is 48 characters encoded); anything much longer is not ours.
+MAX_CURSOR_LENGTH = 128
+
+
 def decode_cursor(cursor: str) -> str:
+    """The key inside a cursor. Garbage (non-ASCII, not base64, not UTF-8, unstorable) is a 400;
+    the caller still parses the key into its type (`uuid_after`, `int_after`)."""
+    if len(cursor) > MAX_CURSOR_LENGTH or not cursor.isascii():
+        raise BadRequest(INVALID_CURSOR)
     try:
-        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-    except (binascii.Error, UnicodeDecodeError) as exc:
-        raise BadRequest("Invalid cursor: pass back the next_cursor value of a previous page") from exc
+        value = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except ValueError as exc:  # binascii.Error and UnicodeDecodeError are ValueErrors
+        raise BadRequest(INVALID_CURSOR) from exc
+    if not value or text_problem(value):
+        raise BadRequest(INVALID_CURSOR)
+    return value
 
 
 def page_params(
@@ -54,7 +66,20 @@ def uuid_after(params: PageParams) -> uuid.UUID | None:
     try:
         return uuid.UUID(params.after)
     except ValueError as exc:
-        raise BadRequest("Invalid cursor: pass back the next_cursor value of a previous page") from exc
+        raise BadRequest(INVALID_CURSOR) from exc
+
+
+def int_after(params: PageParams, *, minimum: int = 0) -> int | None:
+    """An integer key (a BIGINT id), or a 400 when the cursor holds anything else."""
+    if params.after is None:
+        return None
+    try:
+        value = int(params.after)
+    except ValueError as exc:
+        raise BadRequest(INVALID_CURSOR) from exc
+    if not minimum <= value <= INT64_MAX:
+        raise BadRequest(INVALID_CURSOR)
+    return value
 
 
 # Built once: pydantic keeps parametrised generics only weakly, so `Page[Any]` inside a

@@ -64,6 +64,55 @@ class InvalidDigest(ArtifactError, ValueError):
     """Not 64 hex characters; rejected because the digest becomes part of an object path."""
 
 
+class UnsafePath(ArtifactError):
+    """A server path that is not a regular file or a plain directory tree (a device, a FIFO,
+    a socket, a linked directory, something unreadable): nothing was copied."""
+
+
+@dataclass(frozen=True, slots=True)
+class PathSurvey:
+    is_directory: bool
+    size_bytes: int  # a file's size, or the sum of a directory's files
+    files: int
+
+
+def survey(path: Path, *, max_bytes: int | None = None) -> PathSurvey:
+    """Check a server path before a byte of it is read: a regular file, or a directory of only
+    regular files and directories, within `max_bytes` in all. Blocking (it walks the tree).
+
+    A file symlink is followed (a Hugging Face snapshot links its files into a blob store); a
+    linked directory is refused, as in an archive it would be either dropped or a way out."""
+    try:
+        if path.is_symlink() and path.is_dir():
+            raise UnsafePath(f"{path} is a symlink to a directory: register the directory it points to")
+        st = path.stat()
+    except OSError as exc:
+        raise UnsafePath(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if stat.S_ISREG(st.st_mode):
+        result = PathSurvey(is_directory=False, size_bytes=st.st_size, files=1)
+    elif stat.S_ISDIR(st.st_mode):
+        entries = _tar_entries(path)
+        size = sum(entry.stat().st_size for _, entry in entries if not entry.is_dir())
+        result = PathSurvey(is_directory=True, size_bytes=size, files=len(entries))
+    else:
+        raise UnsafePath(f"{path} is not a regular file or a directory ({_kind(st.st_mode)})")
+    if max_bytes is not None and result.size_bytes > max_bytes:
+        raise ArtifactTooLarge(max_bytes)
+    return result
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a named pipe"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "an unsupported file type"
+
+
 @dataclass(frozen=True, slots=True)
 class StoredBlob:
     sha256: str
@@ -140,11 +189,24 @@ class ArtifactStore:
             await asyncio.to_thread(staged.unlink, missing_ok=True)
         return StoredBlob(sha256=digest, size_bytes=size, created=created)
 
-    async def put_file(self, path: str | Path, *, expected_sha256: str | None = None) -> StoredBlob:
-        return await self.put_stream(_read_chunks(Path(path)), expected_sha256=expected_sha256)
+    async def put_file(
+        self, path: str | Path, *, expected_sha256: str | None = None, max_bytes: int | None = None
+    ) -> StoredBlob:
+        path = Path(path)
+        found = await asyncio.to_thread(survey, path, max_bytes=max_bytes)
+        if found.is_directory:
+            raise UnsafePath(f"{path} is a directory, not a file")
+        return await self.put_stream(_read_chunks(path), expected_sha256=expected_sha256, max_bytes=max_bytes)
 
-    async def put_directory(self, path: str | Path, *, expected_sha256: str | None = None) -> StoredBlob:
-        blob = await self.put_stream(_tar_stream(Path(path)), expected_sha256=expected_sha256)
+    async def put_directory(
+        self, path: str | Path, *, expected_sha256: str | None = None, max_bytes: int | None = None
+    ) -> StoredBlob:
+        path = Path(path)
+        found = await asyncio.to_thread(survey, path, max_bytes=max_bytes)
+        if not found.is_directory:
+            raise UnsafePath(f"{path} is not a directory")
+        # The limit is on the files' bytes; the archive adds headers, so it is not applied again.
+        blob = await self.put_stream(_tar_stream(path), expected_sha256=expected_sha256)
         await obstore.put_async(self._store, self.object_key(blob.sha256) + _DIR_MARKER, b"")
         return blob
 
@@ -285,8 +347,18 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _open_regular(path: Path) -> BinaryIO:
+    # O_NONBLOCK: opening a named pipe put where a file was would otherwise wait for a writer.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UnsafePath(f"{path} is not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 async def _read_chunks(path: Path) -> AsyncIterator[bytes]:
-    with await asyncio.to_thread(path.open, "rb") as src:
+    with await asyncio.to_thread(_open_regular, path) as src:
         while chunk := await asyncio.to_thread(src.read, CHUNK_SIZE):
             yield chunk
 
@@ -301,12 +373,22 @@ def _tar_entries(root: Path) -> list[tuple[str, Path]]:
     if not root.is_dir():
         raise ArtifactError(f"not a directory: {root}")
     entries: list[tuple[str, Path]] = []
-    for dirpath, dirnames, filenames in os.walk(root):
+
+    def unreadable(exc: OSError) -> None:  # os.walk would skip an unreadable directory silently
+        raise UnsafePath(f"cannot read {exc.filename}: {exc.strerror or exc}") from exc
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
         for name in dirnames + filenames:
             path = Path(dirpath) / name
             # os.walk does not descend into linked directories; refuse rather than drop them.
             if path.is_symlink() and path.is_dir():
-                raise ArtifactError(f"directory symlinks cannot be archived: {path}")
+                raise UnsafePath(f"directory symlinks cannot be archived: {path}")
+            try:
+                mode = path.stat().st_mode  # follows file symlinks; a dangling one fails here
+            except OSError as exc:
+                raise UnsafePath(f"cannot read {path}: {exc.strerror or exc}") from exc
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                raise UnsafePath(f"only files and directories can be archived: {path} is {_kind(mode)}")
             entries.append((path.relative_to(root).as_posix(), path))
     # Sorted names make the archive, and so the digest, independent of directory order.
     return sorted(entries)

@@ -6,13 +6,28 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, StringConstraints, model_validator
 
-from converge.kit.schemas import Input, Output
+from converge.kit.schemas import INT32_MAX, Input, Output
 from converge.runtime.base import ServerKind
 
 DeploymentName = Annotated[
     str, StringConstraints(min_length=1, max_length=63, pattern=r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 ]
 Profile = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9-]*$")]
+# The list and mapping fields, declared once: an update holds the same limits as a create.
+Zones = Annotated[
+    list[Annotated[str, StringConstraints(min_length=1, max_length=63)]],
+    Field(min_length=1, max_length=16, description="One zone, or several to spread over"),
+]
+# A process environment: a name the OS accepts (no '=', not empty), a bounded value.
+EnvName = Annotated[
+    str, StringConstraints(min_length=1, max_length=256, pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+]
+Env = Annotated[dict[EnvName, Annotated[str, StringConstraints(max_length=4096)]], Field(max_length=64)]
+Args = Annotated[list[Annotated[str, StringConstraints(max_length=1024)]], Field(max_length=64)]
+Aliases = Annotated[
+    list[Annotated[str, StringConstraints(min_length=1, max_length=128)]],
+    Field(max_length=16, description="Extra model names the gateway resolves to this deployment"),
+]
 
 
 class ResourcesIn(Input):
@@ -58,28 +73,15 @@ class DeploymentSpecIn(Input):
     resources: ResourcesIn = ResourcesIn()
     replicas: ReplicasIn = ReplicasIn()
     autoscaling: AutoscalingIn = AutoscalingIn()
-    zones: list[Annotated[str, StringConstraints(min_length=1, max_length=63)]] = Field(
-        default_factory=lambda: ["local"],
-        min_length=1,
-        max_length=16,
-        description="One zone, or several to spread over",
-    )
+    zones: Zones = Field(default_factory=lambda: ["local"])
     rollout: RolloutIn = RolloutIn()
-    env: dict[str, Annotated[str, StringConstraints(max_length=4096)]] = Field(
-        default_factory=dict, max_length=64
-    )
-    args: list[Annotated[str, StringConstraints(max_length=1024)]] = Field(
-        default_factory=list, max_length=64
-    )
+    env: Env = Field(default_factory=dict)
+    args: Args = Field(default_factory=list)
 
 
 class DeploymentCreate(DeploymentSpecIn):
     name: DeploymentName
-    aliases: list[Annotated[str, StringConstraints(min_length=1, max_length=128)]] = Field(
-        default_factory=list,
-        max_length=16,
-        description="Extra model names the gateway resolves to this deployment",
-    )
+    aliases: Aliases = Field(default_factory=list)
 
 
 class DeploymentUpdate(Input):
@@ -91,15 +93,15 @@ class DeploymentUpdate(Input):
     resources: ResourcesIn | None = None
     replicas: ReplicasIn | None = None
     autoscaling: AutoscalingIn | None = None
-    zones: list[str] | None = None
+    zones: Zones | None = None
     rollout: RolloutIn | None = None
-    env: dict[str, str] | None = None
-    args: list[str] | None = None
-    aliases: list[str] | None = None
+    env: Env | None = None
+    args: Args | None = None
+    aliases: Aliases | None = None
 
 
 class RollbackIn(Input):
-    revision: int = Field(ge=1)
+    revision: int = Field(ge=1, le=INT32_MAX)  # an INTEGER column
 
 
 class DeploymentRead(Output):

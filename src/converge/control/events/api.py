@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query
-from pydantic import BaseModel
+from pydantic import BaseModel, StringConstraints
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from converge.control.events import repository
@@ -17,8 +17,8 @@ from converge.control.projects.auth import PrincipalDep
 from converge.control.projects.principal import Principal
 from converge.deps import SessionDep, StateDep
 from converge.errors import PROBLEM_RESPONSES, BadRequest, Forbidden, NotFound
-from converge.kit.pagination import Page, PageDep, page_of
-from converge.kit.schemas import Output
+from converge.kit.pagination import Page, PageDep, int_after, page_of
+from converge.kit.schemas import INT64_MAX, Output
 
 router = APIRouter(responses=PROBLEM_RESPONSES)
 REPLAY_BATCH = 500
@@ -63,13 +63,19 @@ def _int_cursor(raw: str | None, name: str) -> int | None:
     if raw is None:
         return None
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError as exc:
         raise BadRequest(f"{name} must be an integer event id") from exc
+    if not 0 <= value <= INT64_MAX:  # event ids are BIGINT identities
+        raise BadRequest(f"{name} must be an event id between 0 and {INT64_MAX}")
+    return value
 
 
 ProjectQ = Annotated[uuid.UUID | None, Query(description="Only this project's events")]
-KindQ = Annotated[list[str] | None, Query(description="Event kinds, e.g. `project` or `key.created`")]
+KindQ = Annotated[
+    list[Annotated[str, StringConstraints(max_length=128)]] | None,
+    Query(max_length=32, description="Event kinds, e.g. `project` or `key.created`"),
+]
 
 
 @router.get("/events", response_model=Page[EventRead], tags=["events"])
@@ -77,7 +83,7 @@ async def list_events(
     session: SessionDep, principal: PrincipalDep, page: PageDep, project: ProjectQ = None, kind: KindQ = None
 ) -> Page[EventRead]:
     f = _filter(principal, project, kind)
-    after = _int_cursor(page.after, "cursor") or 0
+    after = int_after(page) or 0
     rows = await repository.list_events(
         session,
         visible=principal.visible_projects,
@@ -95,7 +101,7 @@ async def list_audit(
     principal: PrincipalDep,
     page: PageDep,
     project: ProjectQ = None,
-    action: Annotated[str | None, Query(description="e.g. `project.created`")] = None,
+    action: Annotated[str | None, Query(max_length=128, description="e.g. `project.created`")] = None,
 ) -> Page[AuditRead]:
     """Newest first. Admins see everything; owners see their projects' records."""
     if principal.is_admin:
@@ -111,7 +117,7 @@ async def list_audit(
         projects=projects,
         project_id=project,
         action=action,
-        before_id=_int_cursor(page.after, "cursor"),
+        before_id=int_after(page),
         limit=page.limit + 1,
     )
     return page_of(rows, limit=page.limit, schema=AuditRead)

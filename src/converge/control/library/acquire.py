@@ -7,6 +7,8 @@ inspection and scans read it and where local replicas later load it from.
 
 from __future__ import annotations
 
+import asyncio
+import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
@@ -19,9 +21,20 @@ import obstore
 from obstore.store import S3Store
 
 from converge.config import Settings
-from converge.errors import BadRequest, Forbidden
-from converge.storage.artifacts import ArtifactStore, StoredBlob
+from converge.errors import BadRequest, Forbidden, Unprocessable
+from converge.storage.artifacts import ArtifactStore, ArtifactTooLarge, StoredBlob, UnsafePath
 from converge.storage.oci import OciClient, OciRef
+
+# Server paths an admin may not register, whatever the permissions: the operating system's own
+# trees (configuration, binaries, kernel and device interfaces, runtime state, home of root).
+# A model belongs in a directory of its own (/srv, /opt, /data, /mnt, /home, /tmp, ...).
+SYSTEM_PREFIXES = tuple(
+    Path(p)
+    for p in (
+        "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/lost+found",
+        "/proc", "/root", "/run", "/sbin", "/snap", "/sys", "/usr", "/var",
+    )
+)  # fmt: skip
 
 
 @dataclass
@@ -83,13 +96,50 @@ async def from_stream(
 async def from_path(
     store: ArtifactStore, settings: Settings, path: Path, *, expected_sha256: str | None, kind: str = "path"
 ) -> Acquired:
-    if not path.exists():
+    if not await asyncio.to_thread(os.path.lexists, path):
         raise BadRequest(f"No file or directory at {path} on the server")
-    if path.is_dir():
-        blob = await store.put_directory(path, expected_sha256=expected_sha256)
-    else:
-        blob = await store.put_file(path, expected_sha256=expected_sha256)
+    limit = settings.library.max_upload_bytes
+    # put_* survey the path first (file types, linked directories, total size): a refusal
+    # comes before any byte is copied.
+    try:
+        if await asyncio.to_thread(path.is_dir):
+            blob = await store.put_directory(path, expected_sha256=expected_sha256, max_bytes=limit)
+        else:
+            blob = await store.put_file(path, expected_sha256=expected_sha256, max_bytes=limit)
+    except UnsafePath as exc:
+        raise Unprocessable(f"Cannot register {path}: {exc}; nothing was copied") from exc
+    except ArtifactTooLarge as exc:
+        raise Unprocessable(
+            f"{path} holds more than {exc.limit} bytes (library.max_upload_bytes); nothing was registered"
+        ) from exc
     return await _materialise(store, settings, blob, kind=kind, uri=str(path), filename=path.name)
+
+
+def server_path(uri: str, settings: Settings) -> Path:
+    """The path a `file://` or bare-path URI names, if an admin may register it: absolute, not
+    the root, not in a system directory and not inside (or above) Converge's own data."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
+        raise BadRequest(f"A file:// URI names a path on this server, not on host '{parsed.netloc}'")
+    raw = parsed.path if parsed.scheme == "file" else uri
+    path = Path(raw)
+    if not path.is_absolute():
+        raise BadRequest("A server path must be absolute")
+    if ".." in path.parts:
+        raise BadRequest("A server path must not contain '..'")
+    # The real location decides (a link from /srv into /etc is still /etc).
+    real = Path(os.path.realpath(path))
+    data = Path(os.path.realpath(settings.data_dir))
+    if real == Path(real.anchor):
+        raise Forbidden("The filesystem root cannot be registered: name the model's own file or directory")
+    if any(real == p or real.is_relative_to(p) for p in SYSTEM_PREFIXES):
+        raise Forbidden(
+            f"{path} is in a system directory ({', '.join(str(p) for p in SYSTEM_PREFIXES)}); "
+            "copy the model to a directory of its own, or upload it"
+        )
+    if real.is_relative_to(data) or data.is_relative_to(real):
+        raise Forbidden(f"{path} is (or holds) Converge's own data directory and cannot be registered")
+    return path
 
 
 async def from_s3(
@@ -177,17 +227,26 @@ async def from_uri(
     options: dict[str, Any] | None = None,
 ) -> Acquired:
     scheme = urlparse(uri).scheme
-    if scheme == "s3":
-        return await from_s3(store, settings, uri, expected_sha256=expected_sha256, options=options or {})
-    if scheme == "oci":
-        return await from_oci(
-            store, settings, uri, expected_sha256=expected_sha256, insecure=(options or {}).get("insecure")
-        )
+    try:
+        if scheme == "s3":
+            return await from_s3(store, settings, uri, expected_sha256=expected_sha256, options=options or {})
+        if scheme == "oci":
+            return await from_oci(
+                store,
+                settings,
+                uri,
+                expected_sha256=expected_sha256,
+                insecure=(options or {}).get("insecure"),
+            )
+    except ArtifactTooLarge as exc:
+        raise Unprocessable(
+            f"The artifact at {uri} exceeds {exc.limit} bytes (library.max_upload_bytes); nothing was registered"
+        ) from exc
+    except UnsafePath as exc:
+        raise Unprocessable(f"Cannot register {uri}: {exc}; nothing was registered") from exc
     if scheme in ("", "file"):
         if not may_read_server_paths:
             raise Forbidden("Registering a path on the server's disk is for admins; upload the file instead")
-        path = Path(urlparse(uri).path if scheme == "file" else uri)
-        if not path.is_absolute():
-            raise BadRequest("A server path must be absolute")
+        path = await asyncio.to_thread(server_path, uri, settings)
         return await from_path(store, settings, path, expected_sha256=expected_sha256)
     raise BadRequest(f"Unsupported URI scheme '{scheme}': use s3://, oci:// or an absolute server path")

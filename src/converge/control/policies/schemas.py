@@ -57,7 +57,7 @@ class DryRunRequest(Input):
     expression: Expression | None = Field(
         default=None, description="Draft expression; default: the current one"
     )
-    message: str | None = None
+    message: Annotated[str, StringConstraints(min_length=1, max_length=1000)] | None = None
     effect: Effect | None = None
     limit: int = Field(default=100, ge=1, le=1000, description="How many of the newest versions to evaluate")
 

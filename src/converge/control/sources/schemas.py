@@ -11,10 +11,14 @@ from converge.kit.schemas import Input, Output
 
 
 class SourceOptions(Input):
-    endpoint: str | None = Field(default=None, description="S3 endpoint URL (MinIO, moto, ...)")
-    region: str | None = None
-    access_key_id: str | None = None
-    secret_access_key: str | None = Field(default=None, description="Stored; never returned")
+    endpoint: Annotated[str, StringConstraints(max_length=2048, pattern=r"^https?://[^\s/]+")] | None = Field(
+        default=None, description="S3 endpoint URL (MinIO, moto, ...)"
+    )
+    region: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
+    access_key_id: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = None
+    secret_access_key: Annotated[str, StringConstraints(min_length=1, max_length=1024)] | None = Field(
+        default=None, description="Stored; never returned"
+    )
     insecure: bool | None = Field(default=None, description="Plain HTTP to the OCI registry")
 
 

@@ -7,7 +7,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo, field_validator
 
 from converge.kit.schemas import Input, Output
 
@@ -39,7 +39,19 @@ def _date_or_datetime(value: Any) -> Any:
         raise ValueError(f"'{value}' is not an ISO date (YYYY-MM-DD) or datetime") from exc
 
 
-Instant = Annotated[datetime | date, BeforeValidator(_date_or_datetime)]
+# Far enough apart for any report, near enough that a day or an offset either side (a date as
+# `until`, the default 30-day window, a +14:00 zone) never leaves the calendar Python can hold.
+EARLIEST, LATEST = date(1970, 1, 1), date(9998, 12, 31)
+
+
+def _in_range(value: datetime | date) -> datetime | date:
+    day = value.date() if isinstance(value, datetime) else value
+    if not EARLIEST <= day <= LATEST:
+        raise ValueError(f"'{value.isoformat()}' is outside {EARLIEST.isoformat()}..{LATEST.isoformat()}")
+    return value
+
+
+Instant = Annotated[datetime | date, BeforeValidator(_date_or_datetime), AfterValidator(_in_range)]
 
 
 def _start(value: datetime | date) -> datetime:

@@ -1,0 +1,148 @@
+"""The embedded database dies under load: the gateway keeps serving, the supervisor brings the
+database back, control routes say 503 meanwhile, and usage counts every request served.
+
+This module runs its own app on its own embedded PostgreSQL (the run's shared one must not be
+killed), through the same gateway fixtures as the other gateway tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import ADMIN, make_settings
+
+from converge.app import create_app
+from converge.runtime.fake import FakeBackend
+from converge.storage.embedded import EmbeddedSupervisor, forget_dead_handles
+
+
+@pytest.fixture(scope="module")
+async def app() -> AsyncIterator[Any]:
+    data = Path(f"/tmp/cvg-outage-{os.getpid()}")  # short: the socket lives in the data directory
+    settings = make_settings("", data, gateway={"meter_flush_s": 0.2})
+    application = create_app(settings, on_first_key=None, runtime=FakeBackend())
+    try:
+        async with application.router.lifespan_context(application):
+            yield application
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def _supervisor(app: Any) -> EmbeddedSupervisor:
+    return next(s for s in app.state.converge.services if isinstance(s, EmbeddedSupervisor))
+
+
+def _kill_postmaster(app: Any) -> None:
+    os.kill(app.state.converge.database.embedded.get_pid(), signal.SIGKILL)
+
+
+async def _until(predicate: Any, timeout: float = 60.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.1)
+
+
+async def test_control_routes_answer_503_while_the_database_is_away(env: Any, app: Any) -> None:
+    supervisor = _supervisor(app)
+    await supervisor.stop()  # hold the restart back, so the outage lasts as long as the test needs
+    try:
+        _kill_postmaster(app)
+        await _until(lambda: asyncio.to_thread(lambda: not supervisor._running()))
+        resp = await env.client.get("/projects", headers=ADMIN)
+        assert resp.status_code == 503, resp.text
+        assert resp.headers["content-type"].startswith("application/problem+json")
+        assert int(resp.headers["retry-after"]) > 0
+        assert "database" in resp.json()["detail"].lower()
+    finally:
+        await supervisor.start()
+
+    async def answers() -> bool:
+        return (await env.client.get("/projects", headers=ADMIN)).status_code == 200
+
+    async def restarted() -> bool:
+        return supervisor.restarts >= 1
+
+    await _until(answers)
+    await _until(restarted)
+
+
+async def test_postmaster_killed_under_load_loses_no_usage(env: Any, app: Any) -> None:
+    deployed = await env.deploy(replicas=1)
+    body = {"model": deployed.name, "messages": [{"role": "user", "content": "hi"}]}
+    restarts = _supervisor(app).restarts
+    served = 0
+
+    async def client(n: int) -> None:
+        nonlocal served
+        for _ in range(n):
+            resp = await env.client.post("/v1/chat/completions", json=body, headers=deployed.key)
+            served += resp.status_code == 200
+            await asyncio.sleep(0.01)
+
+    load = asyncio.gather(*(client(60) for _ in range(4)))
+    await asyncio.sleep(0.3)
+    _kill_postmaster(app)
+    await load
+    assert served > 0
+
+    async def recovered() -> bool:
+        return _supervisor(app).restarts > restarts
+
+    await _until(recovered)
+
+    async def counted() -> bool:
+        resp = await env.client.get("/usage", params={"project": deployed.project["id"]}, headers=ADMIN)
+        return resp.status_code == 200 and resp.json()["totals"]["requests"] == served
+
+    await _until(counted)
+
+
+async def test_usage_served_during_an_outage_waits_on_disk(env: Any, app: Any) -> None:
+    """Rows the database cannot take go to the spool file (what survives a restart of the
+    process), and from there into the database once it is back."""
+    deployed = await env.deploy(replicas=1, name="spooled")
+    body = {"model": deployed.name, "messages": [{"role": "user", "content": "hi"}]}
+    meter = env.gateway.meter
+    supervisor = _supervisor(app)
+    await supervisor.stop()
+    try:
+        _kill_postmaster(app)
+        await _until(lambda: asyncio.to_thread(lambda: not supervisor._running()))
+        for _ in range(20):
+            resp = await env.client.post("/v1/chat/completions", json=body, headers=deployed.key)
+            assert resp.status_code == 200, resp.text
+
+        async def spooled() -> bool:
+            return not meter.pending and len(meter.spool.lines()) >= 20
+
+        await _until(spooled)
+    finally:
+        await supervisor.start()
+
+    async def counted() -> bool:
+        resp = await env.client.get("/usage", params={"project": deployed.project["id"]}, headers=ADMIN)
+        return resp.status_code == 200 and resp.json()["totals"]["requests"] == 20
+
+    await _until(counted)
+    assert meter.spool.size == 0
+
+
+def test_handles_of_killed_processes_are_forgotten(tmp_path: Path) -> None:
+    """A `kill -9` of `converge up` leaves its pid in pgserver's list, and the server would then
+    outlive every later clean stop: those pids are dropped before the server is started."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / ".handle_pids.json").write_text(json.dumps([dead.pid, os.getpid()]))
+    assert forget_dead_handles(tmp_path) == [dead.pid]
+    assert json.loads((tmp_path / ".handle_pids.json").read_text()) == [os.getpid()]
