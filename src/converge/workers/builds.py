@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import socket
+import subprocess
 import sys
 import time
 import uuid
@@ -176,21 +179,13 @@ async def smoke_server(  # noqa: ANN201
         *(["--n-threads", "1"] if kind == ServerKind.LLAMA_CPP else []),  # what a default 1-CPU replica gets
     ]
     _say(out, "smoke-load: " + " ".join(cmd))
-    proc = await asyncio.create_subprocess_exec(
-        *cmd,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=out,
-        stderr=out,
-        env=sandbox.environment(),
-        start_new_session=True,
-        **sandbox.popen_kwargs(),
-    )
+    proc = sandbox.popen(cmd, output=out, env=sandbox.environment())
     base = f"http://127.0.0.1:{port}"
     try:
         t0 = time.perf_counter()
         async with httpx.AsyncClient(base_url=base, timeout=5) as http:
             while True:
-                if proc.returncode is not None:
+                if proc.poll() is not None:
                     raise RuntimeError(f"the server exited with code {proc.returncode} before it was ready")
                 if time.perf_counter() - t0 > READY_TIMEOUT_S:
                     raise RuntimeError(f"the server was not ready within {READY_TIMEOUT_S}s")
@@ -203,10 +198,18 @@ async def smoke_server(  # noqa: ANN201
         _say(out, f"smoke-load: ready in {time.perf_counter() - t0:.1f}s")
         yield base
     finally:
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), timeout=15)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await _stop(proc)
+
+
+async def _stop(proc: subprocess.Popen[bytes], *, grace_s: float = 15.0) -> None:
+    """SIGTERM, then SIGKILL after `grace_s`; the server's whole session, workers included."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # stragglers of the session, if any
+    while proc.poll() is None:
+        await asyncio.sleep(0.05)

@@ -168,17 +168,7 @@ def spawn(
     # Opened here and handed over: a sandboxed replica writes its log without any access to it.
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     try:
-        # restore_signals: Python ignores SIGPIPE and SIGXFSZ; an exec'd server needs the defaults.
-        child = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=fd,
-            stderr=fd,
-            env=env,
-            start_new_session=True,
-            restore_signals=True,
-            **(sandbox.popen_kwargs() if sandbox is not None else {}),
-        )
+        child = (sandbox or Sandbox()).popen(argv, output=fd, env=env)
     finally:
         os.close(fd)
     try:

@@ -34,7 +34,7 @@ import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import structlog
 
@@ -97,11 +97,28 @@ class Sandbox:
         return env
 
     def popen_kwargs(self) -> dict[str, Any]:
-        """Arguments for subprocess.Popen / asyncio.create_subprocess_exec (no preexec_fn)."""
+        """Arguments for subprocess.Popen (no preexec_fn). Not for asyncio's subprocesses:
+        uvloop, which `converge up` runs on, refuses user, group and extra_groups."""
         kwargs: dict[str, Any] = {"cwd": str(self.scratch) if self.scratch is not None else None}
         if self.isolated:
             kwargs.update(user=self.uid, group=self.gid, extra_groups=[])
         return kwargs
+
+    def popen(
+        self, argv: list[str], *, output: int | IO[Any], env: dict[str, str]
+    ) -> subprocess.Popen[bytes]:
+        """Start `argv` as the sandbox's user in a session of its own, stdin /dev/null, stdout and
+        stderr to `output` (which it needs no access to: the descriptor is handed over)."""
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=output,
+            env=env,
+            start_new_session=True,
+            restore_signals=True,  # Python ignores SIGPIPE and SIGXFSZ; a server needs the defaults
+            **self.popen_kwargs(),
+        )
 
 
 def prepare(
