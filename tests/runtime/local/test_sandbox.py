@@ -12,6 +12,7 @@ import os
 import pickle
 import pwd
 import shutil
+import signal
 import stat
 import sys
 import time
@@ -222,3 +223,30 @@ def _pg_bin() -> Path:
     import pgserver
 
     return Path(pgserver.__file__).parent / "pginstall" / "bin"
+
+
+@needs_root
+def test_a_sandboxed_replica_gets_its_memory_limit(tmp_path: Path) -> None:
+    """prlimit(2) from outside is refused for another uid without CAP_SYS_RESOURCE; the limit is
+    set by the process itself before it becomes the server (same pid)."""
+    box = prepare(data_dir=tmp_path / "data", user=TEST_USER)
+    limit = 300 << 20
+    handle = spawn(
+        argv=["sleep", "30"],
+        env=box.environment(),
+        log_path=tmp_path / "s.log",
+        sandbox=box,
+        memory_limit=limit,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{handle.pid}/cmdline").read_bytes().split(b"\0")[0] != b"sleep":
+            assert time.monotonic() < deadline, "the launcher never became the server"
+            time.sleep(0.02)
+        limits = Path(f"/proc/{handle.pid}/limits").read_text().splitlines()
+        data = next(line for line in limits if line.startswith("Max data size")).split()
+        assert data[3:5] == [str(limit), str(limit)]
+        assert Path(f"/proc/{handle.pid}").stat().st_uid == box.uid
+    finally:
+        handle.signal(signal.SIGKILL)
+        _wait_exit(handle)

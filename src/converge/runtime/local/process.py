@@ -12,9 +12,10 @@ servers. RLIMIT_DATA counts private writable memory (heap, anonymous mappings, t
 the part that actually grows when a server leaks or a model is too big. It also counts memory
 reserved but never touched (8 MiB per thread stack), hence `memory_limit_factor` (2x by
 default) over `resources.memory_bytes`. GPU replicas get no limit: the CUDA driver's writable
-host mappings are not the memory we budget. The limit is set with prlimit(2) right after exec
-(no preexec_fn, which is unsafe in a threaded process); the interpreter has barely started by
-then. Where prlimit is missing (not Linux) replicas run without a limit.
+host mappings are not the memory we budget. The limit is set by a two-line launcher that lowers
+its own limit and then execs the server (same pid, the server's own command line): no
+preexec_fn, which is unsafe in a threaded process, and no prlimit(2) from outside, which a
+sandboxed replica (another uid) refuses without CAP_SYS_RESOURCE.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import os
 import resource
 import signal
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,15 +133,18 @@ def memory_limit_bytes(resources: Resources, *, factor: float) -> int | None:
     return int(resources.memory_bytes * factor)
 
 
-def apply_memory_limit(pid: int, limit: int) -> bool:
-    prlimit = getattr(resource, "prlimit", None)
-    if prlimit is None:
-        return False
-    try:
-        prlimit(pid, resource.RLIMIT_DATA, (limit, limit))
-    except (OSError, ValueError):
-        return False
-    return True
+# Lowering one's own limit needs no privilege; exec keeps it (and the pid). -S: no site import.
+_LIMIT_LAUNCHER = (
+    "import os, resource, sys; n = int(sys.argv[1]); "
+    "resource.setrlimit(resource.RLIMIT_DATA, (n, n)); os.execvp(sys.argv[2], sys.argv[2:])"
+)
+
+
+def limited(argv: list[str], limit: int | None) -> list[str]:
+    """`argv` started under RLIMIT_DATA = `limit` (unchanged when there is none)."""
+    if limit is None or not hasattr(resource, "RLIMIT_DATA"):
+        return argv
+    return [sys.executable, "-S", "-c", _LIMIT_LAUNCHER, str(limit), *argv]
 
 
 def replica_argv(*, prefix: list[str], template: ReplicaTemplate, port: int) -> list[str]:
@@ -154,10 +159,15 @@ def replica_argv(*, prefix: list[str], template: ReplicaTemplate, port: int) -> 
 
 
 def spawn(
-    *, argv: list[str], env: dict[str, str], log_path: Path, sandbox: Sandbox | None = None
+    *,
+    argv: list[str],
+    env: dict[str, str],
+    log_path: Path,
+    sandbox: Sandbox | None = None,
+    memory_limit: int | None = None,
 ) -> ProcessHandle:
     """Start `argv` in a new session, stdout and stderr appended to `log_path`, stdin /dev/null,
-    as the sandbox's user when it has one.
+    as the sandbox's user when it has one, under RLIMIT_DATA = `memory_limit` when given.
 
     Raises OSError when the program cannot be executed.
     """
@@ -168,7 +178,7 @@ def spawn(
     # Opened here and handed over: a sandboxed replica writes its log without any access to it.
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     try:
-        child = (sandbox or Sandbox()).popen(argv, output=fd, env=env)
+        child = (sandbox or Sandbox()).popen(limited(argv, memory_limit), output=fd, env=env)
     finally:
         os.close(fd)
     try:

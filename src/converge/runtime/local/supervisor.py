@@ -30,7 +30,6 @@ from converge.runtime.local.logs import append_note, read_log
 from converge.runtime.local.ports import PortAllocator
 from converge.runtime.local.process import (
     ProcessHandle,
-    apply_memory_limit,
     memory_limit_bytes,
     replica_argv,
     spawn,
@@ -338,16 +337,20 @@ class LocalBackend(RuntimeBackend):
         # Replicas never see the control plane's own settings (database URL, tokens, secrets):
         # their environment is an allow-list (sandbox.py), and they run as the sandbox's user.
         env = self.sandbox.environment(t.env)
+        limit = memory_limit_bytes(t.resources, factor=self.config.memory_limit_factor)
         self._note(r, f"starting revision {r.revision} on port {port}")
         try:
-            handle = spawn(argv=argv, env=env, log_path=self._log_path(r.id), sandbox=self.sandbox)
+            handle = spawn(
+                argv=argv,
+                env=env,
+                log_path=self._log_path(r.id),
+                sandbox=self.sandbox,
+                memory_limit=limit if self.config.memory_limit else None,
+            )
         except OSError as exc:
             self._ports.release(port)
             self._failed(r, f"could not start {argv[0]}: {exc}", now)
             return
-        limit = memory_limit_bytes(t.resources, factor=self.config.memory_limit_factor)
-        if self.config.memory_limit and limit is not None and not apply_memory_limit(handle.pid, limit):
-            log.info("local_memory_limit_unavailable", replica=r.id)
         r.started(handle, port=port, now=now)
 
     # -- adoption and persistence ----------------------------------------------------------
