@@ -72,13 +72,13 @@ async def client(app: Any) -> AsyncIterator[httpx.AsyncClient]:
         def factory() -> AsyncSession:
             return AsyncSession(bind=conn, expire_on_commit=False, join_transaction_mode="create_savepoint")
 
-        state.extras["session_factory"] = factory
+        state.session_factory = factory
         try:
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
                 yield c
         finally:
-            state.extras.pop("session_factory", None)
+            state.session_factory = None
             await outer.rollback()
 
 

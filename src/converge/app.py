@@ -141,8 +141,10 @@ def create_app(
             oidc=oidc,
             head_revision=head,
             runtime=runtime or _local_runtime(settings, sandbox),
+            artifacts=artifact_store(settings),
+            metrics=metrics,
+            gateway=gateway,
             services=[broadcaster],
-            extras={"metrics": metrics, "artifacts": artifact_store(settings), "gateway": gateway},
         )
         app.state.converge = state
         async with transaction(sessions) as session:
@@ -158,7 +160,7 @@ def create_app(
             await gateway.start(sessions=sessions, conninfo=conninfo)
             state.services.append(gateway)
         if settings.run_workers:
-            store = state.extras["artifacts"]
+            store = state.artifacts
             await state.runtime.start()
             workers = [
                 RegistrySync(sessions=sessions, settings=settings, store=store),

@@ -23,7 +23,7 @@ StateDep = Annotated[State, Depends(get_state)]
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
     """The request's unit of work: commit on success, roll back on any error.
 
-    Tests put a `session_factory` bound to a rolled-back outer transaction in the state extras.
+    Tests set `state.session_factory` to sessions bound to a rolled-back outer transaction.
     """
     async with unit_of_work(get_state(request)) as session:
         yield session
@@ -32,7 +32,7 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
 def unit_of_work(state: State) -> AbstractAsyncContextManager[AsyncSession]:
     """A transaction of its own: the request's (above), or a short one for routes that must not
     hold one open across slow work (streaming an upload, inspecting a model)."""
-    return transaction(state.extras.get("session_factory") or state.sessions)
+    return transaction(state.session_factory or state.sessions)
 
 
 # scope="function": commit before the response is sent, so a client that reads right

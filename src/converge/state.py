@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -13,7 +15,10 @@ from converge.config import Settings
 if TYPE_CHECKING:
     from converge.control.events.broadcaster import Broadcaster
     from converge.control.projects.oidc import OidcVerifier
+    from converge.gateway.api import Gateway
+    from converge.kit.observability import Metrics
     from converge.runtime.base import RuntimeBackend
+    from converge.storage.artifacts import ArtifactStore
     from converge.storage.db import Database
 
 
@@ -28,5 +33,25 @@ class State:
     oidc: OidcVerifier | None
     head_revision: str
     runtime: RuntimeBackend
+    artifacts: ArtifactStore
+    metrics: Metrics
+    gateway: Gateway | None = None  # None when this process does not run the data path
     services: list[Any] = field(default_factory=list)  # background services with .healthy
-    extras: dict[str, Any] = field(default_factory=dict)
+    # Tests bind request sessions to an outer transaction they roll back; None: `sessions`.
+    session_factory: Callable[[], AsyncSession] | None = None
+
+    @property
+    def extras(self) -> Mapping[str, Any]:
+        """Read-only view of the fields that used to live in a dict.
+
+        Transitional: tests/gateway still read `extras["gateway"]`; drop once they use
+        `state.gateway`.
+        """
+        return MappingProxyType(
+            {
+                "artifacts": self.artifacts,
+                "metrics": self.metrics,
+                "gateway": self.gateway,
+                "session_factory": self.session_factory,
+            }
+        )

@@ -25,7 +25,14 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from converge.app import create_app
 from converge.config import Settings
 from converge.control.projects.bootstrap import ensure_admin_key
-from converge.storage.db import MIGRATION_LOCK_KEY, Database, migrate_and_bootstrap, to_driver_url
+from converge.storage.db import (
+    MIGRATION_LOCK_KEY,
+    Database,
+    advisory_xact_lock,
+    migrate_and_bootstrap,
+    to_driver_url,
+    try_advisory_xact_lock,
+)
 
 # Sessions waiting for the migration/bootstrap advisory lock in this database.
 WAITING_FOR_LOCK = f"""
@@ -241,3 +248,17 @@ async def test_a_second_bootstrap_waits_for_the_first_to_commit_and_creates_noth
         await engine_b.dispose()
 
     assert await org_key_prefixes(fresh_db_url) == [token_prefix(token)]
+
+
+async def test_advisory_xact_lock_helpers_hold_until_the_transaction_ends(app: Any) -> None:
+    """`try_advisory_xact_lock` is refused while another transaction holds the key, and the key
+    frees itself when that transaction ends (no unlock call)."""
+    engine = app.state.converge.engine
+    key = 0x54_65_73_74  # "Test": used by nothing else
+    async with AsyncSession(engine) as holder, AsyncSession(engine) as other:
+        async with holder.begin():
+            await advisory_xact_lock(holder, key)
+            async with other.begin():
+                assert not await try_advisory_xact_lock(other, key)
+        async with other.begin():
+            assert await try_advisory_xact_lock(other, key)

@@ -111,6 +111,16 @@ async def current_revision(engine: AsyncEngine) -> str | None:
         return row.scalar_one_or_none()
 
 
+async def advisory_xact_lock(session: AsyncSession, key: int) -> None:
+    """Wait for the transaction-level advisory lock `key`; PostgreSQL frees it at commit or rollback."""
+    await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+
+
+async def try_advisory_xact_lock(session: AsyncSession, key: int) -> bool:
+    """Take the transaction-level advisory lock `key` if it is free; False when another holds it."""
+    return bool(await session.scalar(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": key}))
+
+
 @contextlib.asynccontextmanager
 async def transaction(maker: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
     """A unit of work for background services: commit on success, roll back on error."""

@@ -8,13 +8,14 @@ the same admission (policies, quota, zones) as a user's request, and is idempote
 from __future__ import annotations
 
 import asyncio
+import uuid
 from dataclasses import dataclass
 
 import structlog
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from converge.config import Settings
+from converge.control.builds import repository as builds_repo
 from converge.control.builds import service as builds
 from converge.control.builds.schemas import FINAL, BuildCreate, BuildState
 from converge.control.deployments import repository as deployments_repo
@@ -125,10 +126,13 @@ class DefaultDeployer(Service):
             )
         log.info("default_deployment_created", deployment=item.deployment, model=item.model)
 
-    async def _build(self, project: Project, version_id: object) -> Build:
+    async def _build(self, project: Project, version_id: uuid.UUID) -> Build:
         async with transaction(self._sessions) as session:
-            q = select(Build).where(Build.model_version_id == version_id, Build.profile == "cpu")
-            existing = [b for b in (await session.scalars(q)).all() if b.state != BuildState.FAILED]
+            existing = [
+                b
+                for b in await builds_repo.for_version(session, version_id, profile="cpu")
+                if b.state != BuildState.FAILED
+            ]
             build = (
                 existing[-1]
                 if existing
@@ -141,7 +145,7 @@ class DefaultDeployer(Service):
             build_id = build.id
         while True:
             async with self._sessions() as session:
-                current = await session.get(Build, build_id)
+                current = await builds_repo.get(session, build_id)
             assert current is not None
             if current.state in FINAL:
                 return current

@@ -46,7 +46,7 @@ async def _approved_version(client, project_id: str) -> dict[str, Any]:
 
 
 async def _succeeded_build(app, project_id: str, version_id: str) -> None:
-    async with app.state.converge.extras["session_factory"]() as session, session.begin():
+    async with app.state.converge.session_factory() as session, session.begin():
         session.add(
             Build(
                 project_id=uuid.UUID(project_id),
@@ -205,9 +205,9 @@ async def test_zones_lists_capacity(client):
 def _controller(app, backend: FakeBackend) -> Controller:
     state = app.state.converge
     return Controller(
-        sessions=state.extras["session_factory"],
+        sessions=state.session_factory,
         settings=state.settings,
-        store=state.extras["artifacts"],
+        store=state.artifacts,
         runtime=backend,
         conninfo="unused",
     )
@@ -276,7 +276,7 @@ async def test_deleting_stops_replicas_and_removes_the_deployment(app, client, r
     await controller.reconcile(uuid.UUID(d["id"]))
     assert (await client.get(f"/deployments/{d['id']}", headers=ADMIN)).status_code == 404
     assert (await backend.observe(deployment_id=uuid.UUID(d["id"]))).replicas == []
-    async with app.state.converge.extras["session_factory"]() as session:
+    async with app.state.converge.session_factory() as session:
         assert (await session.scalar(select(Deployment).where(Deployment.id == uuid.UUID(d["id"])))) is None
 
 
@@ -286,7 +286,7 @@ async def test_wake_brings_a_scaled_to_zero_deployment_back(app, client, ready_v
     d = (
         await client.post("/deployments", params={"project": project["id"]}, json=body, headers=ADMIN)
     ).json()
-    async with app.state.converge.extras["session_factory"]() as session, session.begin():
+    async with app.state.converge.session_factory() as session, session.begin():
         row = await session.get(Deployment, uuid.UUID(d["id"]))
         row.desired_replicas = 0
     viewer = await make_key(client, project["id"], "viewer")

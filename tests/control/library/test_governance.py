@@ -127,7 +127,7 @@ class World:
 
     async def deploy(self, project: dict[str, Any], version: dict[str, Any], name: str) -> dict[str, Any]:
         """A deployment of `version` in `project` (its build is recorded as done: nothing runs)."""
-        async with self.app.state.converge.extras["session_factory"]() as session, session.begin():
+        async with self.app.state.converge.session_factory() as session, session.begin():
             session.add(
                 Build(
                     project_id=uuid.UUID(project["id"]),

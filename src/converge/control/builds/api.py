@@ -10,7 +10,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
-from sqlalchemy import select
 
 from converge.control.builds import service
 from converge.control.builds.schemas import FINAL, BuildCreate, BuildRead, BuildState
@@ -18,7 +17,6 @@ from converge.control.projects.auth import PrincipalDep
 from converge.deps import SessionDep, StateDep
 from converge.errors import PROBLEM_RESPONSES, BadRequest
 from converge.kit.pagination import Page, PageDep, page_of, uuid_after
-from converge.models import Build
 
 router = APIRouter(prefix="/ai-converge", tags=["builds"], responses=PROBLEM_RESPONSES)
 
@@ -36,14 +34,8 @@ async def create_build(body: BuildCreate, session: SessionDep, principal: Princi
 async def _list(
     session: SessionDep, principal: PrincipalDep, page: PageDep, state: BuildState | None
 ) -> Page[BuildRead]:
-    q = select(Build).order_by(Build.id).limit(page.limit + 1)
-    if principal.visible_projects is not None:
-        q = q.where(Build.project_id.in_(list(principal.visible_projects)))
-    if state is not None:
-        q = q.where(Build.state == state)
-    if (after := uuid_after(page)) is not None:
-        q = q.where(Build.id > after)
-    return page_of(list((await session.scalars(q)).all()), limit=page.limit, schema=BuildRead)
+    rows = await service.page(session, principal, limit=page.limit + 1, state=state, after=uuid_after(page))
+    return page_of(rows, limit=page.limit, schema=BuildRead)
 
 
 @router.get("/builds", response_model=Page[BuildRead])
@@ -97,7 +89,7 @@ async def build_logs(
             if not follow:
                 return
             async with state.sessions() as s:
-                current = await s.get(Build, build.id)
+                current = await service.get(s, build.id)
                 if current is None or current.state in FINAL:
                     if path.exists() and path.stat().st_size > offset:
                         continue

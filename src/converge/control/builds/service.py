@@ -6,9 +6,9 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from converge.control.builds import repository
 from converge.control.builds.schemas import FINAL, BuildCreate, BuildState
 from converge.control.deployments.admission import server_for
 from converge.control.events.service import record
@@ -67,10 +67,28 @@ async def _event(
     )
 
 
+async def get(session: AsyncSession, build_id: uuid.UUID) -> Build | None:
+    return await repository.get(session, build_id)
+
+
+async def page(
+    session: AsyncSession,
+    principal: Principal,
+    *,
+    limit: int,
+    state: BuildState | None,
+    after: uuid.UUID | None,
+) -> list[Build]:
+    """The builds the principal sees, in id order after `after`."""
+    return await repository.page(
+        session, limit=limit, projects=principal.visible_projects, state=state, after=after
+    )
+
+
 async def visible_build(
     session: AsyncSession, principal: Principal, build_id: uuid.UUID, *, permission: str
 ) -> Build:
-    build = await session.get(Build, build_id)
+    build = await repository.get(session, build_id)
     if build is None or not principal.sees(build.project_id):
         raise NotFound(f"Build {build_id} not found")
     await visible_project(session, principal, build.project_id, permission=permission)
@@ -90,8 +108,7 @@ async def cancel(session: AsyncSession, principal: Principal, *, build_id: uuid.
 
 async def claim_next(session: AsyncSession) -> Build | None:
     """Take the oldest queued build; SKIP LOCKED lets several runners share the queue."""
-    q = select(Build).where(Build.state == BuildState.QUEUED).order_by(Build.created_at).limit(1)
-    build = await session.scalar(q.with_for_update(skip_locked=True))
+    build = await repository.lock_oldest_queued(session)
     if build is None:
         return None
     build.state = BuildState.RUNNING
@@ -125,9 +142,4 @@ async def finish(
 
 async def requeue_interrupted(session: AsyncSession) -> int:
     """Builds left running by a runner that died go back to the queue."""
-    result = await session.execute(
-        update(Build)
-        .where(Build.state == BuildState.RUNNING)
-        .values(state=BuildState.QUEUED, started_at=None)
-    )
-    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+    return await repository.requeue_running(session)

@@ -5,20 +5,18 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from converge.config import Settings
 from converge.control.deployments import repository
 from converge.control.deployments.schemas import DeploymentSpecIn
 from converge.control.library import repository as library_repo
-from converge.control.library.service import version_facts
-from converge.control.policies.repository import rules_for
+from converge.control.policies.service import rules_for
 from converge.control.projects.principal import Principal
 from converge.core.lifecycle import VersionState
-from converge.core.policy import evaluate
+from converge.core.policy import evaluate, version_facts
 from converge.errors import PolicyDenied, QuotaExceeded, Unprocessable
-from converge.models import Build, LibraryModel, ModelVersion, Project
+from converge.models import LibraryModel, ModelVersion, Project
 from converge.runtime.base import ServerKind, Zone
 
 SERVER_FOR_FORMAT = {
@@ -77,13 +75,6 @@ def check_zones(spec: DeploymentSpecIn, zones: list[Zone]) -> None:
                 )
 
 
-async def build_succeeded(session: AsyncSession, version_id: Any, profile: str) -> bool:
-    q = select(Build.id).where(
-        Build.model_version_id == version_id, Build.profile == profile, Build.state == "succeeded"
-    )
-    return (await session.scalar(q.limit(1))) is not None
-
-
 async def policy_reasons(
     session: AsyncSession,
     principal: Principal | None,
@@ -101,7 +92,7 @@ async def policy_reasons(
         "project": project.name,
         "action": "deploy",
         "profile": profile,
-        "build_succeeded": await build_succeeded(session, version.id, profile),
+        "build_succeeded": await repository.build_succeeded(session, version.id, profile=profile),
         "replicas_max": replicas_max,
     }
     facts = version_facts(

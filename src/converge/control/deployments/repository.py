@@ -7,7 +7,7 @@ import uuid
 from sqlalchemy import func, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from converge.models import Deployment, DeploymentRevision, ModelVersion, Project
+from converge.models import Build, Deployment, DeploymentRevision, ModelVersion, Project
 
 
 async def get(session: AsyncSession, deployment_id: uuid.UUID, *, lock: bool = False) -> Deployment | None:
@@ -114,3 +114,11 @@ async def using_model(
     if limit is not None:
         q = q.limit(limit)
     return [(d, name) for d, name in (await session.execute(q)).all()]
+
+
+async def build_succeeded(session: AsyncSession, version_id: uuid.UUID, *, profile: str) -> bool:
+    """Whether a build of this version for this profile succeeded (the admission fact)."""
+    q = select(Build.id).where(
+        Build.model_version_id == version_id, Build.profile == profile, Build.state == "succeeded"
+    )
+    return (await session.scalar(q.limit(1))) is not None

@@ -27,7 +27,6 @@ from converge.control.library.schemas import (
 )
 from converge.control.projects.auth import DetachedPrincipalDep, PrincipalDep
 from converge.control.projects.principal import Principal
-from converge.control.sources.repository import source_for_uri
 from converge.core.lifecycle import VersionState
 from converge.deps import SessionDep, StateDep, unit_of_work
 from converge.errors import PROBLEM_RESPONSES, BadRequest, PayloadTooLarge
@@ -156,7 +155,7 @@ async def _admit(state: StateDep, principal: Principal, model_id: uuid.UUID, ver
         model = await service.visible_model(session, principal, model_id)
         service.require_submit(principal, model)
         await service.ensure_new_version(session, model, version)
-        source = await source_for_uri(session, uri) if uri else None
+        source = await repository.source_for_uri(session, uri) if uri else None
         return (source.name, dict(source.options)) if source else None
 
 
@@ -168,7 +167,7 @@ async def register_version(
     source = await _admit(state, principal, model_id, body.version, body.uri)
     try:
         acquired = await acquire.from_uri(
-            state.extras["artifacts"],
+            state.artifacts,
             state.settings,
             body.uri,
             expected_sha256=body.sha256,
@@ -239,7 +238,7 @@ async def upload_version(
 
     try:
         acquired = await acquire.from_stream(
-            state.extras["artifacts"], state.settings, chunks(), filename=filename, expected_sha256=sha256
+            state.artifacts, state.settings, chunks(), filename=filename, expected_sha256=sha256
         )
     except DigestMismatch as exc:
         raise _digest_problem(exc) from exc

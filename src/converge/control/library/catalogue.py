@@ -14,14 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from converge.config import Settings
 from converge.control.library import acquire, repository, service
 from converge.control.library.schemas import ModelCreate
 from converge.storage.artifacts import ArtifactStore
-from converge.storage.db import MIGRATION_LOCK_KEY, transaction
+from converge.storage.db import MIGRATION_LOCK_KEY, advisory_xact_lock, transaction
 
 log = structlog.get_logger(__name__)
 
@@ -85,7 +84,7 @@ async def seed(
             log.warning("builtin_model_missing", model=builtin.name, package=builtin.package)
             continue
         async with transaction(sessions) as session:
-            await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK_KEY + 1})
+            await advisory_xact_lock(session, MIGRATION_LOCK_KEY + 1)
             if await repository.model_by_name(session, builtin.name) is not None:
                 continue
             version = importlib.metadata.version(builtin.package)

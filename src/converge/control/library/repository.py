@@ -9,7 +9,7 @@ from sqlalchemy import ColumnElement, and_, exists, or_, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from converge.models import Approval, Artifact, LibraryModel, ModelVersion
+from converge.models import Approval, Artifact, LibraryModel, ModelVersion, Source
 
 
 def visible_to(projects: Collection[uuid.UUID] | None) -> ColumnElement[bool] | None:
@@ -107,3 +107,16 @@ async def upsert_artifact(
 
 async def get_artifact(session: AsyncSession, sha256: str) -> Artifact | None:
     return await session.get(Artifact, sha256)
+
+
+async def source_for_uri(session: AsyncSession, uri: str) -> Source | None:
+    """The registered source a URI comes from, if any: what makes a version's provenance 'known'.
+
+    Read here (not through the sources domain, which builds on the library) so the library
+    does not depend on sources.
+    """
+    for source in (await session.scalars(select(Source))).all():
+        base = source.uri.rstrip("/")
+        if uri == base or uri.startswith((base + "/", base + ":", base + "@")):
+            return source
+    return None

@@ -14,11 +14,11 @@ from converge.control.library import repository
 from converge.control.library.acquire import Acquired
 from converge.control.library.inspection import inspect_artifact, scan_artifact
 from converge.control.library.schemas import ModelCreate, ModelUpdate
-from converge.control.policies.repository import rules_for
+from converge.control.policies.service import rules_for
 from converge.control.projects import repository as projects_repo
 from converge.control.projects.principal import Principal
 from converge.core.lifecycle import InvalidTransition, VersionState, transition
-from converge.core.policy import Decision, build_facts, evaluate
+from converge.core.policy import Decision, evaluate, version_facts
 from converge.errors import Conflict, Forbidden, NotFound, PolicyDenied, Unprocessable
 from converge.kit.unique import flush_or_conflict
 from converge.models import Deployment, LibraryModel, ModelVersion
@@ -193,7 +193,7 @@ async def update_model(
 
 async def _restricted(session: AsyncSession, model_id: uuid.UUID) -> bool:
     """Events of a restricted model are for admins only: they would name it to every project."""
-    model = await session.get(LibraryModel, model_id)
+    model = await repository.get_model(session, model_id)
     return model is not None and model.visibility == "restricted"
 
 
@@ -229,44 +229,6 @@ async def _move(
         object_id=version.id,
         changes={**changes, **(audit or {})},
         event_data={**changes, **event} if event is not None else None,
-    )
-
-
-def version_facts(
-    model: LibraryModel,
-    version: ModelVersion,
-    *,
-    approvers: list[str],
-    required: int,
-    request: dict[str, Any] | None = None,
-    artifact_size: int | None = None,
-) -> dict[str, Any]:
-    return build_facts(
-        model={
-            "name": model.name,
-            "tags": model.tags,
-            "visibility": model.visibility,
-            "projects": [str(p) for p in model.projects],
-        },
-        version={
-            "id": str(version.id),
-            "version": version.version,
-            "state": version.state,
-            "submitted_by": version.submitted_by,
-            "format": version.format,
-            "created_at": version.created_at.isoformat() if version.created_at else None,
-        },
-        artifact={
-            "sha256": version.artifact_sha256,
-            "size_bytes": artifact_size,
-            "files": version.inspection.get("files") or [],
-        },
-        inspection=version.inspection,
-        scan=version.scan,
-        benchmarks=version.benchmarks,
-        source=version.source,
-        approvals={"count": len(approvers), "required": required, "approvers": approvers},
-        request=request or {},
     )
 
 

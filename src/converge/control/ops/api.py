@@ -69,5 +69,5 @@ async def metrics(request: Request, state: StateDep) -> Response:
         expected = token.get_secret_value().encode()
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
             raise Unauthorized("/metrics needs the metrics bearer token (CONVERGE_SERVER__METRICS_TOKEN)")
-    registry = state.extras["metrics"].registry
+    registry = state.metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

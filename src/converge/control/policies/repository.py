@@ -8,7 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from converge.core.policy import Rule
-from converge.models import Policy, PolicyRevision
+from converge.models import Approval, LibraryModel, ModelVersion, Policy, PolicyRevision
 
 
 async def rules_for(session: AsyncSession, scope: str) -> list[Rule]:
@@ -51,3 +51,26 @@ async def list_policies(
 async def revisions(session: AsyncSession, policy_id: uuid.UUID) -> list[PolicyRevision]:
     q = select(PolicyRevision).where(PolicyRevision.policy_id == policy_id).order_by(PolicyRevision.revision)
     return list((await session.scalars(q)).all())
+
+
+async def latest_versions(
+    session: AsyncSession, *, limit: int
+) -> list[tuple[ModelVersion, LibraryModel, list[str]]]:
+    """The newest `limit` model versions, each with its model and its approvers (a dry run's input)."""
+    q = (
+        select(ModelVersion, LibraryModel)
+        .join(LibraryModel, LibraryModel.id == ModelVersion.model_id)
+        .order_by(ModelVersion.id.desc())
+        .limit(limit)
+    )
+    rows = (await session.execute(q)).all()
+    approvers: dict[uuid.UUID, list[str]] = {v.id: [] for v, _ in rows}
+    if approvers:
+        aq = (
+            select(Approval.version_id, Approval.approver)
+            .where(Approval.version_id.in_(list(approvers)), Approval.verdict == "approve")
+            .order_by(Approval.id)
+        )
+        for version_id, approver in (await session.execute(aq)).all():
+            approvers[version_id].append(approver)
+    return [(v, m, approvers[v.id]) for v, m in rows]

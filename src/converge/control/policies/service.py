@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import uuid
 
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from converge.config import Settings
 from converge.control.events.service import record
-from converge.control.library import repository as library_repo
-from converge.control.library.service import version_facts
 from converge.control.policies import repository
 from converge.control.policies.schemas import (
     DryRunRequest,
@@ -27,10 +24,11 @@ from converge.core.policy import (
     build_facts,
     compile_expression,
     evaluate,
+    version_facts,
 )
 from converge.errors import NotFound, Unprocessable
 from converge.kit.unique import flush_or_conflict
-from converge.models import LibraryModel, ModelVersion, Policy, PolicyRevision
+from converge.models import Policy, PolicyRevision
 
 
 def check_expression(expression: str) -> None:
@@ -51,6 +49,11 @@ def check_expression(expression: str) -> None:
                 f"Expression refers to something that is not a fact: {text}", extra={"field": "expression"}
             ) from exc
         # Other errors on the all-defaults facts (e.g. comparing null) are fine: real facts differ.
+
+
+async def rules_for(session: AsyncSession, scope: str) -> list[Rule]:
+    """The enabled rules of one scope, in name order: what registration, approval and admission evaluate."""
+    return await repository.rules_for(session, scope)
 
 
 async def get(session: AsyncSession, policy_id: uuid.UUID) -> Policy:
@@ -172,17 +175,8 @@ async def dry_run(
         rule = repository.to_rule(policy, enabled=True, **draft)
     except InvalidRuleError as exc:
         raise Unprocessable(str(exc)) from exc
-    q = (
-        select(ModelVersion, LibraryModel)
-        .join(LibraryModel, LibraryModel.id == ModelVersion.model_id)
-        .order_by(ModelVersion.id.desc())
-        .limit(body.limit)
-    )
-    rows = (await session.execute(q)).all()
-    approvals = await library_repo.approvals_for(session, [v.id for v, _ in rows])
     results = []
-    for version, model in rows:
-        approvers = [a.approver for a in approvals if a.version_id == version.id and a.verdict == "approve"]
+    for version, model, approvers in await repository.latest_versions(session, limit=body.limit):
         facts = version_facts(
             model, version, approvers=approvers, required=settings.library.approvals_required
         )

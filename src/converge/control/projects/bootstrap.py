@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from converge.config import Settings
 from converge.control.projects import repository, service
 from converge.control.projects.schemas import OrgKeyCreate
-from converge.storage.db import MIGRATION_LOCK_KEY
+from converge.storage.db import MIGRATION_LOCK_KEY, advisory_xact_lock
 
 
 async def ensure_admin_key(session: AsyncSession, settings: Settings) -> str | None:
@@ -19,7 +18,7 @@ async def ensure_admin_key(session: AsyncSession, settings: Settings) -> str | N
     """
     if settings.bootstrap_token is not None:
         return None
-    await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
+    await advisory_xact_lock(session, MIGRATION_LOCK_KEY)
     if await repository.has_org_admin_key(session):
         return None
     _, token = await service.create_org_key(

@@ -55,6 +55,6 @@ async def sync_source(
     """Sync now instead of waiting for the next interval (in its own transactions)."""
     await service.get(session, source_id)
     source, created = await service.sync(
-        state.sessions, source_id=source_id, settings=state.settings, store=state.extras["artifacts"]
+        state.sessions, source_id=source_id, settings=state.settings, store=state.artifacts
     )
     return SyncResult(source=SourceRead.model_validate(source), new_versions=created)

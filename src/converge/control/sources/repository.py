@@ -32,15 +32,6 @@ async def due(session: AsyncSession, now: datetime) -> list[uuid.UUID]:
     return list((await session.scalars(q)).all())
 
 
-async def source_for_uri(session: AsyncSession, uri: str) -> Source | None:
-    """The registered source a URI comes from, if any: what makes a source 'known'."""
-    for source in (await session.scalars(select(Source))).all():
-        base = source.uri.rstrip("/")
-        if uri == base or uri.startswith((base + "/", base + ":", base + "@")):
-            return source
-    return None
-
-
 async def seen(session: AsyncSession, source_id: uuid.UUID, key: str, digest: str) -> bool:
     q = select(SourceItem.id).where(
         SourceItem.source_id == source_id, SourceItem.key == key, SourceItem.digest == digest

@@ -12,7 +12,6 @@ from urllib.parse import urlparse
 
 import obstore
 import structlog
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from converge.config import Settings
@@ -28,7 +27,7 @@ from converge.errors import Conflict, NotFound
 from converge.kit.unique import flush_or_conflict
 from converge.models import Source, SourceItem
 from converge.storage.artifacts import ArtifactStore
-from converge.storage.db import transaction
+from converge.storage.db import transaction, try_advisory_xact_lock
 from converge.storage.oci import OciClient, OciRef
 
 log = structlog.get_logger(__name__)
@@ -153,9 +152,7 @@ async def sync(
     error: str | None = None
     try:
         async with transaction(sessions) as session:
-            if not await session.scalar(
-                text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _lock_key(source_id)}
-            ):
+            if not await try_advisory_xact_lock(session, _lock_key(source_id)):
                 return await get(session, source_id), []
             source = await get(session, source_id)
             for item in await list_remote(source, settings):

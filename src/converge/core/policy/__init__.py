@@ -12,7 +12,7 @@ from converge.core.policy.expressions import (
     PolicySyntaxError,
     compile_expression,
 )
-from converge.core.policy.facts import FACTS_DOC, build_facts
+from converge.core.policy.facts import FACTS_DOC, ModelLike, VersionLike, build_facts, version_facts
 from converge.core.policy.rules import DEFAULT_POLICIES, Effect, InvalidRuleError, Rule, Scope
 
 __all__ = [
@@ -22,15 +22,18 @@ __all__ = [
     "Decision",
     "Effect",
     "InvalidRuleError",
+    "ModelLike",
     "Outcome",
     "PolicyError",
     "PolicyEvaluationError",
     "PolicySyntaxError",
     "Rule",
     "RuleOutcome",
+    "VersionLike",
     "Scope",
     "build_facts",
     "compile_expression",
     "dry_run",
     "evaluate",
+    "version_facts",
 ]

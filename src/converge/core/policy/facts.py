@@ -24,8 +24,10 @@ before reading one. ``FACTS_DOC`` carries the same table as data for the API to 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
-from typing import Any
+import uuid
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any, Protocol
 
 # One table for defaults and descriptions, so the documentation cannot drift from the data.
 _FACTS: dict[str, dict[str, tuple[Any, str]]] = {
@@ -132,3 +134,82 @@ def _merge(section: str, values: Section) -> dict[str, Any]:
     merged = {key: copy.deepcopy(default) for key, (default, _) in _FACTS[section].items()}
     merged.update(values or {})
     return merged
+
+
+class ModelLike(Protocol):
+    """What the facts read from a library model: plain attributes, whatever holds them."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def tags(self) -> Sequence[str]: ...
+    @property
+    def visibility(self) -> str: ...
+    @property
+    def projects(self) -> Sequence[uuid.UUID]: ...
+
+
+class VersionLike(Protocol):
+    """What the facts read from a model version."""
+
+    @property
+    def id(self) -> uuid.UUID: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def submitted_by(self) -> str: ...
+    @property
+    def format(self) -> str: ...
+    @property
+    def created_at(self) -> datetime | None: ...
+    @property
+    def artifact_sha256(self) -> str: ...
+    @property
+    def inspection(self) -> Mapping[str, Any]: ...
+    @property
+    def scan(self) -> Mapping[str, Any]: ...
+    @property
+    def benchmarks(self) -> Mapping[str, Any]: ...
+    @property
+    def source(self) -> Mapping[str, Any]: ...
+
+
+def version_facts(
+    model: ModelLike,
+    version: VersionLike,
+    *,
+    approvers: Sequence[str],
+    required: int,
+    request: Mapping[str, Any] | None = None,
+    artifact_size: int | None = None,
+) -> dict[str, Any]:
+    """The FACTS of one model version: what registration, approval and deployment rules read."""
+    return build_facts(
+        model={
+            "name": model.name,
+            "tags": model.tags,
+            "visibility": model.visibility,
+            "projects": [str(p) for p in model.projects],
+        },
+        version={
+            "id": str(version.id),
+            "version": version.version,
+            "state": version.state,
+            "submitted_by": version.submitted_by,
+            "format": version.format,
+            "created_at": version.created_at.isoformat() if version.created_at else None,
+        },
+        artifact={
+            "sha256": version.artifact_sha256,
+            "size_bytes": artifact_size,
+            "files": version.inspection.get("files") or [],
+        },
+        inspection=version.inspection,
+        scan=version.scan,
+        benchmarks=version.benchmarks,
+        source=version.source,
+        approvals={"count": len(approvers), "required": required, "approvers": list(approvers)},
+        request=request or {},
+    )
