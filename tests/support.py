@@ -69,3 +69,21 @@ async def make_key(client: httpx.AsyncClient, project_id: str, role: str, **extr
     )
     assert resp.status_code == 201, resp.text
     return {"Authorization": f"Bearer {resp.json()['token']}"}
+
+
+async def eventually(predicate: Any, *, timeout: float = 10.0, interval: float = 0.05) -> Any:
+    """Call `predicate` (a function or a coroutine function) until it returns something truthy,
+    and return that: a test waits for what it can observe, never for a guessed time. After
+    `timeout` seconds it fails with the predicate's last answer."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if loop.time() >= deadline:
+            name = getattr(predicate, "__qualname__", repr(predicate))
+            raise AssertionError(f"not within {timeout:g} s: {name} answered {value!r}")
+        await asyncio.sleep(interval)

@@ -138,7 +138,7 @@ class Env:
 
     def pool(self, deployed: Deployed) -> Any:
         """The gateway's replica pool of a deployment (made on first use, like a request does)."""
-        return self.gateway._pool(self.gateway.dataplane.snapshot.by_id[uuid.UUID(deployed.id)])
+        return self.gateway.forwarder.pool(self.gateway.dataplane.snapshot.by_id[uuid.UUID(deployed.id)])
 
     async def close(self) -> None:
         for d in self.deployed:

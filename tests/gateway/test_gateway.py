@@ -108,6 +108,34 @@ async def test_v2_infer_ready_and_metadata(env):
     assert (await env.client.post("/v2/models/nope/infer", json=body, headers=d.key)).status_code == 404
 
 
+async def test_v2_with_a_hook_answers_a_body_that_is_no_json_object_with_a_400(env):
+    """A hook reads the body, so the gateway parses it: what is not a JSON object is the
+    caller's mistake (400 in the OpenAI envelope, naming the body), never a 500."""
+    d = await env.deploy(server="v2", name="iris")
+    seen: list[dict] = []
+
+    async def look(ctx):
+        seen.append(ctx.body)
+        ctx.body["parameters"] = {"checked": True}  # what a hook changes is what gets forwarded
+        return None
+
+    env.gateway.hooks.append(look)
+    try:
+        for content in (b"{not json", b"[1, 2]"):
+            bad = await env.client.post("/v2/models/iris/infer", content=content, headers=d.key)
+            assert bad.status_code == 400, bad.text
+            error = bad.json()["error"]
+            assert error["type"] == "invalid_request_error" and error["param"] == "body"
+        assert seen == [] and d.upstreams[0].requests == 0
+        body = {"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP64", "data": [1.0]}]}
+        good = await env.client.post("/v2/models/iris/infer", json=body, headers=d.key)
+        assert good.status_code == 200, good.text
+        assert seen == [{**body, "parameters": {"checked": True}}]
+        assert d.upstreams[0].bodies == [{**body, "parameters": {"checked": True}}]
+    finally:
+        env.gateway.hooks.remove(look)
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [
@@ -187,7 +215,9 @@ async def test_unreachable_is_503_and_slow_is_504(env, monkeypatch):
     slow.upstreams[0].delay_s = 1.0
     import aiohttp
 
-    monkeypatch.setattr(env.gateway, "_unary_timeout", aiohttp.ClientTimeout(sock_connect=1, sock_read=0.2))
+    monkeypatch.setattr(
+        env.gateway.forwarder, "unary_timeout", aiohttp.ClientTimeout(sock_connect=1, sock_read=0.2)
+    )
     late = await env.client.post("/v1/chat/completions", json=CHAT, headers=slow.key)
     assert late.status_code == 504 and late.json()["error"]["code"] == "upstream_timeout"
 

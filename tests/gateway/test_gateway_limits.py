@@ -8,7 +8,7 @@ import time
 
 import httpx
 from prometheus_client import CollectorRegistry
-from support import ADMIN
+from support import ADMIN, eventually
 
 from converge.gateway.api import Gateway
 
@@ -16,11 +16,16 @@ CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_t
 
 
 async def _key(env, project_id: str, **limits: int) -> dict[str, str]:
+    return (await _key_and_scope(env, project_id, **limits))[0]
+
+
+async def _key_and_scope(env, project_id: str, **limits: int) -> tuple[dict[str, str], str]:
+    """A key with limits, and the scope its limit counters are kept under."""
     resp = await env.client.post(
         f"/projects/{project_id}/keys", json={"name": "limited", "limits": limits}, headers=ADMIN
     )
     assert resp.status_code == 201, resp.text
-    return {"Authorization": f"Bearer {resp.json()['token']}"}
+    return {"Authorization": f"Bearer {resp.json()['token']}"}, f"k:{resp.json()['id']}"
 
 
 async def _not_at_a_minute_edge() -> None:
@@ -78,8 +83,11 @@ async def test_a_spent_budget_stops_requests_before_the_replica(env):
     assert "budget is spent" in spent.json()["error"]["message"]
     assert int(spent.headers["retry-after"]) > 0
     seen = d.upstreams[0].requests
-    again = await env.client.post("/v1/embeddings", json={"model": "chat", "input": "x"}, headers=d.key)
-    assert again.status_code in (400, 429)
+    # Every endpoint the deployment serves shares the budget: a completion is refused as well.
+    again = await env.client.post("/v1/completions", json={"model": "chat", "prompt": "x"}, headers=d.key)
+    assert again.status_code == 429, again.text
+    assert again.json()["error"]["code"] == "insufficient_quota"
+    assert again.json()["error"]["type"] == "insufficient_quota"
     assert d.upstreams[0].requests == seen  # nothing reached the replica
 
 
@@ -98,7 +106,7 @@ async def test_limits_hold_across_two_gateway_replicas(env):
     """A second gateway on the same database shares the key's counters (within one sync)."""
     await _not_at_a_minute_edge()
     d = await env.deploy()
-    key = await _key(env, d.project["id"], rpm=10)
+    key, scope = await _key_and_scope(env, d.project["id"], rpm=10)
     state = env.state
     other = Gateway(state.settings, registry=CollectorRegistry())
     conninfo = state.database.url.replace("postgresql+psycopg://", "postgresql://")
@@ -110,7 +118,12 @@ async def test_limits_hold_across_two_gateway_replicas(env):
             for _ in range(6)
         ]
         assert first == [200] * 6
-        await asyncio.sleep(3 * state.settings.gateway.limits_sync_s + 0.5)  # A writes, B reads
+
+        def seen_by_other() -> bool:  # A has written its counts and B has read them back
+            counts = other.limiter.others
+            return sum(r for (s, kind, _), (r, _t) in counts.items() if s == scope and kind == "minute") == 6
+
+        await eventually(seen_by_other, timeout=10 * state.settings.gateway.limits_sync_s + 5)
         transport = httpx.ASGITransport(app=other)
         async with httpx.AsyncClient(transport=transport, base_url="http://gw2") as second:
             statuses = [

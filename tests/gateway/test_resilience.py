@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 import uuid
 
 import aiohttp
 from sqlalchemy import update
-from support import ADMIN
+from support import ADMIN, eventually
 from upstream import Upstream
 
-from converge.gateway.api import Refusal
+from converge.gateway.governance import Refusal
 from converge.gateway.routing import Breaker
 from converge.models import Deployment
 
@@ -37,19 +36,23 @@ async def test_killing_one_of_two_replicas_under_load_fails_no_request(env):
             )
 
     workers = [asyncio.create_task(load()) for _ in range(16)]
-    await asyncio.sleep(0.5)
+    await eventually(lambda: victim.requests >= 20 and len(statuses) >= 20)  # both replicas under load
     await victim.stop()  # like kill -9: its port refuses connections, in-flight requests break
     killed_at = len(statuses)
-    await asyncio.sleep(1.0)
     breaker = pool.replicas[victim.url]
+
+    def tripped() -> bool:
+        return (
+            breaker.state in (Breaker.OPEN, Breaker.HALF_OPEN) and breaker.failures >= pool.breaker_failures
+        )
+
+    await eventually(tripped)
     assert breaker.state in (Breaker.OPEN, Breaker.HALF_OPEN)
     assert breaker.failures >= pool.breaker_failures
     revived = await Upstream(name="chat-1", port=victim.port).start()  # the replica restarts
     env.upstreams.append(revived)
-    deadline = time.monotonic() + 10
-    while pool.replicas[victim.url].state is not Breaker.CLOSED or revived.requests == 0:
-        assert time.monotonic() < deadline, "the breaker did not close after the replica recovered"
-        await asyncio.sleep(0.1)
+    # The breaker closes after the replica recovered, and the load reaches it again.
+    await eventually(lambda: pool.replicas[victim.url].state is Breaker.CLOSED and revived.requests > 0)
     stop.set()
     await asyncio.gather(*workers)
     assert len(statuses) > killed_at + 20  # the load really ran across the kill
@@ -104,10 +107,7 @@ async def test_a_client_that_leaves_cancels_the_upstream_stream(env, live_server
         first = await response.content.readany()
         assert first.startswith(b"data: ")
         response.close()  # the client goes away mid-stream
-        deadline = time.monotonic() + 5
-        while up.streams_cut == 0:
-            assert time.monotonic() < deadline, "the upstream generation was not cancelled"
-            await asyncio.sleep(0.05)
+        await eventually(lambda: up.streams_cut > 0, timeout=5)  # the upstream generation was cancelled
     pool = env.pool(d)
     assert pool.in_flight == 0 and pool.replicas[up.url].state is Breaker.CLOSED
 
@@ -155,12 +155,12 @@ async def test_a_policy_that_no_longer_passes_answers_403(env):
     )
     assert policy.status_code == 201, policy.text
     try:
-        deadline = time.monotonic() + 15
-        while True:
+
+        async def refused():
             resp = await env.client.post("/v1/chat/completions", json=CHAT, headers=d.key)
-            if resp.status_code == 403 or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.2)
+            return resp if resp.status_code == 403 else None
+
+        resp = await eventually(refused, timeout=15, interval=0.2)
         assert resp.status_code == 403
         assert "withdrawn from serving" in resp.json()["error"]["message"]
     finally:
@@ -191,8 +191,9 @@ async def test_a_stream_that_never_starts_is_a_504_not_an_empty_200(env, monkeyp
     d = await env.deploy()
     d.upstreams[0].delay_s = 0.0
     d.upstreams[0].stream_delay_s = 1.0  # the first token takes longer than the gateway waits
+    forwarder = env.gateway.forwarder
     monkeypatch.setattr(
-        env.gateway, "config", env.gateway.config.model_copy(update={"first_byte_timeout_s": 0.3})
+        forwarder, "config", forwarder.config.model_copy(update={"first_byte_timeout_s": 0.3})
     )
     d.upstreams[0].stream_chunks = 1
     up = d.upstreams[0]

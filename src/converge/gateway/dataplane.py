@@ -119,11 +119,11 @@ async def load_snapshot(session: AsyncSession) -> Snapshot:
         # data-path credential at all: it answers like an unknown key.
         if role_allows(key.role, "inference:use"):
             snap.keys[key.prefix] = key_entry(key)
-    for project in await session.scalars(select(Project)):
-        snap.projects[project.id] = ProjectEntry(
-            id=project.id, name=project.name, limits=Limits.from_json(project.limits), scope=f"p:{project.id}"
+    for row in await session.scalars(select(Project)):
+        snap.projects[row.id] = ProjectEntry(
+            id=row.id, name=row.name, limits=Limits.from_json(row.limits), scope=f"p:{row.id}"
         )
-        snap.project_names[project.name] = project.id
+        snap.project_names[row.name] = row.id
     rows = await session.execute(
         select(
             Deployment, DeploymentRevision.spec, ModelVersion.state, ModelVersion.version, LibraryModel.name
