@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -39,19 +38,3 @@ class State:
     services: list[Any] = field(default_factory=list)  # background services with .healthy
     # Tests bind request sessions to an outer transaction they roll back; None: `sessions`.
     session_factory: Callable[[], AsyncSession] | None = None
-
-    @property
-    def extras(self) -> Mapping[str, Any]:
-        """Read-only view of the fields that used to live in a dict.
-
-        Transitional: tests/gateway still read `extras["gateway"]`; drop once they use
-        `state.gateway`.
-        """
-        return MappingProxyType(
-            {
-                "artifacts": self.artifacts,
-                "metrics": self.metrics,
-                "gateway": self.gateway,
-                "session_factory": self.session_factory,
-            }
-        )

