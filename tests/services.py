@@ -6,6 +6,7 @@ A plain module, not a conftest: test directories that need a server import its f
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -17,9 +18,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
+import httpx
+import psutil
 import pytest
+from support import BOOTSTRAP
 
-__all__ = ["S3_CREDENTIALS", "free_port", "oci_registry", "s3_server", "stop_process", "wait_for_http"]
+__all__ = [
+    "S3_CREDENTIALS",
+    "converge_up",
+    "free_port",
+    "oci_registry",
+    "postgres_of",
+    "s3_server",
+    "stop_process",
+    "wait_for_http",
+]
 
 S3_CREDENTIALS = {"access_key_id": "testing", "secret_access_key": "testing", "region": "us-east-1"}
 
@@ -109,3 +122,51 @@ def oci_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield address
     finally:
         stop_process(proc)
+
+
+def postgres_of(data_dir: Path) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        try:
+            if str(data_dir) in " ".join(proc.info["cmdline"] or []) and "postgres" in (
+                proc.info["name"] or ""
+            ):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _converge_env(data_dir: Path, port: int) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "CONVERGE_DATA_DIR": str(data_dir),
+        "CONVERGE_PORT": str(port),
+        "CONVERGE_BOOTSTRAP_TOKEN": BOOTSTRAP,
+        "CONVERGE_RUN_WORKERS": "false",
+        "CONVERGE_LIBRARY__SEED_CATALOGUE": "false",
+        "CONVERGE_DEPLOY_DEFAULTS": "false",
+    }
+    env.pop("CONVERGE_DATABASE_URL", None)
+    return env
+
+
+def converge_up(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+    """`converge up` on `data_dir` (embedded PostgreSQL, no workers), once it answers /readiness."""
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "converge"), "up"],
+        env=_converge_env(data_dir, port),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readiness", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("converge up did not become ready")
+        time.sleep(0.3)

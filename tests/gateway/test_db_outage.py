@@ -18,8 +18,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
+import psycopg
 import pytest
-from support import ADMIN, eventually, make_settings
+from services import converge_up, postgres_of
+from support import ADMIN, eventually, free_port, make_settings
+from upstream import Upstream
 
 from converge.app import create_app
 from converge.runtime.fake import FakeBackend
@@ -139,3 +143,109 @@ def test_handles_of_killed_processes_are_forgotten(tmp_path: Path) -> None:
     (tmp_path / ".handle_pids.json").write_text(json.dumps([dead.pid, os.getpid()]))
     assert forget_dead_handles(tmp_path) == [dead.pid]
     assert json.loads((tmp_path / ".handle_pids.json").read_text()) == [os.getpid()]
+
+
+def _postmaster(data_dir: Path) -> tuple[int, str]:
+    """The embedded server's pid and socket folder, from its postmaster.pid."""
+    lines = (data_dir / "postgres" / "postmaster.pid").read_text().splitlines()
+    return int(lines[0]), lines[4]
+
+
+async def _served_deployment(base: str, data_dir: Path, upstream_url: str) -> tuple[dict[str, str], str, str]:
+    """A deployment of a project, answered by `upstream_url`; with no controller running here,
+    the test writes the observed status a controller would. (developer key, name, project id)"""
+    async with httpx.AsyncClient(base_url=base, headers=ADMIN, timeout=30) as api:
+        project = (await api.post("/projects", json={"name": "outage"})).json()
+        key = (
+            await api.post(f"/projects/{project['id']}/keys", json={"name": "k", "role": "developer"})
+        ).json()
+        approver = (await api.post("/keys", json={"name": "a", "role": "library-approver"})).json()
+        model = (await api.post("/models", json={"name": "outage-model"})).json()
+        version = (
+            await api.post(
+                f"/models/{model['id']}/versions/upload",
+                params={"version": "v1", "filename": "weights.bin"},
+                content=b"\x00converge test weights",
+                headers={"content-type": "application/octet-stream"},
+            )
+        ).json()
+        approved = await api.post(
+            f"/models/{model['id']}/versions/{version['id']}/approve",
+            json={},
+            headers={"Authorization": f"Bearer {approver['token']}"},
+        )
+        assert approved.json()["state"] == "approved", approved.text
+        _, socket_dir = _postmaster(data_dir)
+        url = f"postgresql://postgres@/postgres?host={socket_dir}"
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            await conn.execute(
+                "INSERT INTO builds (id, project_id, model_version_id, profile, server, state, reason, results,"
+                " cancel_requested, created_by, created_at) VALUES (gen_random_uuid(), %s, %s, 'cpu', 'llama-cpp',"
+                " 'succeeded', '', '{}', false, 'test', now())",
+                (project["id"], version["id"]),
+            )
+            body = {
+                "name": "chat",
+                "model_version_id": version["id"],
+                "server": "llama-cpp",
+                "resources": {"cpu": 0.1, "memory_bytes": 1 << 20},
+                "replicas": {"min": 1, "max": 1},
+            }
+            made = await api.post("/deployments", params={"project": project["id"]}, json=body)
+            assert made.status_code == 201, made.text
+            status = {"replicas": [{"id": "r1", "phase": "ready", "endpoint": upstream_url}]}
+            await conn.execute(
+                "UPDATE deployments SET status = %s, phase = 'Ready' WHERE id = %s",
+                (psycopg.types.json.Jsonb(status), made.json()["id"]),
+            )
+            await conn.execute("SELECT pg_notify('converge_routes', %s)", (made.json()["id"],))
+    return {"Authorization": f"Bearer {key['token']}"}, "chat", project["id"]
+
+
+async def test_usage_survives_a_database_kill_and_a_kill_9_of_converge_up(tmp_path: Path) -> None:
+    """Requests served while the postmaster is dead are metered into the spool; converge up is
+    then killed with SIGKILL and started again, and /usage counts every request that was served."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    upstream = await Upstream(name="outage").start()
+    first = await asyncio.to_thread(converge_up, tmp_path, port)
+    second = None
+    try:
+        key, model, project_id = await _served_deployment(base, tmp_path, upstream.url)
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+        served = 0
+        async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+
+            async def chat() -> bool:
+                nonlocal served
+                ok = (await client.post("/v1/chat/completions", json=body, headers=key)).status_code == 200
+                served += ok
+                return ok
+
+            await eventually(chat)  # the route has reached the gateway
+            for _ in range(20):
+                await chat()
+            os.kill(_postmaster(tmp_path)[0], signal.SIGKILL)
+            for _ in range(20):
+                await chat()
+            assert served >= 41
+            spool = tmp_path / "gateway" / "usage.spool"
+            await eventually(lambda: spool.exists() and spool.stat().st_size > 0, timeout=30)
+        first.kill()  # SIGKILL: no final flush, no clean stop of anything
+        await asyncio.to_thread(first.wait, 10)
+        second = await asyncio.to_thread(converge_up, tmp_path, port)
+        async with httpx.AsyncClient(base_url=base, headers=ADMIN, timeout=30) as api:
+
+            async def counted() -> bool:
+                resp = await api.get("/usage", params={"project": project_id})
+                return resp.status_code == 200 and resp.json()["totals"]["requests"] == served
+
+            await eventually(counted, timeout=60)
+        assert upstream.requests == served
+    finally:
+        await upstream.stop()
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+        for leftover in postgres_of(tmp_path):
+            leftover.kill()
