@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from converge.control.builds.benchmark import benchmark_embeddings, benchmark_ll
 from converge.control.builds.schemas import BuildState
 from converge.control.library import acquire
 from converge.control.library import repository as library_repo
+from converge.kit.net import free_port
 from converge.kit.service import Service, cancel
 from converge.models import Build
 from converge.runtime.base import ServerKind
@@ -38,12 +38,6 @@ READY_TIMEOUT_S = 300
 
 class Cancelled(Exception):
     pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class BuildRunner(Service):

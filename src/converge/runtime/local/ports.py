@@ -8,14 +8,11 @@ by the supervisor: a replica that fails to bind exits, and its restart gets a di
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
 
+from converge.kit.net import free_port
 
-def os_free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+os_free_port = free_port  # what the OS offers; PortAllocator adds our own reservations
 
 
 class PortAllocator:

@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp
 
+from converge.kit.net import free_port
 from converge.serving.common import ModelHost
 from converge.serving.v2 import restricted
 from converge.serving.v2.formats import find_mlserver_venv
@@ -28,7 +29,6 @@ from converge.serving.v2.mlserver import (
     SUPPORT_DIR,
     MLServerProcess,
     declared_sklearn_inputs,
-    free_port,
     mlserver_env,
     probe_sklearn,
     write_mlserver_config,

@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -38,12 +37,6 @@ IMPLEMENTATIONS = {
 # Inside the folder MLServer starts from: the restricted runtimes and the allow-list.
 SUPPORT_DIR = "converge-runtime"
 STOP_TIMEOUT_S = 10
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def probe_sklearn(
