@@ -49,7 +49,9 @@ test: install system-deps
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/lint-imports
+	$(BIN)/mypy src/converge
 
 fmt: install
 	$(BIN)/ruff format src tests benchmarks

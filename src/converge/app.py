@@ -69,7 +69,7 @@ class ConvergeApp(FastAPI):
 
     gateway: Gateway | None = None
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:  # noqa: PLR0917 - the ASGI signature
         if self.gateway is not None and scope["type"] == "http" and scope["path"][:4] in ("/v1/", "/v2/"):
             await self.gateway(scope, receive, send)
             return

@@ -14,7 +14,7 @@ from converge.storage.db import transaction
 
 
 def get_state(request: Request) -> State:
-    return request.app.state.converge  # type: ignore[no-any-return]
+    return request.app.state.converge
 
 
 StateDep = Annotated[State, Depends(get_state)]

@@ -201,7 +201,7 @@ class UnhandledErrors:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:  # noqa: PLR0917 - the ASGI signature
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return

@@ -276,7 +276,12 @@ def models_list(
 ) -> None:
     """Models in the library, with their newest versions and states."""
     client = api(profile)
-    params = {"name": name, "tag": tag, "format": format, "state": state.value if state else None}
+    params: dict[str, object] = {
+        "name": name,
+        "tag": tag,
+        "format": format,
+        "state": state.value if state else None,
+    }
     params = {k: v for k, v in params.items() if v is not None} | {"limit": min(limit, 500)}
     rows = []
     for m in client.paged("/models", params=params, limit=limit):

@@ -176,7 +176,11 @@ def policies_dry_run(
     """What a policy (or a draft of it) would decide for existing versions. Changes nothing."""
     client = api(profile)
     policy = get_policy(client, name)
-    body = {"expression": expression, "message": message, "effect": effect.value if effect else None}
+    body: dict[str, object] = {
+        "expression": expression,
+        "message": message,
+        "effect": effect.value if effect else None,
+    }
     body = {k: v for k, v in body.items() if v is not None} | {"limit": limit}
     result = call_expression(client, "POST", f"/policies/{policy['id']}/dry-run", expression, json=body)
     draft = " (draft)" if expression or message or effect else ""

@@ -43,8 +43,8 @@ from typing import Any
 
 ALLOWLIST_VERSION = "1"
 
-_BUILTINS = ("set", "frozenset", "slice", "complex", "bytearray", "bytes", "list", "dict", "tuple")
-_BUILTINS += ("int", "float", "str", "bool", "object", "range")
+_BUILTINS: tuple[str, ...] = ("set", "frozenset", "slice", "complex", "bytearray", "bytes", "list")
+_BUILTINS += ("dict", "tuple", "int", "float", "str", "bool", "object", "range")
 
 _NUMPY_CORE = ("numpy.core", "numpy._core")
 _NUMPY_SCALARS = (

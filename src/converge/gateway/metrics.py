@@ -63,7 +63,7 @@ class GatewayMetrics:
             "Usage records dropped because the database was away too long",
             registry=registry,
         )
-        registry.register(_PoolCollector(pools))  # type: ignore[arg-type]
+        registry.register(_PoolCollector(pools))
         self._series: dict[tuple[str, str], Series] = {}
 
     def series(self, deployment: str, endpoint: str) -> Series:

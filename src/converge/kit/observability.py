@@ -63,7 +63,7 @@ class Metrics:
                     g.add_metric([], value)
                     yield g
 
-        self.registry.register(PoolCollector())  # type: ignore[arg-type]
+        self.registry.register(PoolCollector())
 
 
 def _route_template(scope: Scope) -> str:
@@ -85,7 +85,7 @@ class RequestContextMiddleware:
         self.unlimited = unlimited_suffixes
         self.log = structlog.get_logger("converge.access")
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:  # noqa: PLR0917 - the ASGI signature
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return

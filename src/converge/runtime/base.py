@@ -8,6 +8,7 @@ at a time (surge 1, unavailable 0), and an old replica is drained before it stop
 
 from __future__ import annotations
 
+import builtins
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
@@ -127,7 +128,8 @@ class Zone(BaseModel):
 
 class RuntimeBackend(ABC):
     type: ClassVar[str]
-    config_model: ClassVar[type[BaseModel]]
+    # builtins.type: in this class body `type` is the attribute above.
+    config_model: ClassVar[builtins.type[BaseModel]]
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Adopt or clean up what a previous process left running."""

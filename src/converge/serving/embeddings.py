@@ -12,7 +12,6 @@ import asyncio
 import base64
 import os
 import time
-from collections.abc import Sequence
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -131,7 +130,7 @@ def create_app(*, encoder: Encoder, model_name: str) -> FastAPI:
     return app
 
 
-def _encode(encoder: Encoder, texts: list[str]) -> tuple[Sequence[np.ndarray], int]:
+def _encode(encoder: Encoder, texts: list[str]) -> tuple[np.ndarray, int]:
     return encoder.encode(texts), encoder.count_tokens(texts)
 
 

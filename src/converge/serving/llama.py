@@ -52,7 +52,7 @@ def only_arguments(settings_cls: type[Any]) -> type[Any]:
     in a replica's environment would silently change the server. Only our arguments count.
     """
 
-    class Explicit(settings_cls):  # type: ignore[misc, valid-type]
+    class Explicit(settings_cls):
         @classmethod
         def settings_customise_sources(
             cls, settings_cls: type[Any], init_settings: Any, **_other_sources: Any

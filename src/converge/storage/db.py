@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,7 +122,7 @@ async def try_advisory_xact_lock(session: AsyncSession, key: int) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def transaction(maker: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+async def transaction(maker: Callable[[], AsyncSession]) -> AsyncIterator[AsyncSession]:
     """A unit of work for background services: commit on success, roll back on error."""
     async with maker() as session, session.begin():
         yield session

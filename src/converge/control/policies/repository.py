@@ -26,6 +26,8 @@ def to_rule(p: Policy | PolicyRevision, **overrides: object) -> Rule:
         "enabled": p.enabled,
         **overrides,
     }
+    # A row's plain strings (and a draft's overrides) for the enum fields: Rule's __post_init__
+    # coerces and checks them, which its dataclass signature cannot say.
     return Rule(**values)  # type: ignore[arg-type]
 
 

@@ -123,13 +123,7 @@ async def update(
     for field, value in changes.items():
         setattr(policy, field, value)
     try:
-        Rule(
-            name=policy.name,
-            expression=policy.expression,
-            message=policy.message,
-            effect=policy.effect,
-            scope=policy.scope,
-        )  # type: ignore[arg-type]
+        repository.to_rule(policy)
     except ValueError as exc:
         raise Unprocessable(str(exc)) from exc
     policy.revision += 1

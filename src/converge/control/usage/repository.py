@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Date, Select, cast, func, literal_column, select
+from sqlalchemy import Date, Select, SQLColumnExpression, cast, func, literal_column, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -19,7 +19,7 @@ from converge.models import Deployment, UsageRecord
 _DAY = cast(
     func.date_trunc(literal_column("'day'"), func.timezone(literal_column("'UTC'"), UsageRecord.at)), Date
 )
-GROUP_COLUMNS: dict[GroupBy, tuple[tuple[str, ColumnElement[Any]], ...]] = {
+GROUP_COLUMNS: dict[GroupBy, tuple[tuple[str, SQLColumnExpression[Any]], ...]] = {
     GroupBy.DAY: (("day", _DAY),),
     GroupBy.KEY: (("key_id", UsageRecord.key_id),),
     GroupBy.DEPLOYMENT: (("deployment_id", UsageRecord.deployment_id), ("deployment", Deployment.name)),
@@ -28,11 +28,11 @@ GROUP_COLUMNS: dict[GroupBy, tuple[tuple[str, ColumnElement[Any]], ...]] = {
 }
 
 
-def _p(fraction: float, column: ColumnElement[Any]) -> ColumnElement[Any]:
+def _p(fraction: float, column: SQLColumnExpression[Any]) -> ColumnElement[Any]:
     return func.percentile_cont(literal_column(repr(fraction))).within_group(column)
 
 
-def _sum(column: ColumnElement[Any]) -> ColumnElement[Any]:
+def _sum(column: SQLColumnExpression[Any]) -> ColumnElement[Any]:
     return func.coalesce(func.sum(column), 0)
 
 
@@ -74,7 +74,8 @@ async def aggregate(
     """One row per group, ordered by the group fields; each row holds only its group's fields."""
     groups = [col for g in group_by for col in GROUP_COLUMNS[g]]
     exprs = [expr for _, expr in groups]
-    query = select(*(expr.label(name) for name, expr in groups), *MEASURES).select_from(UsageRecord)
+    columns: list[ColumnElement[Any]] = [expr.label(name) for name, expr in groups]
+    query = select(*columns, *MEASURES).select_from(UsageRecord)
     if GroupBy.DEPLOYMENT in group_by:
         query = query.outerjoin(Deployment, Deployment.id == UsageRecord.deployment_id)
     query = _filtered(query, f).group_by(*exprs).order_by(*(e.asc().nulls_last() for e in exprs))

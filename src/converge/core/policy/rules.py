@@ -67,11 +67,13 @@ _E = TypeVar("_E", bound=StrEnum)
 
 
 def _coerce(kind: type[_E], value: object, *, field: str) -> _E:
-    try:
-        return kind(value)
-    except ValueError:
-        allowed = ", ".join(member.value for member in kind)
-        raise InvalidRuleError(f"{field} must be one of {allowed}, got {value!r}") from None
+    if isinstance(value, str):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    allowed = ", ".join(member.value for member in kind)
+    raise InvalidRuleError(f"{field} must be one of {allowed}, got {value!r}")
 
 
 # A tuple of frozen rules, so no caller can edit the seed in place by accident.

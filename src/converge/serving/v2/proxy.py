@@ -74,7 +74,7 @@ class MLServerProxy:
         except (aiohttp.ClientError, TimeoutError) as exc:
             return False, f"MLServer is unreachable: {exc or type(exc).__name__}"
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:  # noqa: PLR0917 - the ASGI signature
         if scope["type"] != "http":
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1003})

@@ -43,7 +43,7 @@ ALLOWLIST_MODULE_NAME = "converge_pickle_allowlist"
 def restricted_joblib_load(path: str | Path) -> Any:
     from joblib import numpy_pickle
 
-    class RestrictedNumpyUnpickler(numpy_pickle.NumpyUnpickler):  # type: ignore[misc]
+    class RestrictedNumpyUnpickler(numpy_pickle.NumpyUnpickler):
         # joblib routes the nested pickles of object arrays through this same find_class.
         def find_class(self, module: str, name: str) -> Any:
             return allowlist.find_allowed(module, name)
@@ -91,7 +91,7 @@ def _sklearn_runtime() -> Any:
     from mlserver_sklearn import SKLearnModel
     from mlserver_sklearn.sklearn import WELLKNOWN_MODEL_FILENAMES
 
-    class RestrictedSKLearnModel(SKLearnModel):  # type: ignore[misc, valid-type]
+    class RestrictedSKLearnModel(SKLearnModel):
         """mlserver_sklearn.SKLearnModel whose load() only unpickles allow-listed globals."""
 
         async def load(self) -> bool:
@@ -105,7 +105,7 @@ def _sklearn_runtime() -> Any:
 def _mlflow_runtime() -> Any:
     from mlserver_mlflow import MLflowRuntime
 
-    class RestrictedMLflowRuntime(MLflowRuntime):  # type: ignore[misc, valid-type]
+    class RestrictedMLflowRuntime(MLflowRuntime):
         """mlserver_mlflow.MLflowRuntime whose model loads with restricted pickle functions."""
 
         async def load(self) -> bool:

@@ -12,7 +12,7 @@ from converge.control.library.inspection.results import Inspection, InspectionEr
 try:  # PyYAML is not a declared dependency of ours; MLflow brings it wherever MLflow runs.
     import yaml
 except ImportError:  # pragma: no cover - depends on the environment
-    yaml = None  # type: ignore[assignment]
+    yaml = None
 
 _INNER_FORMATS = frozenset({"onnx", "gguf", "safetensors", "pickle", "sentence-transformers", "hf"})
 # Facts that belong to the wrapped model; the MLmodel file never states them itself.

@@ -13,7 +13,7 @@ import pickletools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, cast
 
 # Arguments longer than this (array bytes, big strings) are skipped, not held in memory.
 SKIP_BYTES = 1 << 20
@@ -69,18 +69,23 @@ class ShadowBudget:
     shadow_opcodes: int = 1_000_000
 
 
+# pickletools.code2op, which typeshed leaves out as undocumented.
+_OPCODES = {op.code: op for op in pickletools.opcodes}
+
+
 def iter_opcodes(stream: StreamReader) -> Iterator[tuple[pickletools.OpcodeInfo, Any]]:
     """(opcode, argument) pairs up to and including STOP; ValueError on bytes that are no opcode."""
     while True:
         code = stream.read(1)
-        opcode = pickletools.code2op.get(code.decode("latin-1"))
+        opcode = _OPCODES.get(code.decode("latin-1"))
         if opcode is None:
             raise ValueError(
                 "pickle exhausted before seeing STOP" if not code else f"opcode {code!r} unknown"
             )
         reader = _READERS.get(opcode.name)
         if reader is None:
-            arg = None if opcode.arg is None else opcode.arg.reader(stream)
+            # typeshed says IO[bytes]; pickletools' readers only call read() and readline().
+            arg = None if opcode.arg is None else opcode.arg.reader(cast("IO[bytes]", stream))
         else:
             arg = reader(stream)
         yield opcode, arg
