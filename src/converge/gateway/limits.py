@@ -240,10 +240,14 @@ class Limiter:
     # -- sharing with other replicas (see CounterSync in gateway/metering.py) -------------
 
     def take_dirty(self) -> tuple[list[tuple[str, str, int, int, int]], list[tuple[str, int]]]:
-        rows = [(s, k, w, *self.own[(s, k, w)]) for (s, k, w) in self.dirty if (s, k, w) in self.own]
+        rows = [
+            (s, k, w, counts[0], counts[1])
+            for (s, k, w) in self.dirty
+            if (counts := self.own.get((s, k, w))) is not None
+        ]
         flights = [(s, self.in_flight.get(s, 0)) for s in self.dirty_in_flight]
         self.dirty, self.dirty_in_flight = set(), set()
-        return rows, flights  # type: ignore[return-value]
+        return rows, flights
 
     def forget_before(self, minute: int) -> None:
         """Drop own minute windows that no longer count (older than the previous minute)."""

@@ -203,21 +203,22 @@ async def _run_in_daemon_thread(fn: Callable[[], ASGIApp]) -> ASGIApp:
     loop = asyncio.get_running_loop()
     future: asyncio.Future[ASGIApp] = loop.create_future()
 
-    def settle(result: ASGIApp | None, error: BaseException | None) -> None:
+    def settle(outcome: ASGIApp | BaseException) -> None:
         if future.done():
             return
-        if error is not None:
-            future.set_exception(error)
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
         else:
-            future.set_result(result)  # type: ignore[arg-type]
+            future.set_result(outcome)
 
     def work() -> None:
+        outcome: ASGIApp | BaseException
         try:
-            result, error = fn(), None
+            outcome = fn()
         except BaseException as exc:  # handed to the loop, which logs it
-            result, error = None, exc
+            outcome = exc
         with contextlib.suppress(RuntimeError):  # the loop closed while we loaded
-            loop.call_soon_threadsafe(settle, result, error)
+            loop.call_soon_threadsafe(settle, outcome)
 
     threading.Thread(target=work, name="model-loader", daemon=True).start()
     return await future

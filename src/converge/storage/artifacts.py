@@ -159,6 +159,7 @@ class ArtifactStore:
         if access_key_id and secret_access_key:
             config |= {"access_key_id": access_key_id, "secret_access_key": secret_access_key}
         client_options = {"allow_http": True} if endpoint and endpoint.startswith("http://") else None
+        # obstore types config/client_options as TypedDicts; these dicts hold exactly their keys.
         store = S3Store(bucket, prefix=prefix, config=config, client_options=client_options)  # type: ignore[arg-type]
         staging = Path(staging_dir) if staging_dir else Path(tempfile.gettempdir()) / "converge-staging"
         return cls(store, staging_dir=staging)

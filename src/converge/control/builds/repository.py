@@ -61,4 +61,5 @@ async def requeue_running(session: AsyncSession) -> int:
         .where(Build.state == BuildState.RUNNING)
         .values(state=BuildState.QUEUED, started_at=None)
     )
+    # An UPDATE answers a CursorResult, which has rowcount; execute() is typed as the base Result.
     return int(result.rowcount or 0)  # type: ignore[attr-defined]

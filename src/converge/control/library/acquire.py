@@ -185,6 +185,7 @@ def s3_store(settings: Settings, *, bucket: str, options: dict[str, Any]) -> S3S
     else:
         config["skip_signature"] = True
     client_options = {"allow_http": True} if str(endpoint or "").startswith("http://") else None
+    # obstore types config/client_options as TypedDicts; these dicts hold exactly their keys.
     return S3Store(bucket, config=config, client_options=client_options)  # type: ignore[arg-type]
 
 

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Response
 
 from converge.control.projects import repository, service
 from converge.control.projects.auth import PrincipalDep, require
+from converge.control.projects.principal import Principal
 from converge.control.projects.schemas import (
     KeyCreate,
     KeyCreated,
@@ -25,13 +26,14 @@ from converge.control.projects.schemas import (
 from converge.deps import SessionDep, StateDep
 from converge.errors import PROBLEM_RESPONSES
 from converge.kit.pagination import Page, PageDep, page_of, uuid_after
+from converge.models import Project
 
 router = APIRouter(responses=PROBLEM_RESPONSES)
 
 
-def _project_read(project: object, principal: object) -> ProjectRead:
+def _project_read(project: Project, principal: Principal) -> ProjectRead:
     read = ProjectRead.model_validate(project)
-    read.your_role = principal.role_in(read.id)  # type: ignore[attr-defined]
+    read.your_role = principal.role_in(read.id)
     return read
 
 

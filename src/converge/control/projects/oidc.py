@@ -60,6 +60,7 @@ class OidcVerifier:
                 algorithms=ALGORITHMS,
                 audience=self.settings.oidc_audience,
                 issuer=self.settings.oidc_issuer,
+                # PyJWT types `options` as its Options TypedDict; a plain dict of the same keys.
                 options=options,  # type: ignore[arg-type]
                 leeway=30,
             )
