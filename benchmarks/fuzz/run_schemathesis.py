@@ -53,6 +53,7 @@ def log(message: str) -> None:
 @dataclass
 class FuzzResult:
     operations: int = 0
+    answered: set[str] = field(default_factory=set)  # "METHOD /path" of operations that got an answer
     examples: int = 0
     by_status: Counter[str] = field(default_factory=Counter)
     server_errors: list[dict[str, Any]] = field(default_factory=list)
@@ -134,6 +135,7 @@ def _tally(result: FuzzResult, recorder: Any) -> None:
         response = interaction.response
         if response is None:
             continue
+        result.answered.add(recorder.label)
         result.examples += 1
         result.by_status[f"{response.status_code // 100}xx"] += 1
         if response.status_code >= 500:
