@@ -136,6 +136,19 @@ class Env:
             await asyncio.sleep(0.05)
         return resp
 
+    def chat_model(self, deployed: Deployed, **options: Any) -> Any:
+        """langchain-openai's ChatOpenAI talking to the gateway in process, as the deployment's key."""
+        langchain_openai = pytest.importorskip("langchain_openai")
+        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://test")
+        return langchain_openai.ChatOpenAI(
+            model=deployed.name,
+            base_url="http://test/v1",
+            api_key=deployed.key["Authorization"].removeprefix("Bearer "),
+            http_async_client=http,
+            max_retries=0,
+            **options,
+        )
+
     def pool(self, deployed: Deployed) -> Any:
         """The gateway's replica pool of a deployment (made on first use, like a request does)."""
         return self.gateway.forwarder.pool(self.gateway.dataplane.snapshot.by_id[uuid.UUID(deployed.id)])

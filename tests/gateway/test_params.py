@@ -285,17 +285,8 @@ async def test_parameters_llama_cpp_applies_reach_it_unchanged(env):
 
 async def test_langchain_openai_max_tokens_caps_the_answer(env):
     """langchain-openai sends max_tokens as max_completion_tokens: the cap still holds."""
-    langchain_openai = pytest.importorskip("langchain_openai")
     d = await env.deploy()
-    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=env.app), base_url="http://test")
-    llm = langchain_openai.ChatOpenAI(
-        model="chat",
-        base_url="http://test/v1",
-        api_key=d.key["Authorization"].removeprefix("Bearer "),
-        http_async_client=http,
-        max_tokens=4,
-        max_retries=0,
-    )
+    llm = env.chat_model(d, max_tokens=4)
     answer = await llm.ainvoke("hi")
     assert answer.usage_metadata is not None and 0 < answer.usage_metadata["output_tokens"] <= 4
     seen = d.upstreams[0].bodies[-1]

@@ -9,7 +9,6 @@ from typing import Any
 import httpx
 import openai
 import orjson
-import pytest
 from sqlalchemy import select
 
 from converge.gateway import usage
@@ -180,19 +179,9 @@ async def test_the_openai_sdk_reads_the_usage_chunk(env):
 
 
 async def test_langchain_streams_usage(env):
-    langchain_openai = pytest.importorskip("langchain_openai")
     d = await env.deploy()
     d.upstreams[0].stream_chunks = 4
-    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=env.app), base_url="http://test")
-    llm = langchain_openai.ChatOpenAI(
-        model="chat",
-        base_url="http://test/v1",
-        api_key=d.key["Authorization"].removeprefix("Bearer "),
-        http_async_client=http,
-        max_tokens=2,
-        max_retries=0,
-        stream_usage=True,
-    )
+    llm = env.chat_model(d, max_tokens=2, stream_usage=True)
     total = None
     async for chunk in llm.astream("hi"):
         total = chunk if total is None else total + chunk
