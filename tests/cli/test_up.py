@@ -36,7 +36,7 @@ def test_sigterm_stops_converge_and_its_embedded_postgres(tmp_path: Path) -> Non
 
 
 def test_after_a_kill_9_the_next_clean_stop_leaves_no_postgres(tmp_path: Path) -> None:
-    """The killed process never removed itself from pgserver's handle list; the next start
+    """The killed process never removed itself from embedded-postgres's handle list; the next start
     forgets it, adopts the running server, and its clean stop stops that server."""
     port = free_port()
     first = converge_up(tmp_path, port)

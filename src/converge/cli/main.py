@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from converge.cli.client import Api, Profile, ProfileOpt, api, save_profile
+from converge.cli.db import db
 from converge.cli.deploy import builds, deploy, deployments
 from converge.cli.keys import keys
 from converge.cli.models import models
@@ -27,6 +28,7 @@ app.add_typer(policies, name="policies")
 app.add_typer(sources, name="sources")
 app.add_typer(deployments, name="deployments")
 app.add_typer(builds, name="builds")
+app.add_typer(db, name="db")
 app.command("deploy")(deploy)
 
 

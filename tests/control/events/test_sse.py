@@ -415,6 +415,9 @@ async def test_events_pages_walk_every_event_in_id_order_with_filters(client):
     assert [e["kind"] for e in by_kinds] == ["key.created"] * 3 + ["project.updated"]
     # A kind prefix matches whole dotted segments, not any string prefix.
     assert await walk(client, "/events", ADMIN, project=project, kind="proj") == []
+    # LIKE wildcards in a kind are literal characters.
+    assert await walk(client, "/events", ADMIN, project=project, kind="%") == []
+    assert await walk(client, "/events", ADMIN, project=project, kind="k_y") == []
 
     everything = await walk(client, "/events", ADMIN, limit=500)
     all_ids = [e["id"] for e in everything]

@@ -220,9 +220,9 @@ def test_database_refuses_other_os_users_even_when_the_socket_is_reachable(embed
 
 
 def _pg_bin() -> Path:
-    import pgserver
+    from converge.storage.embedded import bin_dir
 
-    return Path(pgserver.__file__).parent / "pginstall" / "bin"
+    return bin_dir()
 
 
 @needs_root

