@@ -111,7 +111,11 @@ def fuzz_config(
             "suppress-health-check": ["all"],
             # Comments (the stream's "live" marker and heartbeats) are not events: an open stream
             # with nothing to say is cut at this timeout, so keep it short.
-            "operations": [{"include-path": "/sse/stream", "request-timeout": 2}],
+            # A followed log is `tail -f`: it ends when the replica does, so fuzzing reads it once.
+            "operations": [
+                {"include-path": "/sse/stream", "request-timeout": 2},
+                {"include-path-regex": "^/deployments/[^/]+/logs$", "parameters": {"follow": False}},
+            ],
         }
     )
 

@@ -33,6 +33,8 @@ from converge.control.projects.api import router as projects_router
 from converge.control.projects.auth import PrincipalDep
 from converge.control.projects.bootstrap import ensure_admin_key
 from converge.control.projects.oidc import OidcVerifier
+from converge.control.rag.api import INGEST_PATH_SUFFIX
+from converge.control.rag.api import router as rag_router
 from converge.control.sources.api import router as sources_router
 from converge.control.usage.api import router as usage_router
 from converge.errors import PROBLEM_SCHEMA, install_error_handlers
@@ -56,6 +58,7 @@ from converge.storage.embedded import EmbeddedSupervisor, check_version
 from converge.workers.builds import BuildRunner
 from converge.workers.controller import Controller
 from converge.workers.defaults import DefaultDeployer
+from converge.workers.ingestion import IngestionRunner
 from converge.workers.registry_sync import CatalogueSeeder, RegistrySync
 
 log = structlog.get_logger(__name__)
@@ -190,6 +193,7 @@ def create_app(
                     concurrency=settings.build_concurrency,
                     sandbox=sandbox,
                 ),
+                IngestionRunner(sessions=sessions, settings=settings, store=store, gateway=gateway),
             ]
             for service in workers:
                 await service.start()
@@ -240,6 +244,7 @@ def create_app(
         sources_router,
         deployments_router,
         builds_router,
+        rag_router,
         usage_router,
     ):
         app.include_router(router)
@@ -259,7 +264,7 @@ def create_app(
         RequestContextMiddleware,
         metrics=metrics,
         max_body_bytes=settings.server.max_body_bytes,
-        unlimited_suffixes=(UPLOAD_PATH_SUFFIX,),
+        unlimited_suffixes=(UPLOAD_PATH_SUFFIX, INGEST_PATH_SUFFIX),
     )
     app.gateway = gateway
     return app

@@ -106,6 +106,22 @@ class SandboxSettings(BaseModel):
     user: str = Field(default="converge-sandbox", pattern=r"^[a-z_][a-z0-9_-]{0,31}$")
 
 
+class RagSettings(BaseModel):
+    """Knowledge bases: what ingestion accepts, how it embeds, when a base gets an index. See control/rag/."""
+
+    max_file_bytes: int = Field(default=50 << 20, gt=0)  # one uploaded file or object
+    max_files: int = Field(default=1000, gt=0)  # files or objects in one ingestion
+    embed_batch: int = Field(default=64, gt=0, le=2048)  # texts per embeddings request
+    embed_concurrency: int = Field(default=4, gt=0, le=64)  # requests in flight per job
+    embed_retries: int = Field(default=5, ge=0)  # per batch, on 429/5xx, with backoff
+    # Below this many chunks a base is searched exactly (a scan of its partition is cheap and
+    # recall is 1.0); at or above it, an HNSW index is built on the partition.
+    index_threshold: int = Field(default=5000, gt=0)
+    recall_target: float = Field(default=0.99, gt=0, le=1)  # the probe raises ef_search to meet it
+    job_heartbeat_s: float = Field(default=10.0, gt=0)
+    poll_interval_s: float = Field(default=1.0, gt=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CONVERGE_", env_nested_delimiter="__", extra="ignore", frozen=True
@@ -128,6 +144,7 @@ class Settings(BaseSettings):
     server: ServerSettings = ServerSettings()
     library: LibrarySettings = LibrarySettings()
     gateway: GatewaySettings = GatewaySettings()
+    rag: RagSettings = RagSettings()
     sandbox: SandboxSettings = SandboxSettings()
 
     @model_validator(mode="after")

@@ -12,6 +12,7 @@ import typer
 from converge.cli.client import Api, Profile, ProfileOpt, api, save_profile
 from converge.cli.db import db
 from converge.cli.deploy import builds, deploy, deployments
+from converge.cli.kb import kb
 from converge.cli.keys import keys
 from converge.cli.models import models
 from converge.cli.output import echo, table
@@ -28,6 +29,7 @@ app.add_typer(policies, name="policies")
 app.add_typer(sources, name="sources")
 app.add_typer(deployments, name="deployments")
 app.add_typer(builds, name="builds")
+app.add_typer(kb, name="kb")
 app.add_typer(db, name="db")
 app.command("deploy")(deploy)
 

@@ -33,9 +33,17 @@ VIEWER = frozenset(
         "deployments:read",
         "builds:read",
         "inference:use",
+        "knowledge-bases:read",  # list, get, search, probe results, jobs
     }
 )
-DEVELOPER = VIEWER | {"keys:read", "keys:write", "library:submit", "deployments:write", "builds:write"}
+DEVELOPER = VIEWER | {
+    "keys:read",
+    "keys:write",
+    "library:submit",
+    "deployments:write",
+    "builds:write",
+    "knowledge-bases:write",  # create, change, ingest, delete documents and bases
+}
 OWNER = DEVELOPER | {"project:write", "project:delete", "members:write", "audit:read"}
 # Organisation-level: only organisation roles hold these. The library's governance is here because
 # an approved or revoked version is approved or revoked for every project that deploys it.

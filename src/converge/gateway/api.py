@@ -10,6 +10,7 @@ envelope (`errors.py`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
 from typing import Any
@@ -18,7 +19,7 @@ import aiohttp
 import orjson
 import structlog
 from prometheus_client import CollectorRegistry
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from converge.config import Settings
 from converge.gateway import upstream
@@ -144,6 +145,40 @@ class Gateway:
         if path.startswith("/v2/models/"):
             return await self.v2.handle(scope, receive, send)
         raise GatewayError(404, f"Unknown path {path}: the gateway serves /v1/* (OpenAI) and /v2/* (V2)")
+
+    # -- in-process callers ---------------------------------------------------------------------
+
+    async def call(self, caller: Caller, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+        """POST an OpenAI request as `caller` without HTTP: the same checks, limits, routing,
+        forwarding and metering as a request from outside (the control plane's own clients,
+        knowledge-base embeddings, use it). Returns (status, decoded JSON body); errors come
+        back as their OpenAI envelope, not raised."""
+        endpoint = OPENAI_PATHS.get(path)
+        if endpoint is None:
+            raise ValueError(f"{path} is not an OpenAI path the gateway serves")
+        raw = orjson.dumps(body)
+        sent = False
+        status, parts = 500, list[bytes]()
+
+        async def receive() -> Message:
+            nonlocal sent
+            if sent:  # the caller stays connected until the answer is complete
+                await asyncio.get_running_loop().create_future()
+            sent = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+
+        async def send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body":
+                parts.append(message.get("body", b""))
+
+        try:
+            await self.openai.infer(receive, send, caller=caller, endpoint=endpoint, path=path)
+        except GatewayError as exc:
+            return exc.status, orjson.loads(exc.body())
+        return status, orjson.loads(b"".join(parts)) if parts else None
 
     async def _error(self, send: Send, exc: GatewayError) -> None:
         if exc.status >= 500:

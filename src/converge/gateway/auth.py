@@ -87,6 +87,33 @@ class Auth:
             raise _refused("The key's project no longer exists")
         return Caller(key=key, project=project)
 
+    async def caller_for(self, *, key_id: uuid.UUID | None, project_id: uuid.UUID) -> Caller:
+        """The caller for work the control plane does on someone's behalf (a knowledge base's
+        embeddings): the key that asked for it, checked as a request with it would be, or the
+        project itself when no key asked (the bootstrap token, an OIDC user). A key or project
+        made a moment ago may not be in the snapshot yet: its reload is waited for once."""
+        key, project = self._entries(key_id, project_id)
+        if project is None or (key_id is not None and key is None):
+            self.dataplane.mark_dirty()
+            await self.dataplane.wait_for_change(2.0)
+            key, project = self._entries(key_id, project_id)
+        if project is None:
+            raise _refused("The project no longer exists")
+        if key_id is None:
+            return Caller(key=None, project=project)
+        if key is None or key.revoked:
+            raise _refused("The API key that started this work was revoked", "revoked_api_key")
+        if key.expires_at is not None and key.expires_at <= time.time():
+            raise _refused(f"API key {key.prefix} has expired", "expired_api_key")
+        return Caller(key=key, project=project)
+
+    def _entries(
+        self, key_id: uuid.UUID | None, project_id: uuid.UUID
+    ) -> tuple[KeyEntry | None, ProjectEntry | None]:
+        snapshot = self.dataplane.snapshot
+        key = next((e for e in snapshot.keys.values() if e.id == key_id), None) if key_id else None
+        return key, snapshot.projects.get(project_id)
+
     def route(self, caller: Caller, model: str, endpoint: str | None = None) -> Route:
         """The caller's deployment of that name; with an endpoint, one whose server answers it.
 

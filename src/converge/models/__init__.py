@@ -9,6 +9,7 @@ from converge.models.library import Approval, Artifact, LibraryModel, ModelVersi
 from converge.models.member import Member
 from converge.models.policy import Policy, PolicyRevision
 from converge.models.project import Project
+from converge.models.rag import IngestionJob, KbChunk, KbDocument, KnowledgeBase
 from converge.models.source import Source, SourceItem
 from converge.models.usage import GatewayCounter, UsageRecord
 
@@ -23,6 +24,10 @@ __all__ = [
     "DeploymentRevision",
     "Event",
     "GatewayCounter",
+    "IngestionJob",
+    "KbChunk",
+    "KbDocument",
+    "KnowledgeBase",
     "LibraryModel",
     "Member",
     "ModelVersion",

@@ -1,0 +1,1 @@
+"""Knowledge bases: ingestion, chunking, embeddings through the gateway, pgvector retrieval."""

@@ -1,0 +1,150 @@
+"""Helpers for knowledge-base tests (import as `from rag_support import ...`): the real MiniLM
+replica and deployment the fixtures in conftest.py make, and rows written straight to the tables."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import subprocess
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import httpx
+from sqlalchemy import select
+from support import ADMIN
+
+from converge.control.library import catalogue
+from converge.control.rag.embedder import Embedder
+from converge.models import Build, KbChunk, KbDocument, KnowledgeBase
+
+MINILM = "all-minilm-l6-v2"  # the built-in catalogue's name for it
+
+
+@dataclass
+class Replica:
+    proc: subprocess.Popen[bytes]
+    url: str
+    log: Path
+    path: Path
+
+    async def ready(self, timeout: float = 180.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        async with httpx.AsyncClient(base_url=self.url, timeout=5) as client:
+            while True:
+                assert self.proc.poll() is None, f"the MiniLM replica exited:\n{self.log.read_text()[-3000:]}"
+                try:
+                    if (await client.get("/health/ready")).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                assert asyncio.get_running_loop().time() < deadline, "the MiniLM replica is not ready"
+                await asyncio.sleep(0.2)
+
+
+@dataclass
+class MiniLM:
+    """A committed project with a Ready MiniLM deployment the gateway routes to."""
+
+    app: Any
+    project: dict[str, Any]
+    deployment: dict[str, Any]
+    version: dict[str, Any]
+    key: dict[str, str]  # a developer key of the project
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        """Vectors from the real model, through the gateway (as the project)."""
+        return await Embedder(self.app.state.converge.gateway).embed(
+            texts,
+            deployment_id=uuid.UUID(self.deployment["id"]),
+            project_id=uuid.UUID(self.project["id"]),
+            key_id=None,
+        )
+
+
+async def builtin_minilm(app: Any, client: httpx.AsyncClient) -> dict[str, Any]:
+    """The built-in catalogue's MiniLM version, registered (and approved by the visible
+    catalogue policy) the way a fresh Converge registers it; only MiniLM, not the chat model."""
+    state = app.state.converge
+    builtin = next(b for b in catalogue.BUILTINS if b.name == MINILM)
+    with mock.patch.object(catalogue, "BUILTINS", (builtin,)):
+        await catalogue.seed(state.sessions, state.settings, state.artifacts)
+    models = (await client.get("/models", params={"name": MINILM}, headers=ADMIN)).json()["items"]
+    model = next(m for m in models if m["name"] == MINILM)
+    versions = (await client.get(f"/models/{model['id']}/versions", headers=ADMIN)).json()["items"]
+    assert versions and versions[0]["state"] == "approved", versions
+    return versions[0]
+
+
+async def built(app: Any, *, project_id: str, version_id: str, server: str) -> None:
+    """What admission asks for: a successful build of the version for the cpu profile."""
+    state = app.state.converge
+    async with (state.session_factory or state.sessions)() as session, session.begin():
+        session.add(
+            Build(
+                project_id=uuid.UUID(project_id),
+                model_version_id=uuid.UUID(version_id),
+                profile="cpu",
+                server=server,
+                state="succeeded",
+                results={},
+                created_by="test",
+            )
+        )
+
+
+async def deploy(
+    client: httpx.AsyncClient, *, project_id: str, version_id: str, name: str, server: str = "embeddings"
+) -> dict[str, Any]:
+    body = {
+        "name": name,
+        "model_version_id": version_id,
+        "server": server,
+        "resources": {"cpu": 0.1, "memory_bytes": 1 << 20},
+    }
+    resp = await client.post("/deployments", params={"project": project_id}, json=body, headers=ADMIN)
+    assert resp.status_code == 201, resp.text
+    return resp.json()
+
+
+async def add_document(
+    app: Any, kb: dict[str, Any], *, source: str, chunks: list[tuple[str, list[float], dict[str, Any]]]
+) -> str:
+    """A document and its chunks written straight to the tables (what the ingestion worker
+    writes), with the base's metadata_keys kept up to date; in the test's own transaction."""
+    state = app.state.converge
+    kb_id = uuid.UUID(kb["id"])
+    async with (state.session_factory or state.sessions)() as session, session.begin():
+        doc = KbDocument(
+            kb_id=kb_id,
+            project_id=uuid.UUID(kb["project_id"]),
+            source=source,
+            title=source.rsplit(".", 1)[0],
+            media_type="text/markdown",
+            content_hash=hashlib.sha256(source.encode()).hexdigest(),
+            bytes=sum(len(t) for t, _, _ in chunks),
+            chunk_count=len(chunks),
+            meta={},
+        )
+        session.add(doc)
+        await session.flush()
+        for i, (chunk_text, vector, meta) in enumerate(chunks):
+            session.add(
+                KbChunk(
+                    kb_id=kb_id,
+                    document_id=doc.id,
+                    ordinal=i,
+                    text=chunk_text,
+                    tokens=len(chunk_text.split()) + 2,
+                    heading_path=["Guide", source],
+                    page=None,
+                    meta=meta,
+                    embedding=vector,
+                )
+            )
+        row = await session.scalar(select(KnowledgeBase).where(KnowledgeBase.id == kb_id))
+        assert row is not None
+        row.metadata_keys = sorted(set(row.metadata_keys) | {k for _, _, meta in chunks for k in meta})
+        return str(doc.id)
