@@ -61,8 +61,9 @@ async def api(fresh_db: str, tmp_path) -> AsyncIterator[httpx.AsyncClient]:
                 await eventually(lambda: _no_deployments(client), timeout=60)
     finally:
         for proc in psutil.Process().children(recursive=True):  # never leave a replica behind
-            if "converge.serving" in " ".join(proc.cmdline()):
-                proc.kill()
+            with contextlib.suppress(psutil.Error):  # gone, or a zombie not yet reaped
+                if "converge.serving" in " ".join(proc.cmdline()):
+                    proc.kill()
 
 
 async def _no_deployments(client: httpx.AsyncClient) -> bool:

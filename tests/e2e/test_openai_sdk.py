@@ -9,6 +9,7 @@ models): a few minutes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -50,8 +51,9 @@ async def converge(pg_url: str, tmp_path) -> AsyncIterator[tuple[str, httpx.Asyn
                     await client.delete(f"/deployments/{d['id']}", headers=ADMIN)
     finally:
         for proc in psutil.Process().children(recursive=True):  # never leave a replica behind
-            if "converge.serving" in " ".join(proc.cmdline()):
-                proc.kill()
+            with contextlib.suppress(psutil.Error):  # gone, or a zombie not yet reaped
+                if "converge.serving" in " ".join(proc.cmdline()):
+                    proc.kill()
         with psycopg.connect(pg_url, autocommit=True) as conn:
             conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
