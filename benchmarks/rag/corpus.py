@@ -226,21 +226,26 @@ def small_corpus(size: int, queries: int) -> Corpus:
 
 
 class VectorCache:
-    """sha1(text) -> MiniLM vector, in one .npz; `save` rewrites it atomically."""
+    """sha1(text) -> MiniLM vector, in one .npz; `save` rewrites it atomically. (numpy's S20
+    drops trailing NUL bytes of a key: `ljust` puts them back.)"""
 
     def __init__(self, directory: Path = CACHE_DIR) -> None:
         self.path = directory / f"vectors-{MODEL}.npz"
         self.vectors: dict[bytes, np.ndarray] = {}
         if self.path.exists():
             with np.load(self.path) as data:
-                self.vectors = dict(zip((bytes(k) for k in data["keys"]), data["vectors"], strict=True))
+                self.vectors = dict(
+                    zip((bytes(k).ljust(20, b"\0") for k in data["keys"]), data["vectors"], strict=True)
+                )
 
     def save(self) -> None:
         """Write what this process embedded, merged with what another wrote meanwhile."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             with np.load(self.path) as data:
-                for key, vector in zip((bytes(k) for k in data["keys"]), data["vectors"], strict=True):
+                for key, vector in zip(
+                    (bytes(k).ljust(20, b"\0") for k in data["keys"]), data["vectors"], strict=True
+                ):
                     self.vectors.setdefault(key, vector)
         tmp = self.path.with_suffix(".tmp.npz")
         keys = np.array(list(self.vectors), dtype="S20")

@@ -136,12 +136,13 @@ async def explain(
     session: AsyncSession, kb: KnowledgeBase, plan: retrieval.Plan, *, filters: dict[str, Any]
 ) -> str:
     query = retrieval.vector_literal(unit_vectors(1, seed=99)[0].tolist())
-    await retrieval.configure(session, plan)
+    previous = await retrieval.configure(session, plan)
     sql = "EXPLAIN " + retrieval.vector_sql(kb, plan=plan, filtered=bool(filters))
     params: dict[str, Any] = {"kb": kb.id, "q": query, "k": 10, "candidates": 40}
     if filters:
         params["filters"] = json.dumps(filters)
     rows = await session.execute(text(sql), params)
+    await retrieval.restore(session, previous)
     return "\n".join(r[0] for r in rows)
 
 
@@ -223,7 +224,7 @@ async def test_plans_read_only_the_base_partition_and_its_hnsw_index(
     iterative = retrieval.Plan(exact=False, ef_search=40, candidates=40, iterative=True)
     filtered = await explain(session, kb, iterative, filters={"shard": 1})
     assert vectors.index_name(kb.id) in filtered and theirs not in filtered
-    await retrieval.restore(session, iterative)
+    assert (await session.scalar(text("SHOW enable_seqscan"))) == "on"  # restored after the statement
 
     params = {"kb": kb.id, "query": "chunk number", "k": 10, "filters": '{"shard": 1}'}
     rows = await session.execute(text("EXPLAIN " + retrieval.keyword_sql(filtered=True)), params)
@@ -316,6 +317,40 @@ async def test_keyword_search_ranks_full_text_matches_and_filters(session: Async
         session, kb, vector=None, query="the and of", k=5, mode="keyword", filters={}
     )
     assert result.hits == []  # stop words only
+
+
+async def test_keyword_fallback_goes_down_coordination_levels_to_half_the_words(
+    session: AsyncSession,
+) -> None:
+    texts = [
+        "replica health probes restart a crashed server",  # 3 of the 4 words
+        "the probes of a replica",  # 2 of 4
+        "a server in the rack",  # 1 of 4: below half, never matched
+        "replica replica replica",  # 1 of 4, however often
+    ]
+    kb, ids = await make_base(session, unit_vectors(4, seed=23), texts=texts)
+    result = await retrieval.search(
+        session,
+        kb,
+        vector=None,
+        query="why do replica probes restart the gateway",
+        k=5,
+        mode="keyword",
+        filters={},
+    )
+    assert [h.chunk_id for h in result.hits] == [ids[0], ids[1]]
+
+
+def test_level_tsquery_is_every_subset_of_the_words_quoted() -> None:
+    assert retrieval.level_tsquery(["a", "b", "c"], 2) == "('a' & 'b') | ('a' & 'c') | ('b' & 'c')"
+    assert retrieval.level_tsquery(["o'neil", "x"], 1) == "('o''neil') | ('x')"
+
+
+def test_probe_recall_bound_is_below_the_mean_when_queries_disagree() -> None:
+    mean, lower = probe_mod._recall([1.0] * 19 + [0.0])
+    assert mean == pytest.approx(0.95) and lower < 0.92  # one query that misses everything
+    assert probe_mod._recall([1.0] * 20) == (1.0, 1.0)
+    assert probe_mod._recall([]) == (1.0, 1.0)
 
 
 async def test_hybrid_fuses_vector_and_keyword_ranks(session: AsyncSession) -> None:

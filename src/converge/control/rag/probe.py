@@ -10,8 +10,9 @@ neighbourhood, like a text the base has not seen, with the chunk itself as one o
 neighbours. For each such query the exact top k (a scan ordered by the full-precision
 distance, which the halfvec index cannot serve) is compared with the top k of the index walk
 exactly as `retrieval.search` runs it (same candidate set, same re-ranking), at each
-`ef_search` of a ladder until the mean recall@k meets `settings.rag.recall_target`; that
-`ef_search` becomes the base's.
+`ef_search` of a ladder until recall@k meets `settings.rag.recall_target` with 95% confidence
+(the one-sided lower bound of the mean, from the spread between queries); that `ef_search`
+becomes the base's.
 
 An unindexed base is searched exactly, so its recall is 1.0 by construction: the result says
 `"exact": true` and only the exact latency is measured.
@@ -35,6 +36,7 @@ from converge.models.rag import KnowledgeBase
 
 EF_LADDER = (40, 80, 160, 320, 640, 1000)
 MIN_OFFSET = 0.01  # cosine distance a query moves at least (a chunk with a duplicate has 0)
+Z_95 = 1.645  # one-sided 95%: the ef_search chosen meets the target with that confidence
 
 
 async def sample(
@@ -64,6 +66,17 @@ def off_graph(vector: list[float], *, distance: float, rng: random.Random) -> li
     cos = max(-1.0, min(1.0, 1.0 - distance))
     sin = math.sqrt(max(0.0, 1.0 - cos * cos))
     return [cos * v + sin * o / norm for v, o in zip(vector, ortho, strict=True)]
+
+
+def _recall(per_query: list[float]) -> tuple[float, float]:
+    """Mean recall over the queries and its one-sided 95% lower bound (from the spread between
+    queries: a few hard queries, not independent misses, are what a small sample gets wrong)."""
+    if not per_query:
+        return 1.0, 1.0
+    n = len(per_query)
+    mean = sum(per_query) / n
+    spread = math.sqrt(sum((r - mean) ** 2 for r in per_query) / (n - 1)) if n > 1 else 0.0
+    return mean, mean - Z_95 * spread / math.sqrt(n)
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -152,20 +165,28 @@ async def climb(
     plan = retrieval.Plan(exact=True)
     for ef in ladder_steps:
         plan = await retrieval.plan_vector(session, kb, k=k, filters={}, ef_search=ef)
-        found, wanted, took_ms = 0, 0, []
+        per_query, took_ms = [], []
         for literal, expected in zip(literals, truth, strict=True):
             ids, took = await _top(session, kb, literal=literal, k=k, plan=plan)
-            found += len({i for i, _ in ids} & expected)
-            wanted += len(expected)
+            if expected:
+                per_query.append(len({i for i, _ in ids} & expected) / len(expected))
             took_ms.append(took)
-        recall = found / wanted if wanted else 1.0
-        ladder.append({"ef_search": plan.ef_search, "recall": round(recall, 4), **_latency(took_ms)})
-        if recall >= target:
+        recall, lower = _recall(per_query)
+        ladder.append(
+            {
+                "ef_search": plan.ef_search,
+                "recall": round(recall, 4),
+                "recall_lower": round(lower, 4),
+                **_latency(took_ms),
+            }
+        )
+        if lower >= target:
             break
     best = ladder[-1]
     return {
         "recall": best["recall"],
-        "target_met": best["recall"] >= target,
+        "recall_lower": best["recall_lower"],
+        "target_met": best["recall_lower"] >= target,
         "ef_search": best["ef_search"],
         "candidates": plan.candidates,
         "latency": {"approximate": {key: v for key, v in best.items() if key.endswith("_ms")}},

@@ -22,7 +22,9 @@ SQL is text with bound parameters; the only values written into it are the base'
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -195,8 +197,12 @@ def vector_sql(kb: KnowledgeBase, *, plan: Plan, filtered: bool, details: bool =
     return _with_details(ranked, order="r.distance")
 
 
-async def configure(session: AsyncSession, plan: Plan) -> None:
-    """The index walk's settings, for this transaction only (SET LOCAL, via set_config).
+_PLANNER = ("enable_seqscan", "enable_bitmapscan", "enable_sort")
+
+
+async def configure(session: AsyncSession, plan: Plan) -> dict[str, str]:
+    """The index walk's settings, for this transaction only (SET LOCAL, via set_config); returns
+    the planner settings it changed, as they were, for `restore`.
 
     Other scans, and sorting the candidates, are switched off for the statement (the sorts the
     query needs anyway, of the candidates and the result, are in every plan): once the base is
@@ -205,25 +211,30 @@ async def configure(session: AsyncSession, plan: Plan) -> None:
     answer a broad jsonb filter from the GIN index and a sort of all its matches (it cannot tell
     a broad jsonb filter from a selective one)."""
     if plan.exact:
-        return
-    await session.execute(
+        return {}
+    # PostgreSQL evaluates a select list left to right: the old values are read before the new set.
+    row = await session.execute(
         text(
-            "SELECT set_config('hnsw.ef_search', :ef, true), set_config('hnsw.iterative_scan', :scan, true),"
-            " set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true),"
-            " set_config('enable_sort', 'off', true)"
+            "SELECT current_setting('enable_seqscan'), current_setting('enable_bitmapscan'),"
+            " current_setting('enable_sort'), set_config('hnsw.ef_search', :ef, true),"
+            " set_config('hnsw.iterative_scan', :scan, true), set_config('enable_seqscan', 'off', true),"
+            " set_config('enable_bitmapscan', 'off', true), set_config('enable_sort', 'off', true)"
         ),
         {"ef": str(plan.ef_search), "scan": "relaxed_order" if plan.iterative else "off"},
     )
+    return dict(zip(_PLANNER, row.one()[:3], strict=True))
 
 
-async def restore(session: AsyncSession, plan: Plan) -> None:
+async def restore(session: AsyncSession, previous: dict[str, str]) -> None:
     """Later statements in this transaction plan as usual again."""
-    if not plan.exact:
+    if previous:
         await session.execute(
             text(
-                "SELECT set_config(name, reset_val, true) FROM pg_settings"
-                " WHERE name IN ('enable_seqscan', 'enable_bitmapscan', 'enable_sort')"
-            )
+                "SELECT set_config('enable_seqscan', :enable_seqscan, true),"
+                " set_config('enable_bitmapscan', :enable_bitmapscan, true),"
+                " set_config('enable_sort', :enable_sort, true)"
+            ),
+            previous,
         )
 
 
@@ -242,37 +253,33 @@ async def vector_ids(
     session: AsyncSession, kb: KnowledgeBase, *, literal: str, k: int, filters: dict[str, Any], plan: Plan
 ) -> list[tuple[int, float]]:
     """(chunk id, exact distance) of the top k under `plan`: what the probe compares."""
-    await configure(session, plan)
+    previous = await configure(session, plan)
     sql = vector_sql(kb, plan=plan, filtered=bool(filters), details=False)
     rows = await session.execute(text(sql), _params(kb, literal=literal, k=k, filters=filters, plan=plan))
-    await restore(session, plan)
+    await restore(session, previous)
     return [(int(i), float(d)) for i, d in rows.all()]
 
 
 async def vector_hits(
     session: AsyncSession, kb: KnowledgeBase, *, literal: str, k: int, filters: dict[str, Any], plan: Plan
 ) -> list[Hit]:
-    await configure(session, plan)
+    previous = await configure(session, plan)
     sql = vector_sql(kb, plan=plan, filtered=bool(filters))
     rows = await session.execute(text(sql), _params(kb, literal=literal, k=k, filters=filters, plan=plan))
-    await restore(session, plan)
+    await restore(session, previous)
     return [_hit(row, score=1.0 - float(row.distance)) for row in rows]
 
 
 # A query written with websearch operators ("phrase", -word, or) means exactly what it says.
 _OPERATORS = re.compile(r'"|(^|\s)-\w|\bor\b', re.IGNORECASE)
-# Any of the query's words (its english lexemes, quoted: a lexeme is never read as an operator).
-_ANY_TERM = (
-    "to_tsquery('simple', array_to_string(ARRAY(SELECT quote_literal(lexeme)"
-    " FROM unnest(to_tsvector('english', :query))), ' | '))"
-)
+MAX_TERMS = 8  # words of a plain query that the fallback levels combine (C(8, 4) = 70 at most)
 
 
-def keyword_sql(*, filtered: bool, any_term: bool = False) -> str:
-    """Full-text matches of `:query` ranked by cover density, through the partition's GIN index
-    on `tsv`: every word (websearch syntax: words, "phrases", -not, or), or any of its words."""
+def keyword_sql(*, filtered: bool, levelled: bool = False) -> str:
+    """Full-text matches ranked by cover density, through the partition's GIN index on `tsv`:
+    of `:query` in websearch syntax (every word, "phrases", -not, or), or of `:tsquery`."""
     where = "kb_id = :kb AND tsv @@ query" + (" AND metadata @> CAST(:filters AS jsonb)" if filtered else "")
-    tsquery = _ANY_TERM if any_term else "websearch_to_tsquery('english', :query)"
+    tsquery = "CAST(:tsquery AS tsquery)" if levelled else "websearch_to_tsquery('english', :query)"
     ranked = (
         f"SELECT id, ts_rank_cd(tsv, query) AS rank FROM kb_chunks, {tsquery} query"
         f" WHERE {where} ORDER BY rank DESC, id LIMIT :k"
@@ -280,23 +287,41 @@ def keyword_sql(*, filtered: bool, any_term: bool = False) -> str:
     return _with_details(ranked, order="r.rank DESC")
 
 
+def level_tsquery(lexemes: list[str], words: int) -> str:
+    """A tsquery matching chunks that hold at least `words` of the lexemes: the OR of every
+    `words`-subset's AND. Lexemes are quoted as tsquery input wants (no parser runs on them)."""
+    quoted = ["'" + lexeme.replace("\\", "\\\\").replace("'", "''") + "'" for lexeme in lexemes]
+    return " | ".join("(" + " & ".join(subset) + ")" for subset in itertools.combinations(quoted, words))
+
+
 async def keyword_hits(
     session: AsyncSession, kb: KnowledgeBase, *, query: str, k: int, filters: dict[str, Any]
 ) -> list[Hit]:
-    """The top k full-text matches: chunks with every word of the query first; when there are
-    fewer than k of those and the query is plain words (a question, not websearch syntax),
-    then chunks with any of its words. A query of stop words only matches nothing."""
+    """The top k full-text matches. Chunks with every word of the query come first; when there
+    are fewer than k of those and the query is plain words (a question, not websearch syntax),
+    then chunks with all words but one, all but two, ... down to half of them (coordination
+    levels): a question rarely has every one of its words in one chunk, and "any word" would
+    rank tens of thousands of chunks of a large base for every common word. A query of stop
+    words only matches nothing."""
     params: dict[str, Any] = {"kb": kb.id, "query": query, "k": k}
     if filters:
         params["filters"] = json.dumps(filters)
     rows = await session.execute(text(keyword_sql(filtered=bool(filters))), params)
     hits = [_hit(row, score=float(row.rank)) for row in rows]
-    if len(hits) < k and not _OPERATORS.search(query):
+    if len(hits) >= k or _OPERATORS.search(query):
+        return hits
+    found = await session.scalars(
+        text("SELECT lexeme FROM unnest(to_tsvector('english', :query)) ORDER BY positions[1]"),
+        {"query": query},
+    )
+    lexemes = list(found.all())[:MAX_TERMS]
+    for words in range(len(lexemes) - 1, max(1, math.ceil(len(lexemes) / 2)) - 1, -1):
         seen = {h.chunk_id for h in hits}
-        params["k"] = k + len(hits)
-        rows = await session.execute(text(keyword_sql(filtered=bool(filters), any_term=True)), params)
-        more = [_hit(row, score=float(row.rank)) for row in rows if int(row.id) not in seen]
-        hits += more[: k - len(hits)]
+        params |= {"tsquery": level_tsquery(lexemes, words), "k": k + len(seen)}  # a level holds those above
+        rows = await session.execute(text(keyword_sql(filtered=bool(filters), levelled=True)), params)
+        hits += [_hit(row, score=float(row.rank)) for row in rows if int(row.id) not in seen][: k - len(hits)]
+        if len(hits) >= k:
+            break
     return hits
 
 
