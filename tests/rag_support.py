@@ -1,6 +1,6 @@
-"""Helpers for knowledge-base tests (import as `from rag_support import ...`): the real MiniLM
-replica and deployment the fixtures of tests/control/rag/conftest.py and
-tests/workers/test_ingestion.py make, and rows written straight to the tables."""
+"""Helpers and fixtures for knowledge-base tests (import as `from rag_support import ...`):
+the real MiniLM replica and its Ready deployment behind the gateway (the `minilm` fixtures, used
+by tests/control/rag and the CLI tests), and rows written straight to the tables."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import hashlib
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +20,7 @@ import httpx
 import pytest
 from services import stop_process
 from sqlalchemy import select
-from support import ADMIN, free_port
+from support import ADMIN, free_port, make_key, make_project
 
 from converge.control.library import catalogue
 from converge.control.library.catalogue import minilm_path
@@ -176,3 +176,37 @@ async def add_document(
         assert row is not None
         row.metadata_keys = sorted(set(row.metadata_keys) | {k for _, _, meta in chunks for k in meta})
         return str(doc.id)
+
+
+# -- fixtures (re-exported by the conftests that use them) ------------------------------------
+
+
+@pytest.fixture(scope="session")
+def minilm_replica(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
+    """Started as early as possible: the torch import overlaps the model's registration."""
+    with minilm_replica_process(tmp_path_factory.mktemp("minilm")) as replica:
+        yield replica
+
+
+@pytest.fixture(scope="session")
+async def minilm(app: Any, minilm_replica: Replica) -> AsyncIterator[MiniLM]:
+    state = app.state.converge
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as client:
+        project = await make_project(client)
+        version = await builtin_minilm(app, client)
+        await built(app, project_id=project["id"], version_id=version["id"], server="embeddings")
+        deployment = await deploy(client, project_id=project["id"], version_id=version["id"], name="minilm")
+        await minilm_replica.ready()
+        state.runtime.serve_at(uuid.UUID(deployment["id"]), [minilm_replica.url])
+        deadline = asyncio.get_running_loop().time() + 30
+        route = None
+        while route is None or route.endpoints != (minilm_replica.url,):
+            assert asyncio.get_running_loop().time() < deadline, f"not routed to the replica: {route}"
+            await asyncio.sleep(0.05)
+            route = state.gateway.dataplane.snapshot.by_id.get(uuid.UUID(deployment["id"]))
+        key = await make_key(client, project["id"], "developer")
+        try:
+            yield MiniLM(app=app, project=project, deployment=deployment, version=version, key=key)
+        finally:
+            await client.delete(f"/deployments/{deployment['id']}", headers=ADMIN)

@@ -10,43 +10,6 @@ model takes a while on two cores.
 
 from __future__ import annotations
 
-import asyncio
-import uuid
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from rag_support import minilm, minilm_replica
 
-import httpx
-import pytest
-from rag_support import MiniLM, Replica, built, builtin_minilm, deploy, minilm_replica_process
-from support import ADMIN, make_key, make_project
-
-
-@pytest.fixture(scope="session")
-def minilm_replica(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
-    """Started as early as possible: the torch import overlaps the model's registration."""
-    with minilm_replica_process(tmp_path_factory.mktemp("minilm")) as replica:
-        yield replica
-
-
-@pytest.fixture(scope="session")
-async def minilm(app: Any, minilm_replica: Replica) -> AsyncIterator[MiniLM]:
-    state = app.state.converge
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as client:
-        project = await make_project(client)
-        version = await builtin_minilm(app, client)
-        await built(app, project_id=project["id"], version_id=version["id"], server="embeddings")
-        deployment = await deploy(client, project_id=project["id"], version_id=version["id"], name="minilm")
-        await minilm_replica.ready()
-        state.runtime.serve_at(uuid.UUID(deployment["id"]), [minilm_replica.url])
-        deadline = asyncio.get_running_loop().time() + 30
-        route = None
-        while route is None or route.endpoints != (minilm_replica.url,):
-            assert asyncio.get_running_loop().time() < deadline, f"not routed to the replica: {route}"
-            await asyncio.sleep(0.05)
-            route = state.gateway.dataplane.snapshot.by_id.get(uuid.UUID(deployment["id"]))
-        key = await make_key(client, project["id"], "developer")
-        try:
-            yield MiniLM(app=app, project=project, deployment=deployment, version=version, key=key)
-        finally:
-            await client.delete(f"/deployments/{deployment['id']}", headers=ADMIN)
+__all__ = ["minilm", "minilm_replica"]  # the fixtures, shared with the CLI tests
