@@ -15,6 +15,7 @@ import structlog
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
+from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.types import Receive, Scope, Send
 
 import converge
@@ -40,6 +41,7 @@ from converge.control.usage.api import router as usage_router
 from converge.errors import PROBLEM_SCHEMA, install_error_handlers
 from converge.gateway.api import Gateway
 from converge.kit.observability import Metrics, RequestContextMiddleware
+from converge.kit.roles import Role
 from converge.kit.schemas import storable_parameters
 from converge.runtime.base import RuntimeBackend
 from converge.runtime.local.sandbox import Sandbox
@@ -90,7 +92,15 @@ def _print_first_key(token: str) -> None:
     )
 
 
-def _local_runtime(settings: Settings, sandbox: Sandbox) -> RuntimeBackend:
+def _runtime(settings: Settings, *, sandbox: Sandbox, sessions: Callable[[], AsyncSession]) -> RuntimeBackend:
+    """The backend `settings.runtime.backend` names: processes here, or pods on a cluster."""
+    if settings.runtime.backend == "kubernetes":
+        from converge.runtime.kubernetes.backend import KubernetesBackend
+        from converge.workers.placement import DatabasePlacements
+
+        placements = DatabasePlacements(sessions=sessions, settings=settings)
+        return KubernetesBackend(settings.runtime.kubernetes, placements=placements)
+
     from converge.runtime.local import LocalBackend, LocalConfig
 
     config = LocalConfig(
@@ -132,13 +142,14 @@ def create_app(
 ) -> FastAPI:
     """The application. `runtime` replaces the local process supervisor (tests pass a fake)."""
     metrics = Metrics()
-    gateway = Gateway(settings, registry=metrics.registry) if settings.gateway.enabled else None
+    gateway = Gateway(settings, registry=metrics.registry) if _embeds_gateway(settings) else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         database = await asyncio.to_thread(start_database, settings)
         head = await asyncio.to_thread(migrate_and_bootstrap, database)
-        sandbox = await asyncio.to_thread(_sandbox, settings) if settings.run_workers else Sandbox()
+        runs_code = settings.runs(Role.CONTROLLER) or settings.runs(Role.WORKER)  # replicas, builds
+        sandbox = await asyncio.to_thread(_sandbox, settings) if runs_code else Sandbox()
         engine = make_engine(database, settings)
         sessions = make_sessionmaker(engine)
         metrics.watch_pool(lambda: _pool_stats(engine))
@@ -155,17 +166,18 @@ def create_app(
             broadcaster=broadcaster,
             oidc=oidc,
             head_revision=head,
-            runtime=runtime or _local_runtime(settings, sandbox),
+            runtime=runtime or _runtime(settings, sandbox=sandbox, sessions=sessions),
             artifacts=artifact_store(settings),
             metrics=metrics,
             gateway=gateway,
             services=[broadcaster],
         )
         app.state.converge = state
-        async with transaction(sessions) as session:
-            token = await ensure_admin_key(session, settings)
-        if token and on_first_key:
-            on_first_key(token)
+        if settings.runs(Role.API):  # the first key is shown by the process people talk to
+            async with transaction(sessions) as session:
+                token = await ensure_admin_key(session, settings)
+            if token and on_first_key:
+                on_first_key(token)
         if database.embedded is not None:  # first in, last out: the others need it
             supervisor = EmbeddedSupervisor(database.embedded)
             await supervisor.start()
@@ -174,10 +186,18 @@ def create_app(
         if gateway is not None:  # the data path runs whether or not this process runs the workers
             await gateway.start(sessions=sessions, conninfo=conninfo)
             state.services.append(gateway)
-        if settings.run_workers:
-            store = state.artifacts
+        # The controller drives the runtime. The API reads it (zones, observed replicas, logs),
+        # which only a runtime that observes from any process can answer: the Kubernetes one
+        # watches the API server; the local one knows only the processes it supervises itself.
+        runtime_started = settings.runs(Role.CONTROLLER) or (
+            settings.runs(Role.API) and state.runtime.type == "kubernetes"
+        )
+        if runtime_started:
             await state.runtime.start()
-            workers = [
+        store = state.artifacts
+        workers: list[Any] = []
+        if settings.runs(Role.CONTROLLER):
+            workers += [
                 RegistrySync(sessions=sessions, settings=settings, store=store),
                 Controller(
                     sessions=sessions,
@@ -186,28 +206,35 @@ def create_app(
                     runtime=state.runtime,
                     conninfo=conninfo,
                 ),
-                BuildRunner(
-                    sessions=sessions,
-                    settings=settings,
-                    store=store,
-                    concurrency=settings.build_concurrency,
-                    sandbox=sandbox,
-                ),
-                IngestionRunner(sessions=sessions, settings=settings, store=store, gateway=gateway),
             ]
-            for service in workers:
-                await service.start()
-                state.services.append(service)
-            if settings.library.seed_catalogue:
-                seeder = CatalogueSeeder(sessions=sessions, settings=settings, store=store)
-                await seeder.start()
-                state.services.append(seeder)
-                if settings.deploy_defaults:
-                    deployer = DefaultDeployer(
-                        sessions=sessions, settings=settings, runtime=state.runtime, after=seeder.task
+            workers += _cluster_workers(settings, state.runtime, sessions=sessions, conninfo=conninfo)
+        if settings.runs(Role.WORKER):
+            if state.runtime.type != "kubernetes":  # on a cluster, builds are Jobs (the controller's)
+                workers.append(
+                    BuildRunner(
+                        sessions=sessions,
+                        settings=settings,
+                        store=store,
+                        concurrency=settings.build_concurrency,
+                        sandbox=sandbox,
                     )
-                    await deployer.start()
-                    state.services.append(deployer)
+                )
+            workers.append(
+                IngestionRunner(sessions=sessions, settings=settings, store=store, gateway=gateway)
+            )
+        for service in workers:
+            await service.start()
+            state.services.append(service)
+        if settings.runs(Role.CONTROLLER) and settings.library.seed_catalogue:
+            seeder = CatalogueSeeder(sessions=sessions, settings=settings, store=store)
+            await seeder.start()
+            state.services.append(seeder)
+            if settings.deploy_defaults:
+                deployer = DefaultDeployer(
+                    sessions=sessions, settings=settings, runtime=state.runtime, after=seeder.task
+                )
+                await deployer.start()
+                state.services.append(deployer)
         # Everything built so far lives as long as the process: keep it out of the collector's
         # full passes, which otherwise stall the data path for milliseconds every few seconds.
         gc.freeze()
@@ -217,7 +244,7 @@ def create_app(
         finally:
             for service in reversed(state.services):
                 await service.stop()
-            if settings.run_workers:
+            if runtime_started:
                 await state.runtime.stop()
             await http.aclose()
             await engine.dispose()
@@ -235,8 +262,8 @@ def create_app(
         dependencies=[Depends(storable_parameters)],
     )
     install_error_handlers(app)
+    app.include_router(ops_router)  # health, readiness and metrics: every role answers them
     for router in (
-        ops_router,
         projects_router,
         events_router,
         library_router,
@@ -247,9 +274,10 @@ def create_app(
         rag_router,
         usage_router,
     ):
-        app.include_router(router)
+        if settings.runs(Role.API):
+            app.include_router(router)
     _complete_openapi(app)
-    if not settings.server.public_docs:
+    if not settings.server.public_docs and settings.runs(Role.API):
         _protected_openapi(app)
     if settings.server.cors_origins:
         app.add_middleware(
@@ -266,8 +294,50 @@ def create_app(
         max_body_bytes=settings.server.max_body_bytes,
         unlimited_suffixes=(UPLOAD_PATH_SUFFIX, INGEST_PATH_SUFFIX),
     )
-    app.gateway = gateway
+    app.gateway = gateway if settings.runs(Role.GATEWAY) else None  # /v1 and /v2 only with the role
     return app
+
+
+def _cluster_workers(
+    settings: Settings, runtime: RuntimeBackend, *, sessions: Any, conninfo: str
+) -> list[Any]:
+    """What the controller role also runs on Kubernetes, through the runtime's client (the one
+    identity the platform's RBAC lets write to the cluster): builds as Jobs, and a `Model`
+    object per approved version in every project namespace that may use it."""
+    from converge.runtime.kubernetes.backend import KubernetesBackend
+
+    if not isinstance(runtime, KubernetesBackend):
+        return []
+    from converge.workers.kube_builds import KubeBuildRunner
+    from converge.workers.model_objects import ModelObjects
+    from converge.workers.placement import artifact_base_uri
+
+    base_uri = artifact_base_uri(settings)  # the same URI the deployments' placement uses
+    return [
+        KubeBuildRunner(
+            sessions=sessions,
+            settings=settings,
+            client=runtime.client,
+            config=runtime.config,
+            artifact_base_uri=base_uri,
+            concurrency=settings.build_concurrency,
+        ),
+        ModelObjects(
+            sessions=sessions,
+            kube=runtime.client,
+            cluster=runtime.config.cluster_profile(kserve=False),  # only its namespace naming is read
+            conninfo=conninfo,
+            artifact_base_uri=base_uri,
+        ),
+    ]
+
+
+def _embeds_gateway(settings: Settings) -> bool:
+    """The gateway serves the data path, and the API (knowledge-base queries) and the workers
+    (ingestion) embed through one in their own process."""
+    return settings.gateway.enabled and any(
+        settings.runs(role) for role in (Role.API, Role.GATEWAY, Role.WORKER)
+    )
 
 
 def _complete_openapi(app: FastAPI) -> None:

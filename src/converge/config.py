@@ -10,10 +10,13 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from converge.kit.roles import ALL_ROLES, Role, parse_roles
+from converge.runtime.kubernetes.config import KubernetesConfig
 
 DEV_SECRET = "converge-dev-secret-change-me"
 
@@ -99,6 +102,17 @@ class GatewaySettings(BaseModel):
     wake_timeout_s: float = 180.0
 
 
+class RuntimeSettings(BaseModel):
+    """Where model servers run: local processes on this machine, or pods on a Kubernetes cluster
+    (CONVERGE_RUNTIME__BACKEND=kubernetes, then CONVERGE_RUNTIME__KUBERNETES__KSERVE=on and so on)."""
+
+    backend: Literal["local", "kubernetes"] = Field(
+        default="local",
+        description="local: processes on this machine; kubernetes: pods in project namespaces",
+    )
+    kubernetes: KubernetesConfig = KubernetesConfig()
+
+
 class SandboxSettings(BaseModel):
     """Who runs model code on one machine (see runtime/local/sandbox.py)."""
 
@@ -133,7 +147,10 @@ class Settings(BaseSettings):
     port: int = 8000
     database_url: str | None = None
     bootstrap_token: SecretStr | None = None
-    run_workers: bool = True
+    # What this process runs (see kit/roles.py): CONVERGE_ROLES=api,gateway or `converge serve
+    # api gateway`; all four by default, as `converge up` runs them.
+    roles: Annotated[frozenset[Role], NoDecode] = ALL_ROLES
+    run_workers: bool = True  # False: no controller or worker, whatever `roles` says
     deploy_defaults: bool = True  # build and deploy the built-in models on first start
     # Stopping `converge up` stops its replicas; True keeps them for the next start to adopt.
     keep_replicas_on_stop: bool = False
@@ -146,6 +163,21 @@ class Settings(BaseSettings):
     gateway: GatewaySettings = GatewaySettings()
     rag: RagSettings = RagSettings()
     sandbox: SandboxSettings = SandboxSettings()
+    runtime: RuntimeSettings = RuntimeSettings()
+
+    @field_validator("roles", mode="before")
+    @classmethod
+    def _parse_roles(cls, value: object) -> frozenset[Role]:
+        return parse_roles(value)
+
+    def runs(self, role: Role) -> bool:
+        """Whether this process runs `role`: it is in `roles` and not switched off by
+        `run_workers` (controller, worker) or `gateway.enabled` (gateway)."""
+        if role in (Role.CONTROLLER, Role.WORKER) and not self.run_workers:
+            return False
+        if role == Role.GATEWAY and not self.gateway.enabled:
+            return False
+        return role in self.roles
 
     @model_validator(mode="after")
     def _refuse_default_secrets(self) -> Settings:

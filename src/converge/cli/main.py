@@ -18,7 +18,9 @@ from converge.cli.models import models
 from converge.cli.output import echo, table
 from converge.cli.policies import policies
 from converge.cli.projects import members, projects
+from converge.cli.render import render
 from converge.cli.sources import sources
+from converge.kit.roles import ROLE_HELP, Role
 
 app = typer.Typer(help="Converge: a self-hosted AI factory.", no_args_is_help=True)
 app.add_typer(projects, name="projects")
@@ -31,6 +33,7 @@ app.add_typer(deployments, name="deployments")
 app.add_typer(builds, name="builds")
 app.add_typer(kb, name="kb")
 app.add_typer(db, name="db")
+app.add_typer(render, name="render")
 app.command("deploy")(deploy)
 
 
@@ -43,6 +46,31 @@ def up(
     from converge.cli.serve import serve
 
     serve(host=host, port=port)
+
+
+SERVE_HELP = (
+    "Run some of Converge's roles in this process; `converge up` runs them all. On a cluster each "
+    "role is its own Deployment (see `converge render platform`), sharing one PostgreSQL "
+    "(CONVERGE_DATABASE_URL, required here) and one artifact store.\n\n"
+    + "\n\n".join(f"{role.value}: {ROLE_HELP[role]}." for role in Role)
+    + "\n\nEvery role answers /health, /readiness and /metrics, and each can run as several "
+    "replicas: the API and the gateway keep no state, one controller leads (a PostgreSQL advisory "
+    "lock) while the others stand by, and each build or ingestion job is claimed by one worker. "
+    "The api role does not serve /v1 and /v2 unless gateway is also given."
+)
+
+
+@app.command(help=SERVE_HELP)
+def serve(
+    roles: Annotated[
+        list[Role], typer.Argument(help="One or more of api, gateway, controller, worker", show_default=False)
+    ],
+    host: Annotated[str | None, typer.Option(help="Bind address (CONVERGE_HOST)")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (CONVERGE_PORT)")] = None,
+) -> None:
+    from converge.cli.serve import serve as run
+
+    run(host=host, port=port, roles=roles)
 
 
 @app.command()

@@ -42,7 +42,9 @@ class ReplicaTemplate(BaseModel):
 
     server: ServerKind
     model_name: str = Field(description="The name the server answers to (OpenAI `model`)")
-    artifact_path: str = Field(description="Verified local copy of the artifact")
+    artifact_path: str = Field(
+        description="The verified artifact as a replica sees it: a local copy, or where a pod mounts it"
+    )
     args: tuple[str, ...] = ()
     env: dict[str, str] = Field(default_factory=dict)
     resources: Resources = Resources()
@@ -136,6 +138,12 @@ class RuntimeBackend(ABC):
 
     async def stop(self) -> None:  # noqa: B027 - optional hook
         """Release resources held by this process (not the replicas themselves)."""
+
+    def artifact_path(self, *, sha256: str) -> str | None:
+        """Where replicas find the artifact when the backend brings it to them itself (pods fetch
+        it by digest); None, the default: the controller fetches a verified copy to this
+        machine's cache and puts its path in `ReplicaTemplate.artifact_path`."""
+        return None
 
     @abstractmethod
     async def apply(self, *, spec: DeploymentSpec) -> None: ...

@@ -436,16 +436,24 @@ def _extract_tar(archive: Path, target: Path) -> None:
         tar.extractall(target, filter="data")
 
 
+async def digest_of(path: Path) -> str:
+    """The sha256 the store gives what is at `path`: a file's bytes, or a directory's
+    deterministic tar (so a faithful copy of a directory artifact reproduces its digest).
+    Raises UnsafePath or OSError when the path cannot be read as an artifact."""
+    is_directory = await asyncio.to_thread(lambda: path.is_dir() and not path.is_symlink())
+    chunks = _tar_stream(path) if is_directory else _read_chunks(path)
+    hasher = hashlib.sha256()
+    async for chunk in chunks:
+        await asyncio.to_thread(hasher.update, chunk)
+    return hasher.hexdigest()
+
+
 async def _cached_copy_matches(dest: Path, digest: str, *, is_directory: bool) -> bool:
     if is_directory != await asyncio.to_thread(lambda: dest.is_dir() and not dest.is_symlink()):
         return False
     # A directory is checked by archiving it again: the tar is deterministic, so a faithful
     # copy reproduces the stored digest exactly (anything else is simply fetched again).
-    chunks = _tar_stream(dest) if is_directory else _read_chunks(dest)
-    hasher = hashlib.sha256()
     try:
-        async for chunk in chunks:
-            await asyncio.to_thread(hasher.update, chunk)
+        return await digest_of(dest) == digest
     except (ArtifactError, OSError):
         return False
-    return hasher.hexdigest() == digest

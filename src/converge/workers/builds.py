@@ -1,4 +1,9 @@
-"""The build runner: fetch (verified), smoke-load in the target server, benchmark, record."""
+"""The build runner: fetch (verified), smoke-load in the target server, benchmark, record.
+
+The claim, the record of the outcome, the build's log file and what a build is of
+(`BuildTarget`) are shared with the Kubernetes build runner (`kube_builds.py`), which runs
+the same steps as a Job: both move a build through the same states with the same fields.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -20,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from converge.config import Settings
 from converge.control.builds import service
 from converge.control.builds.api import log_path
-from converge.control.builds.benchmark import benchmark_embeddings, benchmark_llm, benchmark_v2
+from converge.control.builds.benchmark import benchmark_server
 from converge.control.builds.schemas import BuildState
 from converge.control.library import acquire
 from converge.control.library import repository as library_repo
@@ -72,11 +79,10 @@ class BuildRunner(Service):
         while True:
             try:
                 while len(self._active) < self._concurrency:
-                    async with transaction(self._sessions) as session:
-                        build = await service.claim_next(session)
-                    if build is None:
+                    build_id = await claim(self._sessions)
+                    if build_id is None:
                         break
-                    task = asyncio.create_task(self._build(build.id))
+                    task = asyncio.create_task(self._build(build_id))
                     self._active.add(task)
                     task.add_done_callback(self._active.discard)
             except asyncio.CancelledError:
@@ -85,15 +91,8 @@ class BuildRunner(Service):
                 log.exception("build_claim_failed")
             await asyncio.sleep(self._poll_s)
 
-    async def _cancel_requested(self, build_id: uuid.UUID) -> bool:
-        async with self._sessions() as session:
-            build = await session.get(Build, build_id)
-            return build is None or build.cancel_requested
-
     async def _build(self, build_id: uuid.UUID) -> None:
-        path = log_path(self._settings.data_dir, build_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a", buffering=1) as out:
+        with build_log(self._settings, build_id) as out:
             try:
                 results = await self._steps(build_id, out)
                 state, reason = BuildState.SUCCEEDED, ""
@@ -101,50 +100,135 @@ class BuildRunner(Service):
                 results, state, reason = None, BuildState.CANCELLED, "cancelled"
             except Exception as exc:  # the reason is shown to the user; the log has the detail
                 log.warning("build_failed", build_id=str(build_id), error=str(exc))
-                results, state, reason = None, BuildState.FAILED, f"{type(exc).__name__}: {exc}"[:2000]
-            _say(out, f"build {state.value}{': ' + reason if reason else ''}")
-        async with transaction(self._sessions) as session:
-            build = await session.get(Build, build_id, with_for_update=True)
-            if build is not None:
-                await service.finish(session, build, state, reason=reason, results=results)
+                results, state, reason = None, BuildState.FAILED, failure_reason(exc)
+            say_outcome(out, state, reason)
+        await record(self._sessions, build_id, state, reason=reason, results=results)
 
     async def _steps(self, build_id: uuid.UUID, out: TextIO) -> dict[str, Any]:
-        async with self._sessions() as session:
-            build = await session.get(Build, build_id)
-            assert build is not None
-            version = await library_repo.get_version(session, build.model_version_id)
-            assert version is not None
-            model = await library_repo.get_model(session, version.model_id)
-            assert model is not None
-        kind = ServerKind(build.server)
-        _say(
-            out,
-            f"build {build_id}: {model.name}:{version.version} ({version.format}) -> {kind}, profile {build.profile}",
-        )
-        _say(out, f"fetch: {version.artifact_sha256} into the runtime cache (verified)")
+        target = await load_target(self._sessions, build_id)
+        kind = target.server
+        say(out, target.describe())
+        say(out, f"fetch: {target.sha256} into the runtime cache (verified)")
         t0 = time.perf_counter()
-        local = await self._store.fetch_to(version.artifact_sha256, acquire.cache_dir(self._settings))
-        _say(out, f"fetch: done in {time.perf_counter() - t0:.1f}s -> {local}")
-        if await self._cancel_requested(build_id):
+        local = await self._store.fetch_to(target.sha256, acquire.cache_dir(self._settings))
+        say(out, f"fetch: done in {time.perf_counter() - t0:.1f}s -> {local}")
+        if await cancel_requested(self._sessions, build_id):
             raise Cancelled
         async with smoke_server(
-            kind, local, model.name, out, lambda: self._cancel_requested(build_id), sandbox=self._sandbox
+            kind,
+            local,
+            target.model_name,
+            out,
+            lambda: cancel_requested(self._sessions, build_id),
+            sandbox=self._sandbox,
         ) as base_url:
-            _say(out, "benchmark: running")
-            if kind == ServerKind.LLAMA_CPP:
-                figures = await benchmark_llm(base_url, model.name)
-            elif kind == ServerKind.V2:
-                # The server's V2 metadata decides the request; the inspection's inputs are the fallback.
-                figures = await benchmark_v2(
-                    base_url, model.name, inputs=(version.inspection or {}).get("inputs")
-                )
-            else:
-                figures = await benchmark_embeddings(base_url, model.name)
-        _say(out, f"benchmark: {figures}")
+            say(out, "benchmark: running")
+            figures = await benchmark_server(kind, base_url, target.model_name, inputs=target.inputs)
+        say(out, f"benchmark: {figures}")
         return figures
 
 
-def _say(out: TextIO, line: str) -> None:
+# --- shared with the Kubernetes build runner -------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuildTarget:
+    """What a build is of, read once from the database: everything its steps need."""
+
+    build_id: uuid.UUID
+    project_id: uuid.UUID
+    server: ServerKind
+    profile: str
+    model_name: str
+    version: str
+    format: str
+    sha256: str
+    inspection: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def inputs(self) -> list[dict[str, Any]] | None:
+        """The inspection's model inputs: the V2 benchmark's fallback request."""
+        return self.inspection.get("inputs")
+
+    def describe(self) -> str:
+        return (
+            f"build {self.build_id}: {self.model_name}:{self.version} ({self.format}) -> "
+            f"{self.server}, profile {self.profile}"
+        )
+
+
+async def load_target(sessions: async_sessionmaker[AsyncSession], build_id: uuid.UUID) -> BuildTarget:
+    async with sessions() as session:
+        build = await session.get(Build, build_id)
+        assert build is not None
+        version = await library_repo.get_version(session, build.model_version_id)
+        assert version is not None
+        model = await library_repo.get_model(session, version.model_id)
+        assert model is not None
+        return BuildTarget(
+            build_id=build.id,
+            project_id=build.project_id,
+            server=ServerKind(build.server),
+            profile=build.profile,
+            model_name=model.name,
+            version=version.version,
+            format=version.format,
+            sha256=version.artifact_sha256,
+            inspection=dict(version.inspection or {}),
+        )
+
+
+async def claim(sessions: async_sessionmaker[AsyncSession]) -> uuid.UUID | None:
+    """The oldest queued build, now running (its `started_at` and event written), or None."""
+    async with transaction(sessions) as session:
+        build = await service.claim_next(session)
+        return build.id if build is not None else None
+
+
+async def cancel_requested(sessions: async_sessionmaker[AsyncSession], build_id: uuid.UUID) -> bool:
+    async with sessions() as session:
+        build = await session.get(Build, build_id)
+        return build is None or build.cancel_requested
+
+
+async def record(
+    sessions: async_sessionmaker[AsyncSession],
+    build_id: uuid.UUID,
+    state: BuildState,
+    *,
+    reason: str,
+    results: dict[str, Any] | None,
+    if_running: bool = False,
+) -> bool:
+    """The build's outcome: state, reason, results, `finished_at`, its event, and the version's
+    benchmark figures on success. `if_running`: only while the build is still running (another
+    runner may have finished it). Returns whether it was recorded."""
+    async with transaction(sessions) as session:
+        build = await session.get(Build, build_id, with_for_update=True)
+        if build is None or (if_running and build.state != BuildState.RUNNING):
+            return False
+        await service.finish(session, build, state, reason=reason, results=results)
+        return True
+
+
+def failure_reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:2000]
+
+
+@contextlib.contextmanager
+def build_log(settings: Settings, build_id: uuid.UUID) -> Iterator[TextIO]:
+    """The build's log file (what `GET /ai-converge/builds/{id}/logs` streams), line-buffered."""
+    path = log_path(settings.data_dir, build_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", buffering=1) as out:
+        yield out
+
+
+def say_outcome(out: TextIO, state: BuildState, reason: str) -> None:
+    say(out, f"build {state.value}{': ' + reason if reason else ''}")
+
+
+def say(out: TextIO, line: str) -> None:
     out.write(f"{time.strftime('%H:%M:%S')} {line}\n")
 
 
@@ -172,7 +256,7 @@ async def smoke_server(  # noqa: ANN201
         str(port),
         *(["--n-threads", "1"] if kind == ServerKind.LLAMA_CPP else []),  # what a default 1-CPU replica gets
     ]
-    _say(out, "smoke-load: " + " ".join(cmd))
+    say(out, "smoke-load: " + " ".join(cmd))
     proc = sandbox.popen(cmd, output=out, env=sandbox.environment())
     base = f"http://127.0.0.1:{port}"
     try:
@@ -189,7 +273,7 @@ async def smoke_server(  # noqa: ANN201
                     if (await http.get("/health/ready")).status_code == 200:
                         break
                 await asyncio.sleep(0.5)
-        _say(out, f"smoke-load: ready in {time.perf_counter() - t0:.1f}s")
+        say(out, f"smoke-load: ready in {time.perf_counter() - t0:.1f}s")
         yield base
     finally:
         await _stop(proc)

@@ -45,6 +45,7 @@ from converge.runtime.base import (
 )
 from converge.storage.artifacts import ArtifactStore
 from converge.storage.db import transaction
+from converge.storage.leader import leadership
 
 log = structlog.get_logger(__name__)
 LEADER_LOCK_KEY = 0x43_74_72_6C  # "Ctrl"
@@ -118,9 +119,7 @@ class Controller(Service):
     async def _run(self) -> None:
         while True:
             try:
-                async with await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True) as conn:
-                    while not await self._try_lead(conn):
-                        await asyncio.sleep(2.0)
+                async with leadership(self._conninfo, key=LEADER_LOCK_KEY) as conn:
                     self.is_leader = True
                     log.info("controller_leading")
                     await conn.execute(f"LISTEN {channels.WAKE}")
@@ -136,12 +135,6 @@ class Controller(Service):
                 await asyncio.sleep(self._interval)
             finally:
                 self.is_leader = False
-
-    @staticmethod
-    async def _try_lead(conn: psycopg.AsyncConnection[Any]) -> bool:
-        cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK_KEY,))
-        row = await cur.fetchone()
-        return bool(row and row[0])
 
     async def _wake_requests(self, conn: psycopg.AsyncConnection[Any]) -> set[uuid.UUID]:
         """Wait up to one interval for the gateway's wake requests (returning at the first)."""
@@ -169,10 +162,15 @@ class Controller(Service):
                 log.exception("reconcile_failed", deployment_id=str(deployment_id))
         self.passes += 1
 
-    async def _artifact(self, sha256: str) -> Path:
+    async def _artifact(self, sha256: str) -> str:
+        """The artifact's path as replicas see it: where the backend mounts it (pods fetch by
+        digest themselves, so nothing is downloaded here), else a verified copy on this machine."""
+        mounted = self._runtime.artifact_path(sha256=sha256)
+        if mounted is not None:
+            return mounted
         if sha256 not in self._paths:  # verified once per leader; the cache is content-addressed
             self._paths[sha256] = await self._store.fetch_to(sha256, acquire.cache_dir(self._settings))
-        return self._paths[sha256]
+        return str(self._paths[sha256])
 
     async def reconcile(self, deployment_id: uuid.UUID) -> None:
         async with self._sessions() as session:
@@ -226,7 +224,7 @@ class Controller(Service):
         template = ReplicaTemplate(
             server=ServerKind(spec["server"]),
             model_name=spec["model_name"],
-            artifact_path=str(await self._artifact(version.artifact_sha256)),
+            artifact_path=await self._artifact(version.artifact_sha256),
             args=server_args(spec),
             env=spec.get("env", {}),
             resources=Resources(**spec["resources"]),

@@ -341,7 +341,9 @@ async def test_zones_come_from_node_labels_with_allocatable_resources(
         (2, "nvidia-gpu", ["1g.10gb"]),
     ]
     assert gpus[0].memory_bytes == 81559 << 20
-    assert by_name["local"].cpu == 2
+    # "local" (a deployment's default: anywhere) is every schedulable node, labelled or not
+    assert by_name["local"].cpu == pytest.approx(by_name["zone-1"].cpu + by_name["zone-2"].cpu + 2)
+    assert len(by_name["local"].gpus) == 3 and [g.index for g in by_name["local"].gpus] == [0, 1, 2]
 
 
 async def _when_listed(backend: KubernetesBackend, nodes: int) -> list[Zone] | None:

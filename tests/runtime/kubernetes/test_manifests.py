@@ -649,8 +649,9 @@ def test_network_policies_deny_by_default_and_let_only_the_platform_in() -> None
         if p["kind"] == "NetworkPolicy"
     }
     assert policies["converge-default-deny"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
-    for role in ("gateway", "controller"):
-        spec = policies[f"converge-allow-{role}"]
+    # The data path (the gateway, and the api and worker roles' in-process gateways), and the controller.
+    for policy, roles in (("gateway", ("gateway", "api", "worker")), ("controller", ("controller",))):
+        spec = policies[f"converge-allow-{policy}"]
         assert spec["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "inference-server"
         (rule,) = spec["ingress"]
         assert rule["from"] == [
@@ -660,6 +661,7 @@ def test_network_policies_deny_by_default_and_let_only_the_platform_in() -> None
                     "matchLabels": {"app.kubernetes.io/name": "converge", "app.kubernetes.io/component": role}
                 },
             }
+            for role in roles
         ]
         assert rule["ports"] == [{"protocol": "TCP", "port": pods.HTTP_PORT}]
     assert policies["converge-allow-artifact-store"]["egress"] == [

@@ -197,3 +197,18 @@ async def benchmark_v2(
             {"name": t["name"], "datatype": t["datatype"], "shape": t["shape"]} for t in body["inputs"]
         ],
     }
+
+
+async def benchmark_server(
+    server: str, base_url: str, model: str, *, inputs: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """The figures for a server kind (a `ServerKind` or a Kubernetes serving runtime, whose
+    values are the same strings; vLLM speaks the same OpenAI API as llama.cpp)."""
+    if server in ("llama-cpp", "vllm"):
+        return await benchmark_llm(base_url, model)
+    if server == "v2":
+        # The server's V2 metadata decides the request; the inspection's inputs are the fallback.
+        return await benchmark_v2(base_url, model, inputs=inputs)
+    if server == "embeddings":
+        return await benchmark_embeddings(base_url, model)
+    raise ValueError(f"no benchmark for server {server!r} (llama-cpp, vllm, v2 or embeddings)")

@@ -55,6 +55,12 @@ async def lock_oldest_queued(session: AsyncSession) -> Build | None:
     return await session.scalar(q.with_for_update(skip_locked=True))
 
 
+async def running(session: AsyncSession) -> list[Build]:
+    """Every running build, oldest claim first."""
+    q = select(Build).where(Build.state == BuildState.RUNNING).order_by(Build.started_at, Build.id)
+    return list((await session.scalars(q)).all())
+
+
 async def requeue_running(session: AsyncSession) -> int:
     result = await session.execute(
         update(Build)

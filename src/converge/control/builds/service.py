@@ -140,6 +140,11 @@ async def finish(
             await session.flush()
 
 
+async def running(session: AsyncSession) -> list[Build]:
+    """The builds a runner has claimed and not finished (a Kubernetes runner adopts them)."""
+    return await repository.running(session)
+
+
 async def requeue_interrupted(session: AsyncSession) -> int:
     """Builds left running by a runner that died go back to the queue."""
     return await repository.requeue_running(session)

@@ -9,6 +9,7 @@ from sqlalchemy import ColumnElement, and_, exists, or_, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from converge.core.lifecycle import VersionState
 from converge.models import Approval, Artifact, LibraryModel, ModelVersion, Source
 
 
@@ -124,3 +125,16 @@ async def source_for_uri(session: AsyncSession, uri: str) -> Source | None:
         if uri == base or uri.startswith((base + "/", base + ":", base + "@")):
             return source
     return None
+
+
+async def approved_versions(session: AsyncSession) -> list[tuple[ModelVersion, LibraryModel, int]]:
+    """Every approved version with its model and artifact size, in id order (the Kubernetes
+    `Model` objects' source, read in one query each pass)."""
+    q = (
+        select(ModelVersion, LibraryModel, Artifact.size_bytes)
+        .join(LibraryModel, LibraryModel.id == ModelVersion.model_id)
+        .join(Artifact, Artifact.sha256 == ModelVersion.artifact_sha256)
+        .where(ModelVersion.state == VersionState.APPROVED.value)
+        .order_by(ModelVersion.id)
+    )
+    return [(version, model, size) for version, model, size in (await session.execute(q)).all()]

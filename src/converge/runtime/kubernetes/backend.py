@@ -21,7 +21,7 @@ import hashlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from time import monotonic
 
@@ -41,23 +41,29 @@ from converge.runtime.kubernetes.client import (
 )
 from converge.runtime.kubernetes.config import KServeMode, KubernetesConfig
 from converge.runtime.kubernetes.labels import (
+    ANNOTATION_RESTART,
     COMPONENT_SERVER,
     LABEL_BUILD_ID,
     LABEL_DEPLOYMENT_ID,
     LABEL_PROJECT_ID,
+    LABEL_REVISION,
+    workload_name,
 )
 from converge.runtime.kubernetes.manifests import (
     KSERVE_API,
     namespace_name,
+    render_canary,
     render_priority_classes,
     render_project,
     render_workload,
 )
 from converge.runtime.kubernetes.model_cr import MANAGED_BY
 from converge.runtime.kubernetes.namespaces import KSERVE_RUNTIME_API
+from converge.runtime.kubernetes.pods import MODELS_DIR
 from converge.runtime.kubernetes.specs import (
     Artifact,
     Autoscaling,
+    ClusterProfile,
     GpuPlacement,
     InferenceWorkload,
     PriorityTier,
@@ -124,6 +130,9 @@ class _Tracked:
     workload: ObjectRef | None = None
     failure: _Failure | None = None
     refused_digest: str | None = None
+    # The workload that serves while a canary runs: the last one applied without a canary.
+    stable: InferenceWorkload | None = None
+    canary: ObjectRef | None = None
 
     def failed(self, *, reason: str, message: str, permanent: bool) -> None:
         previous = self.failure
@@ -220,6 +229,11 @@ class KubernetesBackend(RuntimeBackend):
             self._inform("inferenceservices", api_version=KSERVE_API, kind="InferenceService", labels=labels)
 
     # -- RuntimeBackend --------------------------------------------------------------------
+
+    def artifact_path(self, *, sha256: str) -> str:
+        """Pods fetch the artifact by digest into the cache and mount it here (`pods.model_path`):
+        the controller downloads nothing."""
+        return f"{MODELS_DIR}/{sha256.removeprefix('sha256:').lower()}"
 
     async def apply(self, *, spec: DeploymentSpec) -> None:
         tracked = self._tracked.get(spec.deployment_id)
@@ -335,13 +349,11 @@ class KubernetesBackend(RuntimeBackend):
         namespace = namespace_name(placement.project, cluster=cluster)
         try:
             bundle = render_project(placement.project, quota=placement.quota, cluster=cluster)
-            # KServe cannot hold an InferenceService at zero replicas: none is rendered then.
-            objects = (
-                [] if cluster.kserve and spec.replicas == 0 else render_workload(workload, cluster=cluster)
-            )
+            rendered = self._render(tracked, workload, cluster=cluster, namespace=namespace)
         except ValueError as exc:
             tracked.failed(reason="InvalidSpec", message=str(exc), permanent=True)
             return
+        objects = rendered.objects
         digest = _digest([bundle, objects])
         fresh = monotonic() - tracked.applied_at < self.config.resync_s
         if (digest == tracked.applied_digest and fresh) or (digest == tracked.refused_digest and fresh):
@@ -356,19 +368,85 @@ class KubernetesBackend(RuntimeBackend):
                 raise TransientApiError(exc.message, reason="NamespaceMissing", code=404) from exc
             tracked.refused_digest, tracked.applied_at = digest, monotonic()
             raise
-        keep = {ObjectRef.of(o) for o in objects}
+        keep = rendered.keep
         await self.client.prune(
             kinds=WORKLOAD_KINDS, labels={LABEL_DEPLOYMENT_ID: str(spec.deployment_id)}, keep=keep
         )
         tracked.applied_spec, tracked.applied_digest, tracked.applied_at = spec, digest, monotonic()
         tracked.namespace, tracked.failure, tracked.refused_digest = namespace, None, None
-        tracked.workload = next((ref for ref in keep if ref.kind in WORKLOAD_OBJECT_KINDS), None)
+        tracked.workload = next(
+            (ref for ref in keep if ref.kind in WORKLOAD_OBJECT_KINDS and ref != rendered.canary), None
+        )
+        tracked.canary = rendered.canary
+        if rendered.stable is not None:
+            tracked.stable = rendered.stable
         log.info(
             "kubernetes_applied",
             deployment=str(spec.deployment_id),
             revision=spec.revision,
             objects=len(keep),
+            canary=rendered.canary is not None,
         )
+
+    def _render(
+        self, tracked: _Tracked, workload: InferenceWorkload, *, cluster: ClusterProfile, namespace: str
+    ) -> _Rendered:
+        """The deployment's objects: its workload, or, while a canary runs, the stable workload
+        (still at the older revision, with the spec's replicas) and the canary beside it."""
+        spec = workload.deployment
+        if cluster.kserve and spec.replicas == 0:
+            # KServe cannot hold an InferenceService at zero replicas: none is rendered then.
+            return _Rendered(objects=[], keep=frozenset(), stable=workload)
+        canary = spec.canary_replicas
+        stable = self._older_stable(tracked, spec)
+        if (
+            canary is None
+            or spec.replicas == 0
+            or (stable is None and not self._older_in_cluster(spec, cluster=cluster, namespace=namespace))
+        ):
+            objects = render_workload(workload, cluster=cluster)
+            return _Rendered(objects=objects, keep=_refs(objects), stable=workload)
+        canary_spec = spec.model_copy(update={"replicas": min(spec.replicas, canary)})
+        canary_object = render_canary(
+            replace(workload, deployment=canary_spec, autoscaling=None), cluster=cluster
+        )
+        canary_ref = ObjectRef.of(canary_object)
+        if stable is not None:
+            held = replace(
+                stable, deployment=stable.deployment.model_copy(update={"replicas": spec.replicas})
+            )
+            objects = [*render_workload(held, cluster=cluster), canary_object]
+            return _Rendered(objects=objects, keep=_refs(objects), stable=held, canary=canary_ref)
+        # The stable workload was applied by an earlier process, whose spec this one does not
+        # know: leave it as the cluster has it (not applied, not pruned) until the promotion.
+        named = render_workload(workload, cluster=cluster)
+        objects = [o for o in named if o["kind"] not in WORKLOAD_OBJECT_KINDS] + [canary_object]
+        return _Rendered(objects=objects, keep=_refs(named) | {canary_ref}, stable=None, canary=canary_ref)
+
+    @staticmethod
+    def _older_stable(tracked: _Tracked, spec: DeploymentSpec) -> InferenceWorkload | None:
+        """The stable workload this process applied, if it serves an older revision (or restart
+        generation) than `spec` and runs any replicas."""
+        stable = tracked.stable
+        if stable is None or stable.deployment.replicas == 0 or _current(stable.deployment, spec):
+            return None
+        return stable
+
+    def _older_in_cluster(self, spec: DeploymentSpec, *, cluster: ClusterProfile, namespace: str) -> bool:
+        """Whether the cluster holds the deployment's workload at an older revision, with replicas."""
+        informer = self._informer("inferenceservices" if cluster.kserve else "deployments")
+        if not informer.synced.is_set():  # deciding on an empty copy would end a canary early
+            raise TransientApiError("workloads are not listed yet", reason="Listing")
+        found = informer.items.get((namespace, workload_name(spec.name)))
+        if found is None:
+            return False
+        if found["kind"] == "InferenceService":  # one exists only while it has replicas
+            pod, replicas = found["spec"]["predictor"], 1
+        else:
+            pod, replicas = found["spec"]["template"]["metadata"], found["spec"].get("replicas", 1)
+        revision = int((pod.get("labels") or {}).get(LABEL_REVISION, 0))
+        generation = int((pod.get("annotations") or {}).get(ANNOTATION_RESTART, 0))
+        return replicas > 0 and (revision, generation) != (spec.revision, spec.restart_generation)
 
     async def _kserve_served(self) -> bool:
         if self._kserve is None:
@@ -420,7 +498,9 @@ class KubernetesBackend(RuntimeBackend):
         return sorted(pods, key=lambda p: p["metadata"]["name"])
 
     def _workload_of(self, tracked: _Tracked) -> Manifest | None:
-        ref = tracked.workload
+        """The workload object whose status the conditions follow: the canary's while one runs
+        (the stable one serves the older revision, and its rollout is not the one under way)."""
+        ref = tracked.canary or tracked.workload
         if ref is None:
             return None
         informer = self.informers.get(
@@ -470,6 +550,22 @@ class KubernetesBackend(RuntimeBackend):
                 message=f"not listed yet: {', '.join(unsynced)}",
             )
         return Condition(type="Observed", status=True, reason="Watching", message="")
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Rendered:
+    objects: list[Manifest]
+    keep: frozenset[ObjectRef]  # what pruning leaves (what is applied, and a stable kept as it is)
+    stable: InferenceWorkload | None  # the workload that serves the older revision from now on
+    canary: ObjectRef | None = None
+
+
+def _refs(objects: list[Manifest]) -> frozenset[ObjectRef]:
+    return frozenset(ObjectRef.of(o) for o in objects)
+
+
+def _current(applied: DeploymentSpec, spec: DeploymentSpec) -> bool:
+    return (applied.revision, applied.restart_generation) == (spec.revision, spec.restart_generation)
 
 
 def _digest(objects: object) -> str:

@@ -17,6 +17,8 @@ objects (server-side apply, field manager "converge") is `client.py`'s job, not 
 
 from __future__ import annotations
 
+import hashlib
+
 from converge.runtime.base import Resources
 from converge.runtime.kubernetes import pods
 from converge.runtime.kubernetes.labels import (
@@ -24,7 +26,10 @@ from converge.runtime.kubernetes.labels import (
     ANNOTATION_PROFILE,
     ANNOTATION_RESTART,
     ANNOTATION_SHA256,
+    GROUP,
+    HASH_CHARS,
     LABEL_BUILD_ID,
+    MAX_WORKLOAD_NAME,
     build_job_name,
     build_labels,
     metadata,
@@ -58,8 +63,10 @@ from converge.runtime.kubernetes.specs import (
 
 __all__ = [
     "build_job_name",
+    "canary_name",
     "namespace_name",
     "render_build",
+    "render_canary",
     "render_network_policies",
     "render_priority_classes",
     "render_project",
@@ -74,6 +81,9 @@ KSERVE_API = "serving.kserve.io/v1beta1"
 KSERVE_DEPLOYMENT_MODE = "RawDeployment"
 SERVER_CONTAINER = "server"
 BUILD_TTL_S = 86_400  # the controller reads a finished Job's status and logs well within a day
+# A canary's workload object and pods carry it; the stable ones do not (they predate canaries).
+LABEL_TRACK = f"{GROUP}/track"
+TRACK_CANARY = "canary"
 
 
 # --- serving workloads -------------------------------------------------------------------------
@@ -92,6 +102,44 @@ def render_workload(workload: InferenceWorkload, *, cluster: ClusterProfile) -> 
         objects.append(_autoscaler(workload, cluster=cluster))
     objects.append(_disruption_budget(workload, cluster=cluster))
     return objects
+
+
+def render_canary(workload: InferenceWorkload, *, cluster: ClusterProfile) -> Manifest:
+    """The canary of a revision, beside the stable workload that keeps serving the older one: a
+    Deployment (or InferenceService) of its own with exactly `workload.deployment.replicas`
+    replicas, never autoscaled, its pods labelled `converge.dev/track: canary`.
+
+    It renders no Service or PDB: the stable ones select pods by deployment id, so they take the
+    canary's pods in as well. The canary Deployment's selector adds the track label, so it never
+    counts the stable pods; the stable Deployment's wider selector matching the canary's pods is
+    harmless, as Deployments and ReplicaSets only manage pods they own (controller references).
+    Promoting is the stable workload taking the new revision, and the canary being pruned.
+    """
+    _check(
+        workload.serving_runtime, artifact=workload.artifact, resources=workload.deployment.template.resources
+    )
+    if workload.autoscaling is not None:
+        raise ValueError("A canary runs a fixed number of replicas: render it without autoscaling")
+    track = {LABEL_TRACK: TRACK_CANARY}
+    if cluster.kserve:
+        obj = _inference_service(workload, cluster=cluster)
+        obj["spec"]["predictor"]["labels"] |= track
+    else:
+        obj = _deployment(workload, cluster=cluster)
+        obj["spec"]["selector"]["matchLabels"] |= track
+        obj["spec"]["template"]["metadata"]["labels"] |= track
+    obj["metadata"]["name"] = canary_name(workload)
+    obj["metadata"]["labels"] |= track
+    return obj
+
+
+def canary_name(workload: InferenceWorkload) -> str:
+    """`<name>-canary-<hash of the deployment id>`: no other deployment's workload can be named so
+    (a deployment named "chat-canary" is not "chat"'s canary)."""
+    spec = workload.deployment
+    suffix = hashlib.sha256(str(spec.deployment_id).encode()).hexdigest()[:HASH_CHARS]
+    base = workload_name(spec.name)[: MAX_WORKLOAD_NAME - len(suffix) - len("--canary")].rstrip("-")
+    return f"{base}-canary-{suffix}"
 
 
 def _check(kind: ServingRuntimeKind, *, artifact: Artifact, resources: Resources) -> None:

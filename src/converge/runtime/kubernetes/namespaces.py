@@ -139,7 +139,8 @@ def _limit_range(namespace: str, *, labels: Mapping[str, str], cluster: ClusterP
 def render_network_policies(
     namespace: str, *, labels: Mapping[str, str], cluster: ClusterProfile
 ) -> list[Manifest]:
-    """Deny everything, then allow: model servers <- gateway and controller; every pod -> DNS and
+    """Deny everything, then allow: model servers <- the gateway (and the api and worker roles,
+    which embed through an in-process one) and the controller; every pod -> DNS and
     the artifact store. Nothing else reaches a model server, and a model server reaches nothing."""
 
     def policy(name: str, spec: Manifest) -> Manifest:
@@ -150,7 +151,7 @@ def render_network_policies(
             "spec": spec,
         }
 
-    def from_platform(pod_labels: Mapping[str, str]) -> Manifest:
+    def from_platform(*peers: Mapping[str, str]) -> Manifest:
         return {
             "podSelector": {
                 "matchLabels": {
@@ -161,7 +162,7 @@ def render_network_policies(
             "policyTypes": ["Ingress"],
             "ingress": [
                 {
-                    "from": [_peer(cluster.system_namespace, pod_labels)],
+                    "from": [_peer(cluster.system_namespace, pod_labels) for pod_labels in peers],
                     "ports": [{"protocol": "TCP", "port": pods.HTTP_PORT}],
                 }
             ],
@@ -170,7 +171,11 @@ def render_network_policies(
     dns = [{"protocol": protocol, "port": 53} for protocol in ("UDP", "TCP")]
     return [
         policy("converge-default-deny", {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}),
-        policy("converge-allow-gateway", from_platform(cluster.gateway_pods)),
+        # The data path: the gateway, and the api and worker roles' in-process gateways.
+        policy(
+            "converge-allow-gateway",
+            from_platform(cluster.gateway_pods, cluster.api_pods, cluster.worker_pods),
+        ),
         policy("converge-allow-controller", from_platform(cluster.controller_pods)),
         policy(
             "converge-allow-dns",

@@ -255,18 +255,20 @@ def schedulable(node: Manifest) -> bool:
 
 
 def zones(nodes: Iterable[Manifest], *, gpu_resource: str = "nvidia.com/gpu") -> list[Zone]:
-    """Allocatable capacity of the schedulable, ready nodes per zone; nodes without a zone label
-    form the zone "local" (where the renderers place pods anywhere)."""
-    by_zone: dict[str, Zone] = {}
+    """Allocatable capacity of the schedulable, ready nodes per labelled zone, and the zone
+    "local": every such node, labelled or not. "local" is what a deployment names by default and
+    what the renderers place anywhere, so on a multi-zone cluster it is the whole cluster (a
+    default deployment is admitted against all of it), and on an unlabelled one the only zone."""
+    by_zone: dict[str, Zone] = {LOCAL_ZONE: Zone(name=LOCAL_ZONE, cpu=0.0, memory_bytes=0)}
     for node in sorted(nodes, key=lambda n: n["metadata"]["name"]):
         if not schedulable(node):
             continue
-        name = node_zone(node)
-        zone = by_zone.setdefault(name, Zone(name=name, cpu=0.0, memory_bytes=0))
         allocatable = node.get("status", {}).get("allocatable") or {}
-        zone.cpu += quantity(allocatable.get("cpu", "0"))
-        zone.memory_bytes += int(quantity(allocatable.get("memory", "0")))
-        zone.gpus.extend(_gpus(node, allocatable, gpu_resource=gpu_resource, first_index=len(zone.gpus)))
+        for name in {node_zone(node), LOCAL_ZONE}:
+            zone = by_zone.setdefault(name, Zone(name=name, cpu=0.0, memory_bytes=0))
+            zone.cpu += quantity(allocatable.get("cpu", "0"))
+            zone.memory_bytes += int(quantity(allocatable.get("memory", "0")))
+            zone.gpus.extend(_gpus(node, allocatable, gpu_resource=gpu_resource, first_index=len(zone.gpus)))
     return [by_zone[name] for name in sorted(by_zone)]
 
 

@@ -37,8 +37,9 @@ TERMINATION_GRACE_S = 45
 
 SERVER_COMMAND = ("python", "-m", "converge.serving")
 VLLM_COMMAND = ("python3", "-m", "vllm.entrypoints.openai.api_server")
-# The entry point of the pod steps (fetch, verify, scan, benchmark), over ArtifactStore.fetch_to
-# and the build runner's checks: the same code the local builder runs, one step per container.
+# The entry point of the pod steps (fetch, verify, scan, benchmark): `workers/steps.py`, over
+# ArtifactStore.fetch_to and the build runner's checks, the same code the local builder runs,
+# one step per container; `workers/kube_builds.py` reads their termination messages.
 STEP_COMMAND = ("python", "-m", "converge.workers.steps")
 
 CACHE_VOLUME = "artifact-cache"
@@ -265,6 +266,10 @@ def step_container(
         "resources": sized(cluster.step_size),
         "securityContext": container_security(),
         "volumeMounts": [*mounts, _tmp_mount()],
+        # A step ends with one JSON line; one that fails without writing its result file (a
+        # crash, an import error) still reports its last log lines as the termination message,
+        # which the build runner records as the failing step's reason.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     if cluster.artifact_store_secret is not None:
         container["envFrom"] = [{"secretRef": {"name": cluster.artifact_store_secret}}]

@@ -296,6 +296,10 @@ class ClusterProfile:
     namespace_prefix: str = "converge-"
     gateway_pods: Mapping[str, str] = field(default_factory=lambda: _platform_pods("gateway"))
     controller_pods: Mapping[str, str] = field(default_factory=lambda: _platform_pods("controller"))
+    # The api and worker roles embed through an in-process gateway (knowledge-base search and
+    # ingestion), so they reach model servers directly too.
+    api_pods: Mapping[str, str] = field(default_factory=lambda: _platform_pods("api"))
+    worker_pods: Mapping[str, str] = field(default_factory=lambda: _platform_pods("worker"))
     dns: PodPeer = PodPeer(namespace="kube-system", pod_labels={"k8s-app": "kube-dns"})
     # The artifact store the library uses; the default suits S3-compatible stores over HTTPS.
     artifact_store_egress: tuple[EgressRule, ...] = (EgressRule(cidr="0.0.0.0/0", ports=(443,)),)
