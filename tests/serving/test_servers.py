@@ -603,3 +603,15 @@ def test_embeddings_become_ready_only_after_loading(embeddings_replica: Replica)
     assert embeddings_replica.ready_codes[-1] == 200
     assert set(embeddings_replica.ready_codes) <= {200, 503}
     assert 200 not in embeddings_replica.ready_codes[:-1]
+
+
+def test_servers_use_the_cpus_granted_to_the_replica(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from converge.serving.common import granted_cpus
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert granted_cpus() == 3
+    for unusable in ("0", "two", ""):
+        monkeypatch.setenv("OMP_NUM_THREADS", unusable)
+        assert granted_cpus() == len(os.sched_getaffinity(0))

@@ -9,6 +9,7 @@ at a time (surge 1, unavailable 0), and an old replica is drained before it stop
 from __future__ import annotations
 
 import builtins
+import math
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
@@ -33,6 +34,12 @@ class Resources(BaseModel):
     gpus: int = Field(default=0, ge=0)
     gpu_type: str | None = None
     mig_profile: str | None = Field(default=None, description="e.g. 1g.10gb")
+
+    @property
+    def threads(self) -> int:
+        """The threads a replica's server runs: its CPU grant, rounded up (servers read it as
+        OMP_NUM_THREADS; more threads than granted only wait for each other)."""
+        return max(1, math.ceil(self.cpu))
 
 
 class ReplicaTemplate(BaseModel):

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -222,6 +223,20 @@ async def _run_in_daemon_thread(fn: Callable[[], ASGIApp]) -> ASGIApp:
 
     threading.Thread(target=work, name="model-loader", daemon=True).start()
     return await future
+
+
+def granted_cpus() -> int:
+    """The CPUs this replica may use: what its runtime granted (`OMP_NUM_THREADS`, which the
+    local runtime and the Kubernetes pods set from the deployment's `resources.cpu`, rounded
+    up), else every CPU this process may run on. A server that spreads one request over more
+    threads than it was granted only makes them wait for each other."""
+    granted = os.environ.get("OMP_NUM_THREADS", "")
+    if granted.isdigit() and int(granted) > 0:
+        return int(granted)
+    try:
+        return len(os.sched_getaffinity(0))  # honours CPU pinning, unlike os.cpu_count()
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def positive_int(text: str) -> int:

@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp
 
-from converge.serving.common import ModelHost, openai_error, positive_int
+from converge.serving.common import ModelHost, granted_cpus, openai_error, positive_int
 
 KIND = "embeddings"
 INFERENCE_PATHS = frozenset({"/v1/embeddings"})
@@ -138,11 +138,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-size", type=positive_int, default=32, help="texts per forward pass (default: 32)"
     )
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=granted_cpus(),
+        help="torch threads (default: the replica's CPU grant, OMP_NUM_THREADS, else all usable CPUs)",
+    )
 
 
-def load_app(*, model_path: str, model_name: str, batch_size: int) -> ASGIApp:
+def load_app(*, model_path: str, model_name: str, batch_size: int, threads: int | None = None) -> ASGIApp:
     """Load the model from its local folder and build the API around it (blocking)."""
+    import torch
     from sentence_transformers import SentenceTransformer
+
+    if threads is not None:
+        torch.set_num_threads(threads)
 
     model = SentenceTransformer(model_path, device="cpu", local_files_only=True)
     return create_app(encoder=SentenceTransformerEncoder(model, batch_size=batch_size), model_name=model_name)
@@ -158,7 +168,10 @@ def build_host(args: argparse.Namespace) -> ModelHost:
         kind=KIND,
         model_name=args.model_name,
         load=lambda: load_app(
-            model_path=args.model_path, model_name=args.model_name, batch_size=args.batch_size
+            model_path=args.model_path,
+            model_name=args.model_name,
+            batch_size=args.batch_size,
+            threads=args.threads,
         ),
         inference_paths=INFERENCE_PATHS,
         max_concurrency=1,

@@ -13,7 +13,7 @@ from typing import Any
 
 from starlette.types import ASGIApp
 
-from converge.serving.common import ModelHost, positive_int
+from converge.serving.common import ModelHost, granted_cpus, positive_int
 
 KIND = "llama-cpp"
 INFERENCE_PATHS = frozenset(
@@ -26,19 +26,15 @@ INFERENCE_PATHS = frozenset(
 )
 
 
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # honours CPU pinning, unlike os.cpu_count()
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--n-ctx", type=positive_int, default=2048, help="context size in tokens (default: 2048)"
     )
     parser.add_argument(
-        "--n-threads", type=positive_int, default=cpu_count(), help="CPU threads (default: all usable CPUs)"
+        "--n-threads",
+        type=positive_int,
+        default=granted_cpus(),
+        help="CPU threads (default: the replica's CPU grant, OMP_NUM_THREADS, else all usable CPUs)",
     )
     parser.add_argument(
         "--chat-format", default=None, help="llama-cpp-python chat format (default: the GGUF's template)"

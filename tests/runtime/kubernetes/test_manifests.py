@@ -835,7 +835,7 @@ def test_the_deployments_own_args_and_environment_are_kept() -> None:
     assert server["args"][-4:] == ["--n-ctx", "4096", "--n-threads", "1"]
     assert server["args"].count("--n-threads") == 1
     env = {e["name"]: e["value"] for e in server["env"]}
-    assert env == {"HOME": "/tmp/h", "HF_HUB_OFFLINE": "1", "LOG_LEVEL": "debug"}
+    assert env == {"HOME": "/tmp/h", "HF_HUB_OFFLINE": "1", "LOG_LEVEL": "debug", "OMP_NUM_THREADS": "2"}
 
 
 def test_a_redeploy_changes_the_pod_template() -> None:

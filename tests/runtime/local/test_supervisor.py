@@ -179,6 +179,7 @@ def make_spec(
     replicas: int = 2,
     env: dict[str, str] | None = None,
     memory_bytes: int = 512 * MiB,
+    cpu: float = 1.0,
 ) -> DeploymentSpec:
     return DeploymentSpec(
         deployment_id=deployment_id,
@@ -190,7 +191,7 @@ def make_spec(
             model_name="stub",
             artifact_path="/models/stub.gguf",
             env={"STUB_REVISION": str(revision), **(env or {})},
-            resources=Resources(memory_bytes=memory_bytes),
+            resources=Resources(cpu=cpu, memory_bytes=memory_bytes),
         ),
     )
 
@@ -548,6 +549,21 @@ async def test_memory_limit_is_applied(make_backend: Callable[..., LocalBackend]
     limits = Path(f"/proc/{pid}/limits").read_text().splitlines()
     data = next(line for line in limits if line.startswith("Max data size")).split()
     assert data[3:5] == [str(600 * MiB), str(600 * MiB)]  # soft, hard: 2x memory_bytes
+
+
+async def test_a_replica_gets_as_many_threads_as_cpus_granted(make_backend: Callable[..., LocalBackend]) -> None:
+    backend = make_backend()
+    await backend.start()
+    granted, pinned = uuid.uuid4(), uuid.uuid4()
+    await backend.apply(spec=make_spec(granted, replicas=1, cpu=1.5))
+    await backend.apply(spec=make_spec(pinned, replicas=1, cpu=4, env={"OMP_NUM_THREADS": "1"}))
+
+    def environ(pid: int) -> dict[str, str]:
+        raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+    assert environ((await ready_at(backend, granted, n=1)).replicas[0].pid or 0)["OMP_NUM_THREADS"] == "2"
+    assert environ((await ready_at(backend, pinned, n=1)).replicas[0].pid or 0)["OMP_NUM_THREADS"] == "1"
 
 
 async def test_logs_tail_and_follow(make_backend: Callable[..., LocalBackend]) -> None:

@@ -223,7 +223,7 @@ def _server_container(workload: InferenceWorkload, *, cluster: ClusterProfile, k
         args = [*runtime_args, *args]
     container |= {
         "args": args,
-        "env": pods.server_env(kind, template.env),
+        "env": pods.server_env(kind, template.env, resources=template.resources),
         **({} if kserve else {"ports": pods.server_ports()}),
         "resources": pods.replica_resources(template.resources, gpu=workload.gpu, cluster=cluster),
         **pods.probes(kind),
@@ -457,7 +457,7 @@ def _smoke_server(build: BuildJob, *, cluster: ClusterProfile) -> Manifest:
         "command": command,
         "args": [*runtime_args, *args],
         "restartPolicy": "Always",
-        "env": pods.server_env(kind, {}),
+        "env": pods.server_env(kind, {}, resources=build.resources),
         "ports": pods.server_ports(),
         "resources": pods.replica_resources(build.resources, gpu=build.gpu, cluster=cluster),
         # workers/builds.py READY_TIMEOUT_S: the model must answer within five minutes.

@@ -315,16 +315,21 @@ def workload_args(
     args = ["--model-path", path, "--model-name", model_name, "--host", "0.0.0.0", "--port", str(HTTP_PORT)]
     if runtime is ServingRuntimeKind.LLAMA_CPP and "--n-threads" not in extra:
         # llama.cpp counts the node's CPUs, not the pod's: give it the threads it was granted.
-        args += ["--n-threads", str(max(1, int(resources.cpu)))]
+        args += ["--n-threads", str(resources.threads)]
     return [*args, *extra]
 
 
-def server_env(runtime: ServingRuntimeKind, extra: Mapping[str, str]) -> list[Manifest]:
+def server_env(
+    runtime: ServingRuntimeKind, extra: Mapping[str, str], *, resources: Resources
+) -> list[Manifest]:
     # Nothing is fetched from a model hub at run time; the root filesystem is read-only, so
-    # caches go to /tmp. The deployment's own environment comes last and wins.
+    # caches go to /tmp. A CPU server runs the threads it was granted (it would count the
+    # node's CPUs). The deployment's own environment comes last and wins.
     base = {"HOME": TMP_DIR, "HF_HUB_OFFLINE": "1"}
     if runtime is ServingRuntimeKind.VLLM:
         base |= {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+    else:
+        base["OMP_NUM_THREADS"] = str(resources.threads)
     merged = base | dict(extra)
     return [{"name": name, "value": merged[name]} for name in sorted(merged)]
 

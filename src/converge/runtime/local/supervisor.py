@@ -336,7 +336,7 @@ class LocalBackend(RuntimeBackend):
         argv = replica_argv(prefix=prefix, template=t, port=port)
         # Replicas never see the control plane's own settings (database URL, tokens, secrets):
         # their environment is an allow-list (sandbox.py), and they run as the sandbox's user.
-        env = self.sandbox.environment(t.env)
+        env = self.sandbox.environment({"OMP_NUM_THREADS": str(t.resources.threads), **t.env})
         limit = memory_limit_bytes(t.resources, factor=self.config.memory_limit_factor)
         self._note(r, f"starting revision {r.revision} on port {port}")
         try:
