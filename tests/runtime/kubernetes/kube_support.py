@@ -157,7 +157,9 @@ class Cluster:
             pod,
             {
                 "phase": "Running",
-                "podIP": f"10.0.0.{self._ips}",
+                # Loopback addresses: nothing listens on a pod's port, so the backend's reads of
+                # /converge/stats are refused at once (a test that wants them serves them there).
+                "podIP": f"127.0.0.{self._ips + 1}",
                 "startTime": "2026-12-01T10:00:00Z",
                 "conditions": [{"type": "Ready", "status": "True"}],
                 "containerStatuses": [

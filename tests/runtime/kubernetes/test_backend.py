@@ -9,11 +9,13 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+from aiohttp import web
 from fake_api import FakeKubeApi
 from kube_support import NAMESPACE, Cluster, Placements, fast_config, make_spec, node
-from support import eventually
+from support import eventually, free_port
 
 from converge.runtime.base import Condition, DeploymentSpec, Observation, ReplicaPhase, Zone
+from converge.runtime.kubernetes import observed as observed_mod
 from converge.runtime.kubernetes.backend import KubernetesBackend
 from converge.runtime.kubernetes.config import KServeMode
 from converge.runtime.kubernetes.specs import Autoscaling
@@ -119,9 +121,40 @@ async def test_the_controllers_reports_become_replicas_and_conditions(
     assert condition(obs, "Degraded").status is False
     assert condition(obs, "Observed").status is True
     replica = obs.replicas[0]
-    assert replica.endpoint is not None and replica.endpoint.startswith("http://10.0.0.")
+    assert replica.endpoint is not None and replica.endpoint.startswith("http://127.0.0.")
     assert (replica.revision, replica.generation, replica.deployment_id) == (1, 0, spec.deployment_id)
     assert replica.started_at is not None
+
+
+async def test_ready_replicas_report_their_load_from_converge_stats(
+    backend: KubernetesBackend, cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The autoscaler's input: each ready pod's in-flight requests and queue, from its server."""
+    load = {"127.0.0.2": {"in_flight": 3, "queue_depth": 1}, "127.0.0.3": {"in_flight": 0, "queue_depth": 0}}
+
+    async def stats(request: web.Request) -> web.Response:
+        return web.json_response(load[request.host.split(":")[0]])
+
+    app = web.Application()
+    app.router.add_get("/converge/stats", stats)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    for ip in load:
+        await web.TCPSite(runner, ip, port).start()
+    monkeypatch.setattr(observed_mod, "HTTP_PORT", port)
+    try:
+        spec = make_spec(replicas=2)
+        await backend.apply(spec=spec)
+        await eventually(observed(backend, spec, applied))
+        await cluster.roll_out()
+        obs = await eventually(observed(backend, spec, lambda o: len(o.ready) == 2))
+        assert sorted((r.in_flight, r.queue_depth) for r in obs.replicas) == [(0, 0), (3, 1)]
+        load["127.0.0.2"] = {"in_flight": 5, "queue_depth": 2}
+        obs = await eventually(observed(backend, spec, lambda o: max(r.in_flight for r in o.replicas) == 5))
+        assert max(r.queue_depth for r in obs.replicas) == 2
+    finally:
+        await runner.cleanup()
 
 
 async def test_a_new_revision_updates_the_deployment_and_prunes_what_is_no_longer_rendered(

@@ -6,8 +6,9 @@ backend's supervisor does; the task renders the project's namespace bundle and t
 and no longer renders, and applies everything again every `resync_s` so that drift is undone.
 An API that fails (409, 429, 5xx, lost connections) is retried with backoff and reported in the
 deployment's `Applied` condition; it never raises out of `apply`. `observe` reads what the
-informers (list + watch) hold: pods become replicas, and the Deployment's or InferenceService's
-status holds Ready back until its controller agrees.
+informers (list + watch) hold: pods become replicas (with their load from `/converge/stats`, for
+the autoscaler, `load.py`), and the Deployment's or InferenceService's status holds Ready back
+until its controller agrees.
 
 What a `DeploymentSpec` does not say (the project, its quota, the artifact's digest, address and
 format, the tier) comes from a `PlacementSource` the control plane provides.
@@ -49,6 +50,7 @@ from converge.runtime.kubernetes.labels import (
     LABEL_REVISION,
     workload_name,
 )
+from converge.runtime.kubernetes.load import PodLoad
 from converge.runtime.kubernetes.manifests import (
     KSERVE_API,
     namespace_name,
@@ -172,6 +174,7 @@ class KubernetesBackend(RuntimeBackend):
         self._bundles: dict[str, tuple[str, float]] = {}  # namespace -> (digest, applied at)
         self._bundle_locks: dict[str, asyncio.Lock] = {}
         self._started = False
+        self._load = PodLoad()
 
     @property
     def client(self) -> KubeClient:
@@ -212,6 +215,7 @@ class KubernetesBackend(RuntimeBackend):
         self._informer_tasks.clear()
         self.informers.clear()
         self._started = False
+        await self._load.close()
         if self._client is not None and self._owns_client:
             await self._client.close()
             self._client = None
@@ -247,7 +251,7 @@ class KubernetesBackend(RuntimeBackend):
     async def observe(self, *, deployment_id: uuid.UUID) -> Observation:
         pods = self._pods_of(deployment_id)
         zones = {n["metadata"]["name"]: observed.node_zone(n) for n in self._items("nodes")}
-        replicas = [observed.replica(p, node_zones=zones) for p in pods]
+        replicas = await self._load.of([observed.replica(p, node_zones=zones) for p in pods])
         tracked = self._tracked.get(deployment_id)
         if tracked is None:
             return Observation(deployment_id=deployment_id, replicas=replicas)
