@@ -22,6 +22,12 @@ import converge
 from converge import __version__
 from converge.config import Settings
 from converge.control.builds.api import router as builds_router
+from converge.control.chat.agents.api import mcp_router
+from converge.control.chat.agents.api import router as agents_router
+from converge.control.chat.ragmodels.api import router as rag_models_router
+from converge.control.chat.rulesets.api import router as rulesets_router
+from converge.control.chat.runtime import ChatRuntime
+from converge.control.chat.sessions.api import router as chat_router
 from converge.control.deployments.api import router as deployments_router
 from converge.control.events.api import router as events_router
 from converge.control.events.broadcaster import Broadcaster
@@ -186,6 +192,8 @@ def create_app(
         if gateway is not None:  # the data path runs whether or not this process runs the workers
             await gateway.start(sessions=sessions, conninfo=conninfo)
             state.services.append(gateway)
+            # RAG models and agents answer /v1 in-process (the gateway cannot import them).
+            gateway.virtual_handler = ChatRuntime(state, gateway).virtual_handler
         # The controller drives the runtime. The API reads it (zones, observed replicas, logs),
         # which only a runtime that observes from any process can answer: the Kubernetes one
         # watches the API server; the local one knows only the processes it supervises itself.
@@ -272,7 +280,12 @@ def create_app(
         deployments_router,
         builds_router,
         rag_router,
+        rag_models_router,
+        rulesets_router,
+        chat_router,
         usage_router,
+        agents_router,
+        mcp_router,
     ):
         if settings.runs(Role.API):
             app.include_router(router)
@@ -302,8 +315,9 @@ def _cluster_workers(
     settings: Settings, runtime: RuntimeBackend, *, sessions: Any, conninfo: str
 ) -> list[Any]:
     """What the controller role also runs on Kubernetes, through the runtime's client (the one
-    identity the platform's RBAC lets write to the cluster): builds as Jobs, and a `Model`
-    object per approved version in every project namespace that may use it."""
+    identity the platform's RBAC lets write to the cluster): builds as Jobs, a `Model` object per
+    approved version in every project namespace that may use it, and the RAG models of the
+    `RAGModel` objects people apply."""
     from converge.runtime.kubernetes.backend import KubernetesBackend
 
     if not isinstance(runtime, KubernetesBackend):
@@ -311,6 +325,7 @@ def _cluster_workers(
     from converge.workers.kube_builds import KubeBuildRunner
     from converge.workers.model_objects import ModelObjects
     from converge.workers.placement import artifact_base_uri
+    from converge.workers.ragmodel_objects import RagModelObjects
 
     base_uri = artifact_base_uri(settings)  # the same URI the deployments' placement uses
     return [
@@ -328,6 +343,12 @@ def _cluster_workers(
             cluster=runtime.config.cluster_profile(kserve=False),  # only its namespace naming is read
             conninfo=conninfo,
             artifact_base_uri=base_uri,
+        ),
+        RagModelObjects(
+            sessions=sessions,
+            kube=runtime.client,
+            cluster=runtime.config.cluster_profile(kserve=False),  # only its namespace naming is read
+            conninfo=conninfo,
         ),
     ]
 

@@ -136,6 +136,17 @@ class RagSettings(BaseModel):
     poll_interval_s: float = Field(default=1.0, gt=0)
 
 
+class ChatSettings(BaseModel):
+    """RAG models, chat sessions and agents. See control/chat/."""
+
+    # What an agent's tool call hands back to the model (and records) is cut to this many characters.
+    tool_result_max_chars: int = Field(default=4000, gt=0)
+    tool_timeout_s: float = Field(default=30.0, gt=0)  # one tool call (an MCP server's own may be lower)
+    mcp_start_timeout_s: float = Field(default=20.0, gt=0)  # start an MCP server and list its tools
+    http_fetch_max_bytes: int = Field(default=1 << 20, gt=0)  # the http_fetch tool reads no more
+    http_fetch_timeout_s: float = Field(default=10.0, gt=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CONVERGE_", env_nested_delimiter="__", extra="ignore", frozen=True
@@ -162,6 +173,7 @@ class Settings(BaseSettings):
     library: LibrarySettings = LibrarySettings()
     gateway: GatewaySettings = GatewaySettings()
     rag: RagSettings = RagSettings()
+    chat: ChatSettings = ChatSettings()
     sandbox: SandboxSettings = SandboxSettings()
     runtime: RuntimeSettings = RuntimeSettings()
 

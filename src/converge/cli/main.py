@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from converge.cli.agents import agents, mcp_servers
+from converge.cli.chat import chat
 from converge.cli.client import Api, Profile, ProfileOpt, api, save_profile
 from converge.cli.db import db
 from converge.cli.deploy import builds, deploy, deployments
@@ -18,7 +20,9 @@ from converge.cli.models import models
 from converge.cli.output import echo, table
 from converge.cli.policies import policies
 from converge.cli.projects import members, projects
+from converge.cli.rag import rag
 from converge.cli.render import render
+from converge.cli.rulesets import rulesets
 from converge.cli.sources import sources
 from converge.kit.roles import ROLE_HELP, Role
 
@@ -32,9 +36,14 @@ app.add_typer(sources, name="sources")
 app.add_typer(deployments, name="deployments")
 app.add_typer(builds, name="builds")
 app.add_typer(kb, name="kb")
+app.add_typer(rag, name="rag")
+app.add_typer(rulesets, name="rulesets")
+app.add_typer(agents, name="agents")
+app.add_typer(mcp_servers, name="mcp-servers")
 app.add_typer(db, name="db")
 app.add_typer(render, name="render")
 app.command("deploy")(deploy)
+app.command("chat")(chat)
 
 
 @app.command()

@@ -34,6 +34,9 @@ VIEWER = frozenset(
         "builds:read",
         "inference:use",
         "knowledge-bases:read",  # list, get, search, probe results, jobs
+        "agents:read",  # agents, their revisions and runs; the project's MCP servers
+        "rag-models:read",  # list, get and the revisions of RAG models
+        "rulesets:read",  # list, get, versions and the deployments a ruleset is the default of
     }
 )
 DEVELOPER = VIEWER | {
@@ -43,8 +46,15 @@ DEVELOPER = VIEWER | {
     "deployments:write",
     "builds:write",
     "knowledge-bases:write",  # create, change, ingest, delete documents and bases
+    "agents:write",  # create, change and delete agents (running one takes inference:use)
+    "rag-models:write",  # create, change and delete RAG models
+    "rulesets:write",  # create, change (a new version), delete, attach to and detach from deployments
+    "chat:use",  # POST /chat and one's own sessions (the data path's /v1 takes inference:use)
 }
 OWNER = DEVELOPER | {"project:write", "project:delete", "members:write", "audit:read"}
+# A project's MCP servers: its owners register streamable-HTTP ones (`mcp-servers:write`);
+# a stdio server runs a program on the Converge host, so registering one is organisation-level.
+OWNER |= {"mcp-servers:write"}
 # Organisation-level: only organisation roles hold these. The library's governance is here because
 # an approved or revoked version is approved or revoked for every project that deploys it.
 LIBRARY_GOVERNANCE = frozenset({"library:approve", "library:govern"})
@@ -54,6 +64,7 @@ ORG_ONLY = LIBRARY_GOVERNANCE | {
     "policies:write",
     "sources:write",
     "audit:read-all",
+    "mcp-servers:stdio",
 }
 ALL_PERMISSIONS = OWNER | ORG_ONLY
 

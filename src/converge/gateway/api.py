@@ -3,7 +3,9 @@
 Per request and in memory only: authenticate the key (cached, `auth.py`), resolve the model
 name inside the caller's project, check the body (`openai.py`, `params.py`), apply governance
 (`governance.py`) and limits, pick a replica and forward the body as bytes, meter
-(`upstream.py`); V2 in `v2.py`. No pydantic, no database, no INFO log on this path. This module
+(`upstream.py`); V2 in `v2.py`. Rulesets apply after the hooks (`guard.py`); RAG models and
+agents are answered by `virtual_handler` (`virtual.py`); the control plane's chat calls go
+through `chat`/`chat_stream` (`inprocess.py`). No pydantic, no database, no INFO log on this path. This module
 is the dispatch by path and the lifecycle of the services behind it. Errors use the OpenAI
 envelope (`errors.py`).
 """
@@ -27,6 +29,11 @@ from converge.gateway.auth import Auth, Caller
 from converge.gateway.dataplane import DataPlane
 from converge.gateway.errors import JSON, GatewayError, respond
 from converge.gateway.governance import Governance, Hook, HookContext, Refusal
+from converge.gateway.guard import Guardrails
+from converge.gateway.hits import HitLog
+from converge.gateway.inprocess import ChatStream, ChatTurn
+from converge.gateway.inprocess import chat as chat_in_process
+from converge.gateway.inprocess import chat_stream as stream_in_process
 from converge.gateway.limits import Limiter
 from converge.gateway.metering import CounterSync, Meter, Spool
 from converge.gateway.metrics import GatewayMetrics
@@ -34,8 +41,20 @@ from converge.gateway.openai import PATHS as OPENAI_PATHS
 from converge.gateway.openai import OpenAI
 from converge.gateway.routing import Pool
 from converge.gateway.v2 import V2
+from converge.gateway.virtual import VirtualHandler, VirtualModel
 
-__all__ = ["Caller", "Gateway", "GatewayError", "Hook", "HookContext", "Refusal"]
+__all__ = [
+    "Caller",
+    "ChatStream",
+    "ChatTurn",
+    "Gateway",
+    "GatewayError",
+    "Hook",
+    "HookContext",
+    "Refusal",
+    "VirtualHandler",
+    "VirtualModel",
+]
 
 log = structlog.get_logger(__name__)
 HEALTH = ("/v2/health/live", "/v2/health/ready")
@@ -61,12 +80,15 @@ class Gateway:
         self.meter: Meter | None = None
         self.sync: CounterSync | None = None
         self.http: aiohttp.ClientSession | None = None
+        self.hits: HitLog | None = None
+        # Answers RAG models and agents (set by the app: the gateway cannot import it).
+        self.virtual_handler: VirtualHandler | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     @property
     def healthy(self) -> bool:
-        parts = (self.dataplane, self.meter, self.sync)
+        parts = (self.dataplane, self.meter, self.sync, self.hits)
         return all(p is not None and p.healthy for p in parts)
 
     async def start(self, *, sessions: Any, conninfo: str) -> None:
@@ -97,14 +119,30 @@ class Gateway:
             pools=self.pools,
         )
         governance = Governance(self.hooks, self.metrics)
-        self.openai = OpenAI(self.config, auth=self.auth, governance=governance, forwarder=self.forwarder)
+
+        def ignore(ids: list[int]) -> None:
+            if len(dataplane.ignore) > 10_000:  # notifications that never came back
+                dataplane.ignore.clear()
+            dataplane.ignore.update(str(i) for i in ids)
+
+        self.hits = hits = HitLog(conninfo=conninfo, interval_s=self.config.meter_flush_s, on_written=ignore)
+        guardrails = Guardrails(dataplane=dataplane, metrics=self.metrics, hits=hits)
+        self.openai = OpenAI(
+            self.config,
+            auth=self.auth,
+            governance=governance,
+            forwarder=self.forwarder,
+            guardrails=guardrails,
+            virtual_handler=lambda: self.virtual_handler,
+        )
         self.v2 = V2(self.config, auth=self.auth, governance=governance, forwarder=self.forwarder)
         await dataplane.start()
         await meter.start()
         await self.sync.start()
+        await hits.start()
 
     async def stop(self) -> None:
-        for part in (self.sync, self.meter, self.dataplane):
+        for part in (self.hits, self.sync, self.meter, self.dataplane):
             if part is not None:
                 await part.stop()
         if self.http is not None:
@@ -179,6 +217,22 @@ class Gateway:
         except GatewayError as exc:
             return exc.status, orjson.loads(exc.body())
         return status, orjson.loads(b"".join(parts)) if parts else None
+
+    async def chat(
+        self, caller: Caller, body: dict[str, Any], *, ruleset_id: uuid.UUID | None = None
+    ) -> ChatTurn:
+        """A chat completion as `caller`, with its trace (see inprocess.py): the same limits,
+        queueing, rulesets and metering as over HTTP. `body["model"]` names a deployment or
+        alias of the caller's project; `ruleset_id` replaces the deployment's default ruleset.
+        Errors raise GatewayError, the trace so far on `error.turn`."""
+        return await chat_in_process(self.openai, caller, body=body, ruleset_id=ruleset_id)
+
+    async def chat_stream(
+        self, caller: Caller, body: dict[str, Any], *, ruleset_id: uuid.UUID | None = None
+    ) -> ChatStream:
+        """The same, streamed: iterate the chunk dicts; `.turn` is complete once it ended.
+        An error before the first chunk raises GatewayError here."""
+        return await stream_in_process(self.openai, caller, body=body, ruleset_id=ruleset_id)
 
     async def _error(self, send: Send, exc: GatewayError) -> None:
         if exc.status >= 500:

@@ -1,4 +1,5 @@
-"""The gateway's view of the world: keys, projects and routes, cached in memory.
+"""The gateway's view of the world: keys, projects, routes, rulesets and virtual models, cached
+in memory.
 
 The data path never queries the database per request. It reads an immutable `Snapshot` built
 from the tables (keys, projects, deployments and their current specs) and swapped whole when
@@ -22,11 +23,24 @@ import structlog
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from converge.core import guardrails
 from converge.core.rbac import role_allows
 from converge.gateway.limits import Limits
+from converge.gateway.virtual import VirtualModel
 from converge.kit import channels
 from converge.kit.service import Service
-from converge.models import ApiKey, Deployment, DeploymentRevision, LibraryModel, ModelVersion, Project
+from converge.models import (
+    Agent,
+    ApiKey,
+    Deployment,
+    DeploymentRevision,
+    DeploymentRuleset,
+    LibraryModel,
+    ModelVersion,
+    Project,
+    RagModel,
+    Ruleset,
+)
 
 log = structlog.get_logger(__name__)
 WAITING_PHASES = frozenset({"Pending", "Progressing", "ScaledToZero"})
@@ -68,6 +82,14 @@ class Route:
     desired_replicas: int
     created: int
     denial: str | None = None  # why governance refuses it, or None
+    revision: int = 0  # the deployment revision that serves
+    ruleset_id: uuid.UUID | None = None  # its default ruleset
+
+
+@dataclass(frozen=True, slots=True)
+class RulesetEntry:
+    project_id: uuid.UUID
+    compiled: guardrails.Compiled
 
 
 @dataclass(slots=True)
@@ -78,6 +100,8 @@ class Snapshot:
     routes: dict[uuid.UUID, dict[str, Route]] = field(default_factory=dict)  # project -> name -> route
     listed: dict[uuid.UUID, list[Route]] = field(default_factory=dict)  # project -> its deployments
     by_id: dict[uuid.UUID, Route] = field(default_factory=dict)
+    rulesets: dict[uuid.UUID, RulesetEntry] = field(default_factory=dict)  # by id, the current version
+    virtual: dict[uuid.UUID, dict[str, VirtualModel]] = field(default_factory=dict)  # project -> name ->
 
 
 def _denial(deployment: Deployment, version_state: str, model: str, version: str) -> str | None:
@@ -112,7 +136,52 @@ def key_entry(key: ApiKey) -> KeyEntry:
     )
 
 
-async def load_snapshot(session: AsyncSession) -> Snapshot:
+def _compiled(row: Ruleset, previous: Snapshot | None) -> RulesetEntry:
+    """Compiled once per version: a reload reuses what the previous snapshot compiled."""
+    old = previous.rulesets.get(row.id) if previous is not None else None
+    if old is not None and old.compiled.version == row.version and old.compiled.name == row.name:
+        return old
+    try:
+        compiled = guardrails.compile_spec(row.spec, id_=row.id, name=row.name, version=row.version)
+    except guardrails.InvalidSpec as exc:
+        # The API stores only specs that compile; one that does not (edited by hand) refuses
+        # everything rather than letting requests through unguarded.
+        log.error("gateway_ruleset_invalid", ruleset=str(row.id), field=exc.field, error=exc.message)
+        everything = guardrails.compile_spec(
+            {"input": {"patterns": [{"name": "invalid-ruleset", "regex": "(?s)^"}]}},
+            id_=row.id,
+            name=row.name,
+            version=row.version,
+        )
+        compiled = everything
+    return RulesetEntry(project_id=row.project_id, compiled=compiled)
+
+
+async def _load_genai(
+    session: AsyncSession, snap: Snapshot, previous: Snapshot | None
+) -> dict[uuid.UUID, uuid.UUID]:
+    """Rulesets and virtual models into the snapshot; deployment -> its default ruleset."""
+    for ruleset in await session.scalars(select(Ruleset)):
+        snap.rulesets[ruleset.id] = _compiled(ruleset, previous)
+    rows = await session.execute(select(DeploymentRuleset.deployment_id, DeploymentRuleset.ruleset_id))
+    defaults = {deployment_id: ruleset_id for deployment_id, ruleset_id in rows}
+    for kind, table in (("rag_model", RagModel), ("agent", Agent)):
+        named = await session.execute(
+            select(table.id, table.project_id, table.name, table.revision, table.created_at)
+        )
+        for id_, project_id, name, revision, created_at in named:
+            snap.virtual.setdefault(project_id, {})[name] = VirtualModel(
+                id=id_,
+                project_id=project_id,
+                kind=kind,  # type: ignore[arg-type]  # one of the two literals above
+                name=name,
+                revision=revision,
+                created=int(created_at.timestamp()),
+            )
+    return defaults
+
+
+async def load_snapshot(session: AsyncSession, previous: Snapshot | None = None) -> Snapshot:
     snap = Snapshot()
     for key in await session.scalars(select(ApiKey)):
         # A key whose role cannot call models (an organisation's library approver) is not a
@@ -138,6 +207,7 @@ async def load_snapshot(session: AsyncSession) -> Snapshot:
         .where(Deployment.deleting.is_(False))
         .order_by(Deployment.name)
     )
+    defaults = await _load_genai(session, snap, previous)
     for deployment, spec, state, version, model in rows:
         project = snap.projects.get(deployment.project_id)
         if project is None:
@@ -155,6 +225,8 @@ async def load_snapshot(session: AsyncSession) -> Snapshot:
             desired_replicas=deployment.desired_replicas,
             created=int(deployment.created_at.timestamp()),
             denial=_denial(deployment, state, model, version),
+            revision=deployment.revision,
+            ruleset_id=defaults.get(deployment.id),
         )
         snap.by_id[deployment.id] = route
         snap.listed.setdefault(deployment.project_id, []).append(route)
@@ -188,6 +260,7 @@ class DataPlane(Service):
         self._changed = asyncio.Condition()
         self._listening = asyncio.Event()
         self._wake_conn: psycopg.AsyncConnection[Any] | None = None
+        self.ignore: set[str] = set()  # event ids this gateway wrote itself (guardrail hits)
 
     @property
     def healthy(self) -> bool:
@@ -207,7 +280,7 @@ class DataPlane(Service):
 
     async def reload(self) -> None:
         async with self._sessions() as session:
-            snapshot = await load_snapshot(session)
+            snapshot = await load_snapshot(session, self.snapshot)
         self.snapshot, self.loaded_at = snapshot, time.monotonic()
         async with self._changed:
             self._changed.notify_all()
@@ -248,7 +321,10 @@ class DataPlane(Service):
                     await conn.execute(f"LISTEN {channels.EVENTS}")
                     self._listening.set()
                     self._dirty.set()  # whatever changed while we were not listening
-                    async for _ in conn.notifies():
+                    async for notify in conn.notifies():
+                        if notify.payload in self.ignore:  # our own guardrail hits change nothing
+                            self.ignore.discard(notify.payload)
+                            continue
                         self._dirty.set()
             except asyncio.CancelledError:
                 raise

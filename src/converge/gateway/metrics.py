@@ -63,6 +63,12 @@ class GatewayMetrics:
             "Usage records dropped because the database was away too long",
             registry=registry,
         )
+        self.guardrail_hits = Counter(
+            "converge_gateway_guardrail_hits_total",
+            "Guardrail hits by ruleset (<project>/<name>), rule and action (refused, redacted)",
+            ["ruleset", "rule", "action"],
+            registry=registry,
+        )
         registry.register(_PoolCollector(pools))
         self._series: dict[tuple[str, str], Series] = {}
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import structlog
@@ -28,6 +29,9 @@ from converge.gateway.limits import Limiter, Rejection
 from converge.gateway.metering import Meter
 from converge.gateway.metrics import GatewayMetrics
 from converge.gateway.routing import Pool, QueueFull, QueueTimeout, Replica
+
+if TYPE_CHECKING:
+    from converge.gateway.guard import Guard
 
 log = structlog.get_logger(__name__)
 HEADERS = {"Content-Type": "application/json"}
@@ -96,6 +100,22 @@ class Request:
     stream: bool
     include_usage: bool  # a stream owes the client a usage chunk
     reserve: int  # tokens held against the limits until the real count is known
+    guard: Guard | None = None  # the ruleset's output guardrails, when one applies
+    trace: Trace | None = None  # in-process callers read what served them here
+
+
+@dataclass(slots=True)
+class Trace:
+    """What served an in-process request (`Gateway.chat`), filled in as it goes."""
+
+    status: int = 0
+    route: Route | None = None
+    ruleset: dict[str, Any] | None = None
+    hits: list[dict[str, Any]] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_ms: float = 0.0
+    ttft_ms: float | None = None
 
 
 class Forwarder:
@@ -124,13 +144,7 @@ class Forwarder:
         admitted = self.limiter.check(caller.scopes, request.reserve, started)
         if isinstance(admitted, Rejection):
             self.metrics.rejected.labels(admitted.code).inc()
-            raise GatewayError(
-                429,
-                admitted.message,
-                type_="rate_limit_error" if admitted.code == "rate_limit_exceeded" else "insufficient_quota",
-                code=admitted.code,
-                headers=((b"retry-after", str(admitted.retry_after).encode()), *admitted.headers),
-            )
+            raise rejected(admitted)
         status, prompt, completion, ttft = 499, 0, 0, None
         try:
             if request.stream:
@@ -147,6 +161,9 @@ class Forwarder:
                 used = prompt + completion if (prompt or completion) else request.reserve
             self.limiter.settle(admitted, used)
             elapsed = time.perf_counter() - t0
+            if (trace := request.trace) is not None:
+                trace.status, trace.prompt_tokens, trace.completion_tokens = status, prompt, completion
+                trace.latency_ms, trace.ttft_ms = elapsed * 1000, ttft * 1000 if ttft is not None else None
             series = self.metrics.series(route.label, endpoint)
             series.requests(status).inc()
             series.latency.observe(elapsed)
@@ -284,6 +301,7 @@ class Forwarder:
     async def _unary(self, request: Request, send: Send) -> tuple[int, int, int]:
         route = request.route
         tried: tuple[Replica, ...] = ()
+        status, data = 0, b""
         while True:
             route, pool, replica, response = await self._attempt(request, route, tried)
             try:
@@ -310,6 +328,8 @@ class Forwarder:
                 error = UpstreamError(502, "the model server's answer has no usage", retryable=False)
                 raise error.answer(route)
             prompt, completion = used
+            if request.guard is not None:  # output guardrails (a refusal still meters its tokens)
+                status, data = request.guard.answer(data, request.endpoint)
         headers = [(b"content-type", response.headers.get("Content-Type", "application/json").encode())]
         headers += self.limit_headers(request.caller)
         await respond(send, status, data, headers)
@@ -339,6 +359,7 @@ class Forwarder:
         ttft: float | None = None
         ok: bool | None = True
         status = response.status
+        guard = request.guard.stream(request.endpoint) if request.guard is not None else None
         try:
             if status != 200:
                 data = await response.read()
@@ -372,10 +393,15 @@ class Forwarder:
                 if not chunk:
                     if ttft is None:
                         await send({"type": "http.response.start", "status": 200, "headers": headers})
-                    if rest := tally.end():
+                    rest = tally.end()
+                    if guard is not None:
+                        rest = guard.feed(rest) + guard.end()
+                    if rest:
                         await send({"type": "http.response.body", "body": rest, "more_body": True})
                     break
                 chunk = tally.feed(chunk)
+                if guard is not None and chunk:  # whole events, rewritten by the output guardrails
+                    chunk = guard.feed(chunk)
                 if not chunk:  # only part of an event so far
                     continue
                 if ttft is None:
@@ -405,6 +431,17 @@ class Forwarder:
         if caller.project.limits is not None:
             return self.limiter.headers(caller.project.scope, caller.project.limits)
         return []
+
+
+def rejected(admitted: Rejection) -> GatewayError:
+    """The 429 of a request over a limit."""
+    return GatewayError(
+        429,
+        admitted.message,
+        type_="rate_limit_error" if admitted.code == "rate_limit_exceeded" else "insufficient_quota",
+        code=admitted.code,
+        headers=((b"retry-after", str(admitted.retry_after).encode()), *admitted.headers),
+    )
 
 
 def _unavailable(message: str, code: str, *, retry_after: int) -> GatewayError:

@@ -3,6 +3,18 @@
 from converge.models.api_key import ApiKey
 from converge.models.audit import AuditRecord
 from converge.models.base import Base
+from converge.models.chat import (
+    Agent,
+    AgentRevision,
+    ChatMessage,
+    ChatSession,
+    DeploymentRuleset,
+    McpServer,
+    RagModel,
+    RagModelRevision,
+    Ruleset,
+    RulesetVersion,
+)
 from converge.models.deployment import Build, Deployment, DeploymentRevision
 from converge.models.event import Event
 from converge.models.library import Approval, Artifact, LibraryModel, ModelVersion
@@ -14,6 +26,16 @@ from converge.models.source import Source, SourceItem
 from converge.models.usage import GatewayCounter, UsageRecord
 
 __all__ = [
+    "Agent",
+    "AgentRevision",
+    "ChatMessage",
+    "ChatSession",
+    "DeploymentRuleset",
+    "McpServer",
+    "RagModel",
+    "RagModelRevision",
+    "Ruleset",
+    "RulesetVersion",
     "ApiKey",
     "Approval",
     "Artifact",

@@ -22,28 +22,21 @@ objects wait (a pass skips it; a deployment event wakes the next one).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import psycopg
 import structlog
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from converge.control.events import repository as events_repo
 from converge.control.library import repository as library_repo
 from converge.control.projects import repository as projects_repo
-from converge.kit import channels
-from converge.kit.service import Service
 from converge.models import LibraryModel, ModelVersion
 from converge.runtime.kubernetes.client import (
     MANAGED_BY_LABEL,
     ApiRejected,
     KubeClient,
-    KubeError,
     Manifest,
     ObjectRef,
 )
@@ -60,7 +53,7 @@ from converge.runtime.kubernetes.model_cr import (
     render_model,
 )
 from converge.runtime.kubernetes.specs import ClusterProfile, ProjectRef
-from converge.storage.leader import leadership
+from converge.workers.cluster_sync import ClusterSync
 
 log = structlog.get_logger(__name__)
 
@@ -85,8 +78,10 @@ class PassResult:
     refused: list[str] = field(default_factory=list)  # versions or objects that cannot be written
 
 
-class ModelObjects(Service):
+class ModelObjects(ClusterSync):
     name = "model-objects"
+    lock_key = LEADER_LOCK_KEY
+    wake_kinds = WAKE_KINDS
 
     def __init__(
         self,
@@ -99,15 +94,10 @@ class ModelObjects(Service):
         interval_s: float = 30.0,
         retry_s: float = 5.0,
     ) -> None:
-        super().__init__()
-        self._sessions, self._cluster, self._conninfo = sessions, cluster, conninfo
-        self._base_uri, self._interval, self._retry = artifact_base_uri, interval_s, retry_s
+        super().__init__(sessions=sessions, conninfo=conninfo, interval_s=interval_s, retry_s=retry_s)
+        self._cluster, self._base_uri = cluster, artifact_base_uri
         self._config = kube if isinstance(kube, KubernetesConfig) else None
         self._client = kube if isinstance(kube, KubeClient) else None
-        self.is_leader = False
-        self.passes = 0  # completed passes
-        self.last: PassResult | None = None
-        self.error: str | None = None  # why the last pass failed (None after a good one)
         self._said: dict[str, dict[str, Any]] = {}
 
     @property
@@ -126,63 +116,6 @@ class ModelObjects(Service):
         if self._config is not None and self._client is not None:  # made here, closed here
             await self._client.close()
             self._client = None
-
-    # -- leadership and wakes --------------------------------------------------------------
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                async with leadership(self._conninfo, key=LEADER_LOCK_KEY) as conn:
-                    self.is_leader = True
-                    log.info("model_objects_leading")
-                    await conn.execute(f"LISTEN {channels.EVENTS}")
-                    while True:  # the lock lives as long as this connection
-                        await conn.execute("SELECT 1")
-                        ok = await self._pass()
-                        await self._wait(conn, self._interval if ok else min(self._retry, self._interval))
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("model_objects_leader_lost")
-                await asyncio.sleep(self._retry)
-            finally:
-                self.is_leader = False
-
-    async def _pass(self) -> bool:
-        try:
-            self.last = await self.sync()
-        except KubeError as exc:  # an outage, throttling, RBAC: the next pass starts over
-            self.error = exc.message
-            log.warning("model_objects_pass_failed", reason=exc.reason, error=exc.message)
-            return False
-        except Exception as exc:  # the database, or a bug: the next pass starts over too
-            self.error = f"{type(exc).__name__}: {exc}"
-            log.exception("model_objects_pass_crashed")
-            return False
-        self.error = None
-        return True
-
-    async def _wait(self, conn: psycopg.AsyncConnection[Any], seconds: float) -> None:
-        """Until `seconds` have passed or an event of `WAKE_KINDS` has committed."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + seconds
-        while (left := deadline - loop.time()) > 0:
-            ids: list[int] = []
-            async for note in conn.notifies(timeout=left, stop_after=1):
-                with contextlib.suppress(ValueError):
-                    ids.append(int(note.payload))
-            if not ids:
-                continue
-            # Events come in bursts (a transaction's events commit together): read them at once.
-            async for note in conn.notifies(timeout=0.05):
-                with contextlib.suppress(ValueError):
-                    ids.append(int(note.payload))
-            async with self._sessions() as session:
-                relevant = await events_repo.list_events(
-                    session, visible=None, kinds=WAKE_KINDS, ids=ids, limit=1
-                )
-            if relevant:
-                return
 
     # -- one pass --------------------------------------------------------------------------
 

@@ -82,7 +82,10 @@ KSERVE = (
     Kind("serving.kserve.io", "v1beta1", "InferenceService", "inferenceservices", custom=True),
     Kind("serving.kserve.io", "v1alpha1", "ServingRuntime", "servingruntimes", custom=True),
 )
-CONVERGE = (Kind("converge.dev", "v1alpha1", "Model", "models", custom=True),)
+CONVERGE = (
+    Kind("converge.dev", "v1alpha1", "Model", "models", custom=True),
+    Kind("converge.dev", "v1alpha1", "RAGModel", "ragmodels", custom=True),
+)
 
 
 class ApiFailure(Exception):

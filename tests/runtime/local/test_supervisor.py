@@ -551,7 +551,9 @@ async def test_memory_limit_is_applied(make_backend: Callable[..., LocalBackend]
     assert data[3:5] == [str(600 * MiB), str(600 * MiB)]  # soft, hard: 2x memory_bytes
 
 
-async def test_a_replica_gets_as_many_threads_as_cpus_granted(make_backend: Callable[..., LocalBackend]) -> None:
+async def test_a_replica_gets_as_many_threads_as_cpus_granted(
+    make_backend: Callable[..., LocalBackend],
+) -> None:
     backend = make_backend()
     await backend.start()
     granted, pinned = uuid.uuid4(), uuid.uuid4()

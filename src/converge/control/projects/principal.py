@@ -11,7 +11,7 @@ from converge.core.rbac import RANK, Role, role_allows
 @dataclass(frozen=True)
 class Principal:
     subject: str
-    kind: str  # "key" | "oidc" | "bootstrap"
+    kind: str  # "key" | "oidc" | "bootstrap" | "kubernetes" (a reconciler acting for an object)
     is_admin: bool = False
     roles: dict[uuid.UUID, Role] = field(default_factory=dict)
     key_id: uuid.UUID | None = None

@@ -30,8 +30,14 @@ from lightkube import ALL_NS, ApiError, AsyncClient, KubeConfig, SingleConfig
 from lightkube.config.client_adapter import verify_cluster
 from lightkube.config.models import Cluster, User
 from lightkube.core.client import LabelValue
-from lightkube.core.resource import NamespacedResource
-from lightkube.generic_resource import GenericGlobalResource, GenericNamespacedResource, create_api_info
+from lightkube.core.resource import ApiInfo, NamespacedResource
+from lightkube.generic_resource import (
+    GenericGlobalResource,
+    GenericGlobalStatus,
+    GenericNamespacedResource,
+    GenericNamespacedStatus,
+    create_api_info,
+)
 from lightkube.operators import Operator, not_exists
 from lightkube.types import CascadeType, PatchType
 
@@ -69,6 +75,7 @@ KINDS: Mapping[tuple[str, str], tuple[str, bool]] = {
     ("serving.kserve.io/v1beta1", "InferenceService"): ("inferenceservices", True),
     ("serving.kserve.io/v1alpha1", "ServingRuntime"): ("servingruntimes", True),
     ("converge.dev/v1alpha1", "Model"): ("models", True),
+    ("converge.dev/v1alpha1", "RAGModel"): ("ragmodels", True),
 }
 
 
@@ -176,6 +183,22 @@ def resource(api_version: str, kind: str) -> Any:
     group, _, version = api_version.rpartition("/")
     base = GenericNamespacedResource if namespaced else GenericGlobalResource
     return type(kind, (base,), {"_api_info": create_api_info(group, version, kind, plural)})
+
+
+@functools.cache
+def status_resource(api_version: str, kind: str) -> Any:
+    """The lightkube class for the status subresource (`.../{name}/status`) of a kind in `KINDS`."""
+    main = resource(api_version, kind)
+    info: ApiInfo = main._api_info
+    base = GenericNamespacedStatus if _namespaced(main) else GenericGlobalStatus
+    sub = ApiInfo(
+        resource=info.resource,
+        parent=info.resource,
+        plural=info.plural,
+        verbs=["get", "patch", "put"],
+        action="status",
+    )
+    return type(f"{kind}Status", (base,), {"_api_info": sub})
 
 
 def _namespaced(res: Any) -> bool:
@@ -291,6 +314,35 @@ class KubeClient:
             return _dict(applied)
 
         return await self._retrying(f"apply {ref}", call)
+
+    async def apply_status(self, manifest: Manifest) -> Manifest:
+        """Server-side apply of `manifest["status"]` on the status subresource, forced, as the
+        field manager: a server ignores `status` in an apply to the main resource of a kind that
+        has the subresource, and `spec` in one to `/status`. Only the fields given are claimed
+        (a list-map such as `conditions` keeps the entries other managers own)."""
+        ref = ObjectRef.of(manifest)
+        res = status_resource(ref.api_version, ref.kind)
+        meta = {"name": ref.name, **({"namespace": ref.namespace} if ref.namespace else {})}
+        body = {
+            "apiVersion": ref.api_version,
+            "kind": ref.kind,
+            "metadata": meta,
+            "status": manifest.get("status", {}),
+        }
+
+        async def call() -> Manifest:
+            applied = await self._api.patch(
+                res,
+                ref.name,
+                body,
+                namespace=ref.namespace,
+                patch_type=PatchType.APPLY,
+                field_manager=self.field_manager,
+                force=True,
+            )
+            return _dict(applied)
+
+        return await self._retrying(f"apply status of {ref}", call)
 
     async def apply_all(self, manifests: Sequence[Manifest]) -> list[Manifest]:
         """In order: a namespace before what lives in it, a ServingRuntime before its users."""
