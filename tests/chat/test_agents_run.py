@@ -108,6 +108,56 @@ async def test_an_agent_completes_a_two_tool_task_with_an_mcp_servers_tools(
         assert usage["totals"]["total_tokens"] == 54
 
 
+async def test_a_chat_session_with_the_agent_records_both_mcp_calls_and_replays_the_turn(
+    app: Any, committed_client: Any, mcp_url: str
+) -> None:
+    client = committed_client
+    async with ScriptedLlm() as llm:
+        b = await bench(app, client, llm)
+        await mcp_server(
+            client, b.project["id"], headers=b.owner, name="tools", transport="http", url=mcp_url
+        )
+        made = await agent(client, b, tools={"mcp_servers": ["tools"]})
+        llm.reply(
+            tool_calls=[call("mcp__tools__convert_units", {"value": 2, "from_unit": "km", "to_unit": "mi"})]
+        )
+        llm.reply(tool_calls=[call("mcp__tools__lookup_capital", {"country": "Peru"})])
+        llm.reply("2 km is 1.2427 mi; Lima.")
+        question = {"role": "user", "content": "2 km in miles, and Peru's capital?"}
+        body = {"model": made["name"], "messages": [question]}
+        resp = await client.post("/chat", json=body, headers=b.developer)
+        assert resp.status_code == 200, resp.text
+        session_id = resp.json()["converge"]["session_id"]
+
+        listed = await client.get(f"/chat/sessions/{session_id}/messages", headers=b.developer)
+        items = listed.json()["items"]
+        assert [m["role"] for m in items] == ["user", "assistant", "tool", "assistant", "tool", "assistant"]
+        calls = [
+            m["tool_calls"][0]["function"] for m in items if m["role"] == "assistant" and m["tool_calls"]
+        ]
+        assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [
+            ("mcp__tools__convert_units", {"value": 2, "from_unit": "km", "to_unit": "mi"}),
+            ("mcp__tools__lookup_capital", {"country": "Peru"}),
+        ]
+        assert [m["content"] for m in items if m["role"] == "tool"] == ["2 km = 1.2427 mi", "Lima"]
+        trace = items[-1]["trace"]
+        assert [(t["tool"], t["result"], t["error"]) for t in trace["tools"]] == [
+            ("mcp__tools__convert_units", "2 km = 1.2427 mi", None),
+            ("mcp__tools__lookup_capital", "Lima", None),
+        ]
+        assert trace["target"] == {"kind": "agent", "id": made["id"], "name": made["name"], "revision": 1}
+
+        llm.reply("Lima, and 1.24 mi.")  # the replayed turn, answered at once this time
+        replay = await client.post(
+            f"/chat/sessions/{session_id}/replay", json={"turn": items[-1]["turn"]}, headers=b.developer
+        )
+        assert replay.status_code == 200, replay.text
+        both = json.dumps(replay.json())
+        assert "2 km is 1.2427 mi; Lima." in both and "Lima, and 1.24 mi." in both
+        again = await client.get(f"/chat/sessions/{session_id}/messages", headers=b.developer)
+        assert len(again.json()["items"]) == len(items)  # a replay records nothing
+
+
 async def test_invalid_arguments_unknown_tools_and_a_failing_tool_come_back_to_the_model_as_errors(
     app: Any, committed_client: Any
 ) -> None:
