@@ -318,3 +318,36 @@ async def test_a_long_result_is_cut_to_the_setting_for_the_model_and_the_record(
         cut = "5 km = 3... [truncated: 16 characters in all]"
         assert result["steps"][0]["result"] == cut
         assert tool_messages(llm.requests[1])[0]["content"] == cut
+
+
+async def test_a_keys_rate_limit_holds_for_agents_through_v1_and_chat(
+    app: Any, committed_client: Any
+) -> None:
+    """Limits apply to everything that answers through the gateway: the virtual model's own
+    request and the model calls inside it count against the key like any client's."""
+    client = committed_client
+    async with ScriptedLlm() as llm:
+        b = await bench(app, client, llm)
+        made = await agent(client, b)
+        resp = await client.post(
+            f"/projects/{b.project['id']}/keys",
+            json={"name": unique("limited"), "role": "developer", "limits": {"rpm": 2}},
+            headers=ADMIN,
+        )
+        assert resp.status_code == 201, resp.text
+        limited = {"Authorization": f"Bearer {resp.json()['token']}"}
+
+        async def known() -> bool:  # the new key has reached the gateway's snapshot
+            r = await client.get("/v1/models", headers=limited)
+            return r.status_code == 200
+
+        await eventually(known, timeout=30)
+        llm.reply("first")
+        body = {"model": made["name"], "messages": [{"role": "user", "content": "hi"}]}
+        first = await client.post("/v1/chat/completions", json=body, headers=limited)
+        assert first.status_code == 200, first.text  # the outer request and one model call: 2 of 2
+        again = await client.post("/v1/chat/completions", json=body, headers=limited)
+        assert again.status_code == 429 and again.json()["error"]["code"] == "rate_limit_exceeded"
+        session = await client.post("/chat", json=body, headers=limited)
+        assert session.status_code == 429, session.text
+        assert len(llm.requests) == 1  # nothing over the limit reached the model
