@@ -1,4 +1,6 @@
-"""Schemathesis over the whole OpenAPI of the session app: no input is answered with a 5xx.
+"""Schemathesis over the whole OpenAPI of the session app: no input is answered with a 5xx
+(a 503 problem saying that something the operation needs is not there right now, such as the
+ready replica an agent run calls, is an answer to retry, not a server error).
 
 Every operation is driven by Schemathesis' own engine (explicit examples, the coverage phase's
 boundary and negative values, then generated positive and negative data) as an organisation
@@ -22,7 +24,7 @@ from support import BOOTSTRAP, LiveServer
 
 # The release run's harness (config, engine, tally), so both runs fuzz exactly alike.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "fuzz"))
-from run_schemathesis import fuzz_config, in_thread, run_engine  # noqa: E402
+from run_schemathesis import _deliberately_unavailable, fuzz_config, in_thread, run_engine  # noqa: E402
 
 MAX_EXAMPLES = 10
 SEED = 20261201
@@ -44,3 +46,13 @@ async def test_no_input_to_any_operation_gets_a_server_error(
         str(error) for error in result.server_errors[:30]
     )
     assert not result.schema_violations, "\n".join(str(v) for v in result.schema_violations[:30])
+
+
+def test_only_a_503_problem_is_a_deliberate_answer() -> None:
+    def answer(status: int, kind: str) -> Any:
+        return type("Response", (), {"status_code": status, "headers": {"Content-Type": [kind]}})()
+
+    assert _deliberately_unavailable(answer(503, "application/problem+json"))
+    assert not _deliberately_unavailable(answer(503, "application/json"))  # e.g. /readiness failing
+    assert not _deliberately_unavailable(answer(500, "application/problem+json"))
+    assert not _deliberately_unavailable(answer(502, "application/problem+json"))

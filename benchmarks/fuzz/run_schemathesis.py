@@ -134,6 +134,16 @@ def run_engine(schema_doc: dict[str, Any], config: SchemathesisConfig) -> FuzzRe
     return result
 
 
+def _deliberately_unavailable(response: Any) -> bool:
+    """A 503 problem+json says, on purpose, that something the operation needs is not there right
+    now (the database is away, the deployment a run needs has no ready replica): an honest answer
+    to retry, not a server error. Anything else 5xx is counted, a plain 503 included."""
+    headers = {k.lower(): v for k, v in (response.headers or {}).items()}
+    kind = headers.get("content-type", "")
+    kind = kind[0] if isinstance(kind, list) and kind else kind
+    return response.status_code == 503 and str(kind).startswith("application/problem+json")
+
+
 def _tally(result: FuzzResult, recorder: Any) -> None:
     for case_id, interaction in recorder.interactions.items():
         response = interaction.response
@@ -142,7 +152,7 @@ def _tally(result: FuzzResult, recorder: Any) -> None:
         result.answered.add(recorder.label)
         result.examples += 1
         result.by_status[f"{response.status_code // 100}xx"] += 1
-        if response.status_code >= 500:
+        if response.status_code >= 500 and not _deliberately_unavailable(response):
             request = interaction.request
             body = request.body.decode(errors="replace") if isinstance(request.body, bytes) else request.body
             result.server_errors.append(

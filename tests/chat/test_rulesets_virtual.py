@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
+import pytest
+from sqlalchemy import delete
 from support import ADMIN, make_key, make_project
 
 from converge.gateway.errors import GatewayError
@@ -17,24 +19,33 @@ from converge.gateway.virtual import VirtualModel
 from converge.models import Agent, RagModel
 
 
-async def _virtual_rows(app: Any, project_id: str) -> None:
+@pytest.fixture
+async def virtual_rows(app: Any) -> AsyncIterator[Callable[[str], Awaitable[None]]]:
+    """`await virtual_rows(project_id)` writes a RAG model and an agent row straight to the
+    tables (what the gateway reads; their specs are not the gateway's business). They are
+    deleted after the test: the session's database is shared, and the APIs read real specs."""
     state = app.state.converge
+    made: list[uuid.UUID] = []
+
+    async def write(project_id: str) -> None:
+        made.append(uuid.UUID(project_id))
+        async with state.sessions() as session, session.begin():
+            session.add(RagModel(project_id=made[-1], name="docs-qa", revision=3, spec={}, created_by="t"))
+            session.add(Agent(project_id=made[-1], name="helper", revision=1, spec={}, created_by="t"))
+        await state.gateway.dataplane.reload()
+
+    yield write
     async with state.sessions() as session, session.begin():
-        session.add(
-            RagModel(project_id=uuid.UUID(project_id), name="docs-qa", revision=3, spec={}, created_by="t")
-        )
-        session.add(
-            Agent(project_id=uuid.UUID(project_id), name="helper", revision=1, spec={}, created_by="t")
-        )
-    await state.gateway.dataplane.reload()
+        for table in (RagModel, Agent):
+            await session.execute(delete(table).where(table.project_id.in_(made)))
 
 
 async def test_virtual_models_are_listed_and_dispatched(
-    app: Any, committed_client: httpx.AsyncClient
+    app: Any, committed_client: httpx.AsyncClient, virtual_rows: Callable[[str], Awaitable[None]]
 ) -> None:
     gateway = app.state.converge.gateway
     project, other = await make_project(committed_client), await make_project(committed_client)
-    await _virtual_rows(app, project["id"])
+    await virtual_rows(project["id"])
     key = await make_key(committed_client, project["id"], "developer")
     outsider = await make_key(committed_client, other["id"], "developer")
     seen: list[tuple[VirtualModel, dict[str, Any], Any]] = []
@@ -103,7 +114,9 @@ async def test_virtual_models_are_listed_and_dispatched(
         gateway.virtual_handler = previous
 
 
-async def test_a_deployment_of_the_same_name_wins(app: Any, committed_client: httpx.AsyncClient) -> None:
+async def test_a_deployment_of_the_same_name_wins(
+    app: Any, committed_client: httpx.AsyncClient, virtual_rows: Callable[[str], Awaitable[None]]
+) -> None:
     from scripted_llm import ScriptedLlm, chat_deployment, routed
 
     project = await make_project(committed_client)
@@ -112,7 +125,7 @@ async def test_a_deployment_of_the_same_name_wins(app: Any, committed_client: ht
             app, committed_client, project_id=project["id"], llm=llm, name="docs-qa"
         )
         await routed(app, deployment, llm)
-        await _virtual_rows(app, project["id"])
+        await virtual_rows(project["id"])
         key = await make_key(committed_client, project["id"], "developer")
         llm.reply("from the deployment")
         body = {"model": "docs-qa", "messages": [{"role": "user", "content": "q"}]}
