@@ -49,11 +49,15 @@ pg16: $(PG16_STAMP)
 
 install: $(STAMP) $(MLSERVER_STAMP)
 
-# Programs the integration tests start for real (an OCI registry); Debian packages.
+# Programs the integration tests start for real (an OCI registry; Prometheus and promtool for
+# deploy/prometheus's rules and the dashboards' queries); Debian packages.
 system-deps:
 	@command -v docker-registry >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-registry >/dev/null; \
 	  else echo "warning: docker-registry missing (apt-get install docker-registry); registry tests will skip"; fi; }
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else echo "warning: prometheus missing (apt-get install prometheus); rule and Prometheus tests will skip"; fi; }
 
 run: install
 	$(BIN)/converge up

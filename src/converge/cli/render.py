@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -13,7 +14,8 @@ from converge.cli.output import die
 from converge.kit.roles import Role
 
 render = typer.Typer(
-    help="Print Kubernetes manifests (for `kubectl apply -f -` or Terraform); talks to nothing.",
+    help="Print Kubernetes manifests (for `kubectl apply -f -` or Terraform) and Grafana dashboards;"
+    " talks to nothing.",
     no_args_is_help=True,
 )
 
@@ -94,6 +96,39 @@ def platform(  # typer passes every option by name
 
     header = f"# Converge platform manifests for namespace {namespace!r} (converge render platform)\n"
     sys.stdout.write(header + yaml.safe_dump_all(objects, sort_keys=False, explicit_start=True, width=120))
+
+
+DASHBOARDS_HELP = """Print Converge's Grafana dashboards as JSON, or write them into a directory.
+
+The platform overview, one deployment, the gateway, and the library and governance, built from
+typed Python (converge.observability.dashboards) so their queries stay in step with /metrics. Each
+picks its Prometheus data source from a variable. Without --dir: one JSON object, file name to
+dashboard. The files under deploy/grafana/ are this command's output:
+
+  converge render dashboards --dir deploy/grafana
+"""
+
+
+@render.command("dashboards", help=DASHBOARDS_HELP)
+def dashboards(
+    *,
+    directory: Annotated[
+        Path | None, typer.Option("--dir", help="Write one <name>.json per dashboard here", file_okay=False)
+    ] = None,
+) -> None:
+    from converge.observability.dashboards import all_dashboards
+    from converge.observability.grafana import dump
+
+    built = all_dashboards()
+    if directory is None:
+        sys.stdout.write(
+            json.dumps({n: d.to_json() for n, d in built.items()}, indent=2, sort_keys=True) + "\n"
+        )
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, dashboard in built.items():
+        (directory / name).write_text(dump(dashboard))
+        typer.echo(f"wrote {directory / name}", err=True)
 
 
 def _pairs(values: list[str], *, what: str) -> dict[str, str]:
