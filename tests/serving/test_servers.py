@@ -33,6 +33,7 @@ from support import free_port
 from converge.control.library.catalogue import minilm_path, smollm2_path
 from converge.serving import embeddings
 from converge.serving.common import InFlightMiddleware, ModelHost, RequestStats
+from converge.serving.encoders import Encoded
 
 # ---------------------------------------------------------------------------------------------
 # InFlightMiddleware, in-process
@@ -218,11 +219,11 @@ async def test_host_reports_a_failed_load_and_asks_to_stop() -> None:
 
 
 class FakeEncoder:
-    def encode(self, texts: list[str]) -> np.ndarray:
-        return np.array([[float(len(t)), 0.5] for t in texts], dtype=np.float32)
+    engine = "fake"
 
-    def count_tokens(self, texts: list[str]) -> int:
-        return sum(len(t.split()) for t in texts)
+    def encode(self, texts: list[str]) -> Encoded:
+        vectors = np.array([[float(len(t)), 0.5] for t in texts], dtype=np.float32)
+        return Encoded(vectors, [len(t.split()) for t in texts])
 
 
 @pytest.fixture

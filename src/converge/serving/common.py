@@ -116,8 +116,10 @@ class ModelHost:
         load: Callable[[], ASGIApp],
         inference_paths: Iterable[str],
         max_concurrency: int = 1,
+        live_stats: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.kind = kind
+        self.live_stats = live_stats
         self.model_name = model_name
         self.stats = RequestStats(max_concurrency=max_concurrency)
         self.model_app: ASGIApp | None = None
@@ -188,15 +190,15 @@ class ModelHost:
         return JSONResponse({"status": "loading"}, status_code=503)
 
     async def _stats(self, _request: Request) -> JSONResponse:
-        return JSONResponse(
-            {
-                "in_flight": self.stats.in_flight,
-                "queue_depth": self.stats.queue_depth,
-                "requests_total": self.stats.requests_total,
-                "model": self.model_name,
-                "kind": self.kind,
-            }
-        )
+        stats = {
+            "in_flight": self.stats.in_flight,
+            "queue_depth": self.stats.queue_depth,
+            "requests_total": self.stats.requests_total,
+            "model": self.model_name,
+            "kind": self.kind,
+        }
+        # A server that knows its own queue (a batching one) says so; its figures win.
+        return JSONResponse(stats | (self.live_stats() if self.live_stats else {}))
 
 
 async def _run_in_daemon_thread(fn: Callable[[], ASGIApp]) -> ASGIApp:

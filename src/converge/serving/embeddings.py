@@ -1,55 +1,39 @@
-"""Sentence-transformers behind the OpenAI embeddings API (`POST /v1/embeddings`).
+"""Sentence embeddings behind the OpenAI embeddings API (`POST /v1/embeddings`).
 
-Encoding runs in a worker thread, one request at a time: torch already spreads one batch
-over every core, so concurrent requests would only contend. Requests beyond the one being
-encoded wait, and `/converge/stats` reports them as queued.
+The model runs on ONNX Runtime (exported at load) or on sentence-transformers' torch
+(`--engine`, see encoders.py). Concurrent requests are batched dynamically (batching.py): the
+texts of every request that arrived while the previous batch was encoding go through the model
+together, up to `--max-batch` texts, waiting at most `--max-wait-ms` for more. Requests behind
+the running batch are reported as queued in `/converge/stats`, with the batch sizes.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
+import logging
 import os
 import time
-from typing import Any, Literal, Protocol
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict
-from starlette.concurrency import run_in_threadpool
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp
 
+from converge.serving.batching import Batcher
 from converge.serving.common import ModelHost, granted_cpus, openai_error, positive_int
+from converge.serving.encoders import Encoder, load_encoder
+
+log = logging.getLogger("converge.serving.embeddings")
 
 KIND = "embeddings"
 INFERENCE_PATHS = frozenset({"/v1/embeddings"})
 MAX_INPUTS = 2048  # OpenAI's limit on inputs per request
-
-
-class Encoder(Protocol):
-    def encode(self, texts: list[str]) -> np.ndarray: ...
-
-    def count_tokens(self, texts: list[str]) -> int: ...
-
-
-class SentenceTransformerEncoder:
-    def __init__(self, model: Any, *, batch_size: int) -> None:
-        self.model = model
-        self.batch_size = batch_size
-
-    def encode(self, texts: list[str]) -> np.ndarray:
-        vectors = self.model.encode(
-            texts, batch_size=self.batch_size, show_progress_bar=False, convert_to_numpy=True
-        )
-        return np.asarray(vectors, dtype=np.float32)
-
-    def count_tokens(self, texts: list[str]) -> int:
-        # What the model actually reads: special tokens included, truncated like encode().
-        encoded = self.model.tokenizer(texts, truncation=True, max_length=self.model.max_seq_length)
-        return sum(len(ids) for ids in encoded["input_ids"])
 
 
 class EmbeddingRequest(BaseModel):
@@ -78,16 +62,17 @@ def texts_of(body: EmbeddingRequest) -> list[str]:
     return texts
 
 
-def render(vector: np.ndarray, encoding_format: str) -> list[float] | str:
+def render(vector: np.ndarray, encoding_format: str) -> np.ndarray | str:
     if encoding_format == "base64":  # what the OpenAI clients decode: little-endian float32
         return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
-    return vector.tolist()
+    return vector  # orjson writes float32 arrays itself, far faster than a list of floats
 
 
-def create_app(*, encoder: Encoder, model_name: str) -> FastAPI:
+def create_app(*, encoder: Encoder, model_name: str, max_batch: int = 64, max_wait_s: float = 0.0) -> FastAPI:
     """The API for an already loaded encoder."""
+    batcher = Batcher(encoder.encode, max_batch=max_batch, max_wait_s=max_wait_s)
     app = FastAPI(title=f"Converge embeddings: {model_name}", docs_url=None, redoc_url=None)
-    one_at_a_time = asyncio.Semaphore(1)
+    app.state.batcher = batcher
     created = int(time.time())
 
     @app.exception_handler(RequestValidationError)
@@ -107,20 +92,23 @@ def create_app(*, encoder: Encoder, model_name: str) -> FastAPI:
     async def invalid_input(_request: Request, exc: InvalidRequest) -> JSONResponse:
         return openai_error(400, exc.message, type_="invalid_request_error", param=exc.param)
 
-    @app.post("/v1/embeddings")
-    async def embeddings(body: EmbeddingRequest) -> dict[str, Any]:
+    @app.post("/v1/embeddings", response_model=None)
+    async def embeddings(body: EmbeddingRequest) -> Response:
         texts = texts_of(body)
-        async with one_at_a_time:
-            vectors, tokens = await run_in_threadpool(_encode, encoder, texts)
-        return {
+        encoded = await batcher.encode(texts)
+        tokens = sum(encoded.tokens)
+        answer = {
             "object": "list",
             "data": [
                 {"object": "embedding", "index": i, "embedding": render(vector, body.encoding_format)}
-                for i, vector in enumerate(vectors)
+                for i, vector in enumerate(encoded.vectors)
             ],
             "model": model_name,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
+        return Response(
+            orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json"
+        )
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -130,32 +118,66 @@ def create_app(*, encoder: Encoder, model_name: str) -> FastAPI:
     return app
 
 
-def _encode(encoder: Encoder, texts: list[str]) -> tuple[np.ndarray, int]:
-    return encoder.encode(texts), encoder.count_tokens(texts)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
+        "--engine",
+        choices=["onnx", "torch"],
+        default="onnx",
+        help="onnx: the transformer exported to ONNX Runtime at load, for plain transformer + pooling "
+        "models (falls back to torch for others); torch: sentence-transformers (default: onnx)",
+    )
+    parser.add_argument(
         "--batch-size", type=positive_int, default=32, help="texts per forward pass (default: 32)"
+    )
+    parser.add_argument(
+        "--max-batch",
+        type=positive_int,
+        default=64,
+        help="texts of concurrent requests gathered into one batch (default: 64)",
+    )
+    parser.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=0.0,
+        help="how long a batch that is not full waits for more requests (default: 0, batch only what "
+        "queued while the previous batch ran)",
     )
     parser.add_argument(
         "--threads",
         type=positive_int,
         default=granted_cpus(),
-        help="torch threads (default: the replica's CPU grant, OMP_NUM_THREADS, else all usable CPUs)",
+        help="threads per forward pass (default: the replica's CPU grant, OMP_NUM_THREADS, else all "
+        "usable CPUs)",
     )
 
 
-def load_app(*, model_path: str, model_name: str, batch_size: int, threads: int | None = None) -> ASGIApp:
+def load_app(  # noqa: PLR0913 - the server's knobs, all keyword-only
+    *,
+    model_path: str,
+    model_name: str,
+    batch_size: int,
+    threads: int,
+    engine: Literal["onnx", "torch"] = "onnx",
+    max_batch: int = 64,
+    max_wait_s: float = 0.0,
+) -> FastAPI:
     """Load the model from its local folder and build the API around it (blocking)."""
-    import torch
-    from sentence_transformers import SentenceTransformer
+    encoder = load_encoder(Path(model_path), engine=engine, batch_size=batch_size, threads=threads)
+    log.info("encoding with %s, %d threads", encoder.engine, threads)
+    return create_app(encoder=encoder, model_name=model_name, max_batch=max_batch, max_wait_s=max_wait_s)
 
-    if threads is not None:
-        torch.set_num_threads(threads)
 
-    model = SentenceTransformer(model_path, device="cpu", local_files_only=True)
-    return create_app(encoder=SentenceTransformerEncoder(model, batch_size=batch_size), model_name=model_name)
+def batch_stats(batcher: Batcher) -> dict[str, Any]:
+    """What `/converge/stats` adds for a batching server: the real queue and the batch sizes."""
+    stats, recent = batcher.stats, batcher.stats.sizes
+    return {
+        "queue_depth": batcher.waiting,
+        "batch_running": stats.running,
+        "batches_total": stats.batches,
+        "batched_texts_total": stats.texts,
+        "batch_texts_mean": round(sum(recent) / len(recent), 2) if recent else 0.0,
+        "batch_texts_max": stats.largest,
+    }
 
 
 def build_host(args: argparse.Namespace) -> ModelHost:
@@ -164,15 +186,26 @@ def build_host(args: argparse.Namespace) -> ModelHost:
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # logs are plain lines, not \r bars
-    return ModelHost(
-        kind=KIND,
-        model_name=args.model_name,
-        load=lambda: load_app(
+    loaded: list[Batcher] = []
+
+    def load() -> ASGIApp:
+        app = load_app(
             model_path=args.model_path,
             model_name=args.model_name,
             batch_size=args.batch_size,
             threads=args.threads,
-        ),
+            engine=args.engine,
+            max_batch=args.max_batch,
+            max_wait_s=args.max_wait_ms / 1000,
+        )
+        loaded.append(app.state.batcher)
+        return app
+
+    return ModelHost(
+        kind=KIND,
+        model_name=args.model_name,
+        load=load,
         inference_paths=INFERENCE_PATHS,
         max_concurrency=1,
+        live_stats=lambda: batch_stats(loaded[0]) if loaded else {},
     )

@@ -88,19 +88,47 @@ async def benchmark_llm(
 
 
 async def benchmark_embeddings(
-    base_url: str, model: str, *, batch: int = 16, rounds: int = 4
+    base_url: str, model: str, *, batch: int = 16, rounds: int = 4, singles: int = 32, clients: int = 16
 ) -> dict[str, Any]:
+    """Texts/s for batches of `batch` texts, and for single-text requests (the RAG query path)
+    one at a time (`texts_per_s_c1`, with latency percentiles) and from `clients` at once
+    (`texts_per_s_c16`), which a server that batches dynamically answers near batch speed."""
     async with httpx.AsyncClient(base_url=base_url, timeout=300) as http:
-        (await http.post("/v1/embeddings", json={"model": model, "input": TEXTS[:2]})).raise_for_status()
+
+        async def embed(texts: list[str]) -> int:
+            resp = await http.post("/v1/embeddings", json={"model": model, "input": texts})
+            resp.raise_for_status()
+            return len(resp.json()["data"])
+
+        await embed(TEXTS[:2])
         t0 = time.perf_counter()
         done = 0
         for r in range(rounds):
-            chunk = TEXTS[(r * batch) % len(TEXTS) :][:batch]
-            resp = await http.post("/v1/embeddings", json={"model": model, "input": chunk})
-            resp.raise_for_status()
-            done += len(resp.json()["data"])
-        wall = time.perf_counter() - t0
-    return {"texts_per_s": round(done / wall, 1), "batch": batch}
+            done += await embed(TEXTS[(r * batch) % len(TEXTS) :][:batch])
+        batched = done / (time.perf_counter() - t0)
+
+        latencies = []
+        for i in range(singles):
+            start = time.perf_counter()
+            await embed([TEXTS[i % len(TEXTS)]])
+            latencies.append((time.perf_counter() - start) * 1e3)
+        alone = len(latencies) / (sum(latencies) / 1e3)
+
+        async def client(offset: int) -> int:
+            return sum([await embed([TEXTS[(offset + i) % len(TEXTS)]]) for i in range(singles // 4)])
+
+        t0 = time.perf_counter()
+        together = sum(await asyncio.gather(*(client(c) for c in range(clients)))) / (
+            time.perf_counter() - t0
+        )
+    return {
+        "texts_per_s": round(batched, 1),
+        "batch": batch,
+        "texts_per_s_c1": round(alone, 1),
+        f"texts_per_s_c{clients}": round(together, 1),
+        "latency_ms_p50": round(_pct(latencies, 0.5), 1),
+        "latency_ms_p95": round(_pct(latencies, 0.95), 1),
+    }
 
 
 # ONNX element types (as inspection records them) as V2 datatypes.
