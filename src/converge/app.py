@@ -28,6 +28,8 @@ from converge.control.chat.ragmodels.api import router as rag_models_router
 from converge.control.chat.rulesets.api import router as rulesets_router
 from converge.control.chat.runtime import ChatRuntime
 from converge.control.chat.sessions.api import router as chat_router
+from converge.control.cost.api import router as cost_router
+from converge.control.cost.service import seed as seed_prices
 from converge.control.deployments.api import router as deployments_router
 from converge.control.events.api import router as events_router
 from converge.control.events.broadcaster import Broadcaster
@@ -182,6 +184,7 @@ def create_app(
         if settings.runs(Role.API):  # the first key is shown by the process people talk to
             async with transaction(sessions) as session:
                 token = await ensure_admin_key(session, settings)
+                await seed_prices(session)  # version 1 of the price catalogue, once
             if token and on_first_key:
                 on_first_key(token)
         if database.embedded is not None:  # first in, last out: the others need it
@@ -286,6 +289,7 @@ def create_app(
         usage_router,
         agents_router,
         mcp_router,
+        cost_router,
     ):
         if settings.runs(Role.API):
             app.include_router(router)

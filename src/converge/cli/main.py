@@ -12,6 +12,7 @@ import typer
 from converge.cli.agents import agents, mcp_servers
 from converge.cli.chat import chat
 from converge.cli.client import Api, Profile, ProfileOpt, api, save_profile
+from converge.cli.cost import cost
 from converge.cli.db import db
 from converge.cli.deploy import builds, deploy, deployments
 from converge.cli.kb import kb
@@ -42,6 +43,7 @@ app.add_typer(agents, name="agents")
 app.add_typer(mcp_servers, name="mcp-servers")
 app.add_typer(db, name="db")
 app.add_typer(render, name="render")
+app.add_typer(cost, name="cost")
 app.command("deploy")(deploy)
 app.command("chat")(chat)
 

@@ -37,6 +37,7 @@ VIEWER = frozenset(
         "agents:read",  # agents, their revisions and runs; the project's MCP servers
         "rag-models:read",  # list, get and the revisions of RAG models
         "rulesets:read",  # list, get, versions and the deployments a ruleset is the default of
+        "cost:read",  # estimates (the price catalogue itself is readable by every principal)
     }
 )
 DEVELOPER = VIEWER | {
@@ -65,6 +66,7 @@ ORG_ONLY = LIBRARY_GOVERNANCE | {
     "sources:write",
     "audit:read-all",
     "mcp-servers:stdio",
+    "cost:write",  # the price catalogue: one set of prices for every project
 }
 ALL_PERMISSIONS = OWNER | ORG_ONLY
 

@@ -15,6 +15,7 @@ from converge.models.chat import (
     Ruleset,
     RulesetVersion,
 )
+from converge.models.cost import PriceCatalogueVersion
 from converge.models.deployment import Build, Deployment, DeploymentRevision
 from converge.models.event import Event
 from converge.models.library import Approval, Artifact, LibraryModel, ModelVersion
@@ -55,6 +56,7 @@ __all__ = [
     "ModelVersion",
     "Policy",
     "PolicyRevision",
+    "PriceCatalogueVersion",
     "Project",
     "Source",
     "SourceItem",
