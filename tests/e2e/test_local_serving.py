@@ -119,6 +119,10 @@ async def test_build_deploy_chat_survive_kill_and_roll_out_under_load(api: httpx
     finished = await eventually(build_done, timeout=240, interval=1)
     assert finished["state"] == "succeeded", finished["reason"]
     assert finished["results"]["tokens_per_s"] > 0 and finished["results"]["ttft_ms"] > 0
+    # Concurrency levels, flat, as deployment policies read them (benchmarks.tokens_per_s_c4).
+    assert all(
+        finished["results"][f"{figure}_c{n}"] > 0 for figure in ("tokens_per_s", "ttft_ms") for n in (1, 4, 8)
+    )
     figures = (await api.get(f"/models/{model['id']}/versions/{version['id']}", headers=ADMIN)).json()[
         "benchmarks"
     ]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from converge.control.library.catalogue import minilm_path
-from converge.serving.encoders import Layout, NotExportable, load_encoder, pool
+from converge.serving.encoders import Encoded, Layout, NotExportable, OnnxEncoder, load_encoder, pool
 
 TEXTS = [
     "how do I configure the retry backoff for failed uploads in the client",
@@ -55,6 +55,29 @@ def test_onnx_gives_the_vectors_and_token_counts_of_sentence_transformers(model_
     assert fast.tokens[3] == 256  # truncated to the model's max_seq_length, special tokens included
     # One text alone and the same text padded in a batch give the same vector.
     np.testing.assert_allclose(onnx.encode(TEXTS[:1]).vectors[0], fast.vectors[0], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_long_forward_passes_go_to_torch_short_ones_stay_on_onnx(model_folder: Path) -> None:
+    encoder = load_encoder(model_folder, engine="onnx", batch_size=1, threads=1, long_tokens=16)
+    assert isinstance(encoder, OnnxEncoder) and encoder.long is not None
+    torch, seen = encoder.long, []
+
+    class Spy:
+        engine = "spy"
+
+        def encode(self, texts: list[str]) -> Encoded:
+            seen.append(texts)
+            return torch.encode(texts)
+
+    encoder.long = Spy()
+    short, long = "a short query", "a long passage about retries and backoff " * 4
+    both = encoder.encode([long, short])
+    reference = torch.encode([long, short])
+
+    assert seen == [[long]]  # one text per pass: the short one stays within 16 tokens, on ONNX
+    np.testing.assert_allclose(both.vectors, reference.vectors, atol=1e-5)
+    assert both.tokens == reference.tokens
 
 
 @pytest.mark.slow

@@ -127,6 +127,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "models (falls back to torch for others); torch: sentence-transformers (default: onnx)",
     )
     parser.add_argument(
+        "--onnx-max-tokens",
+        type=int,
+        default=32,
+        help="with --engine onnx: forward passes padded beyond this many tokens run on torch, which is "
+        "faster for long texts (both are loaded); 0: everything on ONNX Runtime (default: 32)",
+    )
+    parser.add_argument(
         "--batch-size", type=positive_int, default=32, help="texts per forward pass (default: 32)"
     )
     parser.add_argument(
@@ -158,11 +165,14 @@ def load_app(  # noqa: PLR0913 - the server's knobs, all keyword-only
     batch_size: int,
     threads: int,
     engine: Literal["onnx", "torch"] = "onnx",
+    onnx_max_tokens: int = 0,
     max_batch: int = 64,
     max_wait_s: float = 0.0,
 ) -> FastAPI:
     """Load the model from its local folder and build the API around it (blocking)."""
-    encoder = load_encoder(Path(model_path), engine=engine, batch_size=batch_size, threads=threads)
+    encoder = load_encoder(
+        Path(model_path), engine=engine, batch_size=batch_size, threads=threads, long_tokens=onnx_max_tokens
+    )
     log.info("encoding with %s, %d threads", encoder.engine, threads)
     return create_app(encoder=encoder, model_name=model_name, max_batch=max_batch, max_wait_s=max_wait_s)
 
@@ -195,6 +205,7 @@ def build_host(args: argparse.Namespace) -> ModelHost:
             batch_size=args.batch_size,
             threads=args.threads,
             engine=args.engine,
+            onnx_max_tokens=args.onnx_max_tokens,
             max_batch=args.max_batch,
             max_wait_s=args.max_wait_ms / 1000,
         )

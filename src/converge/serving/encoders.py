@@ -4,8 +4,9 @@ A sentence-transformers folder is a transformer plus pooling (plus, often, norma
 described by its own files (`modules.json`, `sentence_bert_config.json`, `1_Pooling/config.json`).
 When a folder is exactly that, the transformer is exported to ONNX in memory at load (torch's
 TorchScript exporter, a few seconds) and runs on ONNX Runtime, with the pooling done here in
-numpy: for the short texts of RAG queries it is about twice as fast as torch on the same core
-(no per-operator dispatch overhead), and gives the same vectors to ~1e-7. Anything else (extra
+numpy: for the short texts of RAG queries it takes a third of torch's CPU on the same core
+(no per-operator dispatch overhead), and gives the same vectors to ~1e-7; for batches of long
+texts torch is faster, so passes beyond a token count can stay on torch. Anything else (extra
 Dense layers, a pooling this module does not know, an export that fails) is served by
 sentence-transformers on torch, as before, and the log says why.
 
@@ -107,14 +108,31 @@ def pool(hidden: np.ndarray, mask: np.ndarray, *, how: str) -> np.ndarray:
 
 
 class OnnxEncoder:
+    """ONNX Runtime for short sequences; `long` (torch), when given, for forward passes padded
+    beyond `long_tokens`: ONNX Runtime's edge is the per-operator overhead that dominates a short
+    query (7 ms of CPU where torch takes 20 for one 20-token text), while for batches of long
+    chunks torch's GEMMs are faster (37 vs 50 ms of CPU per 146-token text, batches of 32)."""
+
     engine = "onnx"
 
-    def __init__(self, *, session: Any, tokenizer: Any, layout: Layout, batch_size: int) -> None:
+    def __init__(  # noqa: PLR0913 - all keyword-only
+        self,
+        *,
+        session: Any,
+        tokenizer: Any,
+        layout: Layout,
+        batch_size: int,
+        long: Encoder | None = None,
+        long_tokens: int = 0,
+    ) -> None:
         self.session = session
         self.tokenizer = tokenizer
         self.layout = layout
         self.batch_size = batch_size
         self.inputs = [i.name for i in session.get_inputs()]
+        self.long, self.long_tokens = long, long_tokens
+        if long is not None:
+            self.engine = f"onnx up to {long_tokens} tokens, {long.engine} beyond"
 
     def encode(self, texts: list[str]) -> Encoded:
         # Shortest first, so each forward pass pads to texts of similar length.
@@ -124,6 +142,11 @@ class OnnxEncoder:
         for start in range(0, len(order), self.batch_size):
             part = order[start : start + self.batch_size]
             encodings = self.tokenizer.encode_batch([texts[i] for i in part])
+            if self.long is not None and len(encodings[0].ids) > self.long_tokens:  # padded alike
+                done = self.long.encode([texts[i] for i in part])
+                for row, i in enumerate(part):
+                    vectors[i], tokens[i] = done.vectors[row], done.tokens[row]
+                continue
             ids = np.array([e.ids for e in encodings], dtype=np.int64)
             mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
             feeds = {"input_ids": ids, "attention_mask": mask}
@@ -203,8 +226,11 @@ def onnx_session(model: bytes, *, threads: int, spin: bool = False) -> Any:
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def load_encoder(folder: Path, *, engine: Engine, batch_size: int, threads: int) -> Encoder:
-    """The fastest encoder that serves this folder exactly (blocking; seconds)."""
+def load_encoder(
+    folder: Path, *, engine: Engine, batch_size: int, threads: int, long_tokens: int = 0
+) -> Encoder:
+    """The fastest encoder that serves this folder exactly (blocking; seconds). With the onnx
+    engine and `long_tokens` > 0, forward passes longer than that run on torch (both loaded)."""
     if engine == "onnx":
         try:
             layout = Layout.read(folder)
@@ -220,8 +246,20 @@ def load_encoder(folder: Path, *, engine: Engine, batch_size: int, threads: int)
             tokenizer.enable_truncation(layout.max_length)
             pad = tokenizer.padding or {}
             tokenizer.enable_padding(pad_id=pad.get("pad_id", 0), pad_token=pad.get("pad_token", "[PAD]"))
-            return OnnxEncoder(session=session, tokenizer=tokenizer, layout=layout, batch_size=batch_size)
+            return OnnxEncoder(
+                session=session,
+                tokenizer=tokenizer,
+                layout=layout,
+                batch_size=batch_size,
+                long=_torch_encoder(folder, batch_size=batch_size, threads=threads)
+                if long_tokens > 0
+                else None,
+                long_tokens=long_tokens,
+            )
+    return _torch_encoder(folder, batch_size=batch_size, threads=threads)
 
+
+def _torch_encoder(folder: Path, *, batch_size: int, threads: int) -> SentenceTransformerEncoder:
     import torch
     from sentence_transformers import SentenceTransformer
 

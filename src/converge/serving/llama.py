@@ -39,6 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--chat-format", default=None, help="llama-cpp-python chat format (default: the GGUF's template)"
     )
+    parser.add_argument(
+        "--n-gpu-layers",
+        type=int,
+        default=0,
+        help="layers offloaded to the GPU, -1 for all (default: 0; deployments with GPUs get -1)",
+    )
 
 
 def only_arguments(settings_cls: type[Any]) -> type[Any]:
@@ -60,7 +66,13 @@ def only_arguments(settings_cls: type[Any]) -> type[Any]:
 
 
 def load_app(
-    *, model_path: str, model_name: str, n_ctx: int, n_threads: int, chat_format: str | None
+    *,
+    model_path: str,
+    model_name: str,
+    n_ctx: int,
+    n_threads: int,
+    chat_format: str | None,
+    n_gpu_layers: int = 0,
 ) -> ASGIApp:
     """Load the model and build llama-cpp-python's app around it (blocking)."""
     from llama_cpp.server.app import create_app
@@ -81,6 +93,7 @@ def load_app(
         n_ctx=n_ctx,
         n_threads=n_threads,
         n_threads_batch=n_threads,
+        n_gpu_layers=n_gpu_layers,
         chat_format=chat_format,
         # The server defaults to logits for every position (only prompt logprobs need them);
         # computing one row per token instead is what llama-cpp-python does in-process.
@@ -101,6 +114,7 @@ def build_host(args: argparse.Namespace) -> ModelHost:
             n_ctx=args.n_ctx,
             n_threads=args.n_threads,
             chat_format=args.chat_format,
+            n_gpu_layers=args.n_gpu_layers,
         ),
         inference_paths=INFERENCE_PATHS,
         max_concurrency=1,

@@ -822,6 +822,25 @@ def test_llama_cpp_gets_the_threads_it_was_granted() -> None:
     )
 
 
+def test_llama_cpp_offloads_every_layer_when_the_pod_has_a_gpu() -> None:
+    def server_args(resources_update: dict[str, object], args: tuple[str, ...] = ()) -> list[str]:
+        base = cpu_llama()
+        resources = base.deployment.template.resources.model_copy(update=resources_update)
+        template = base.deployment.template.model_copy(update={"resources": resources, "args": args})
+        workload = dataclasses.replace(
+            base, deployment=base.deployment.model_copy(update={"template": template})
+        )
+        (server,) = _pod(workload)["containers"]
+        return list(server["args"])
+
+    assert "--n-gpu-layers" not in server_args({})
+    for gpu in ({"gpus": 1}, {"mig_profile": "1g.10gb"}):
+        args = server_args(gpu)
+        assert args[args.index("--n-gpu-layers") + 1] == "-1"
+    # The deployment's own choice wins (e.g. a partial offload).
+    assert server_args({"gpus": 1}, ("--n-gpu-layers", "20")).count("--n-gpu-layers") == 1
+
+
 def test_the_deployments_own_args_and_environment_are_kept() -> None:
     base = cpu_llama()
     template = base.deployment.template.model_copy(

@@ -56,15 +56,17 @@ async def _chat_once(http: httpx.AsyncClient, model: str, prompt: str, max_token
 
 
 async def benchmark_llm(
-    base_url: str, model: str, *, max_tokens: int = 48, rounds: int = 2
+    base_url: str, model: str, *, max_tokens: int = 48, rounds: int = 2, levels: tuple[int, ...] = (1, 4, 8)
 ) -> dict[str, Any]:
+    """Streamed chat at each concurrency level: time to first token, tokens/s per request and in
+    total. Flat keys (`tokens_per_s_c4`, `ttft_ms_c4`, ...) are what deployment policies read."""
     results: dict[str, Any] = {}
     async with httpx.AsyncClient(base_url=base_url, timeout=300) as http:
         await _chat_once(http, model, "Hi", 4)  # warm-up
-        for concurrency in (1, 4):
+        for concurrency in levels:
             runs: list[dict[str, float]] = []
             t0 = time.perf_counter()
-            for r in range(rounds):
+            for r in range(max(1, min(rounds, 8 // concurrency))):  # 8 requests at most per level
                 batch = [PROMPTS[(r * concurrency + i) % len(PROMPTS)] for i in range(concurrency)]
                 runs += await asyncio.gather(*(_chat_once(http, model, p, max_tokens) for p in batch))
             wall = time.perf_counter() - t0
@@ -78,11 +80,16 @@ async def benchmark_llm(
                 "aggregate_tokens_per_s": round(sum(x["tokens"] for x in runs) / wall, 1),
             }
     c1 = results["c1"]
+    flat = {}
+    for level, figures in results.items():
+        flat[f"tokens_per_s_{level}"] = figures["aggregate_tokens_per_s"]
+        flat[f"ttft_ms_{level}"] = figures["ttft_ms_p50"]
     return {
         "ttft_ms": c1["ttft_ms_p50"],
         "tokens_per_s": c1["tokens_per_s"],
         "latency_ms_p50": c1["latency_ms_p50"],
         "latency_ms_p95": c1["latency_ms_p95"],
+        **flat,
         "concurrency": results,
     }
 

@@ -316,6 +316,9 @@ def workload_args(
     if runtime is ServingRuntimeKind.LLAMA_CPP and "--n-threads" not in extra:
         # llama.cpp counts the node's CPUs, not the pod's: give it the threads it was granted.
         args += ["--n-threads", str(resources.threads)]
+    gpu = resources.gpus > 0 or resources.mig_profile is not None
+    if runtime is ServingRuntimeKind.LLAMA_CPP and gpu and "--n-gpu-layers" not in extra:
+        args += ["--n-gpu-layers", "-1"]  # a pod given a GPU offloads every layer to it
     return [*args, *extra]
 
 
