@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
 
+from converge.control.chat import refs
 from converge.control.chat.agents import repository, service
 from converge.control.chat.agents.schemas import (
     AgentCreate,
@@ -60,7 +61,7 @@ async def list_agents(
 ) -> Page[Any]:
     if project is not None:
         await visible_project(session, principal, project, permission="agents:read")
-    rows = await repository.list_for_project(
+    rows = await refs.list_for_project(
         session,
         Agent,
         project_id=project,
@@ -148,7 +149,7 @@ async def list_mcp_servers(
 ) -> Page[McpServerRead]:
     if project is not None:
         await visible_project(session, principal, project, permission="agents:read")
-    rows = await repository.list_for_project(
+    rows = await refs.list_for_project(
         session,
         McpServer,
         project_id=project,

@@ -8,41 +8,9 @@ from typing import Any, TypeVar
 from sqlalchemy import any_, delete, literal, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from converge.models import Agent, AgentRevision, Deployment, KnowledgeBase, McpServer, RagModel, Ruleset
+from converge.models import Agent, AgentRevision, Deployment, KnowledgeBase, McpServer, RagModel
 
 T = TypeVar("T", Agent, McpServer)
-
-
-def as_uuid(ref: str) -> uuid.UUID | None:
-    try:
-        return uuid.UUID(ref)
-    except ValueError:
-        return None
-
-
-async def get(session: AsyncSession, model: type[T], *, object_id: uuid.UUID, lock: bool = False) -> T | None:
-    q = select(model).where(model.id == object_id)
-    return await session.scalar(q.with_for_update() if lock else q)
-
-
-async def list_for_project(
-    session: AsyncSession,
-    model: type[T],
-    *,
-    project_id: uuid.UUID | None,
-    visible: set[uuid.UUID] | None,
-    after: uuid.UUID | None,
-    limit: int,
-) -> list[T]:
-    """limit + 1 rows (the extra one says a next page exists), by id."""
-    q = select(model).order_by(model.id).limit(limit + 1)
-    if project_id is not None:
-        q = q.where(model.project_id == project_id)
-    if visible is not None:
-        q = q.where(model.project_id.in_(visible))
-    if after is not None:
-        q = q.where(model.id > after)
-    return list(await session.scalars(q))
 
 
 async def revisions(
@@ -60,33 +28,6 @@ async def delete_row(session: AsyncSession, row: Any) -> None:
 
 
 # -- what a spec names, in one project ------------------------------------------------------------
-
-
-async def deployment(session: AsyncSession, project_id: uuid.UUID, *, ref: str) -> Deployment | None:
-    """A live deployment of the project by id or name."""
-    as_id = as_uuid(ref)
-    q = select(Deployment).where(Deployment.project_id == project_id, Deployment.deleting.is_(False))
-    return await session.scalar(q.where(Deployment.id == as_id) if as_id else q.where(Deployment.name == ref))
-
-
-async def ruleset(session: AsyncSession, project_id: uuid.UUID, *, ref: str) -> Ruleset | None:
-    as_id = as_uuid(ref)
-    q = select(Ruleset).where(Ruleset.project_id == project_id)
-    return await session.scalar(q.where(Ruleset.id == as_id) if as_id else q.where(Ruleset.name == ref))
-
-
-async def knowledge_base(session: AsyncSession, project_id: uuid.UUID, *, ref: str) -> KnowledgeBase | None:
-    as_id = as_uuid(ref)
-    q = select(KnowledgeBase).where(KnowledgeBase.project_id == project_id)
-    return await session.scalar(
-        q.where(KnowledgeBase.id == as_id) if as_id else q.where(KnowledgeBase.name == ref)
-    )
-
-
-async def mcp_server(session: AsyncSession, project_id: uuid.UUID, *, ref: str) -> McpServer | None:
-    as_id = as_uuid(ref)
-    q = select(McpServer).where(McpServer.project_id == project_id)
-    return await session.scalar(q.where(McpServer.id == as_id) if as_id else q.where(McpServer.name == ref))
 
 
 async def knowledge_bases(

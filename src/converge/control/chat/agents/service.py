@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from converge.config import Settings
+from converge.control.chat import refs
 from converge.control.chat.agents import repository
 from converge.control.chat.agents.runner import AgentRun, run_agent
 from converge.control.chat.agents.schemas import (
@@ -74,7 +75,7 @@ async def visible_agent(
 ) -> Agent:
     """The agent if the caller sees its project (else 404, exactly like a missing one) and holds
     `permission` there (else 403)."""
-    agent = await repository.get(session, Agent, object_id=agent_id, lock=lock)
+    agent = await refs.get(session, Agent, object_id=agent_id, lock=lock)
     if agent is None or not principal.sees(agent.project_id):
         raise NotFound(f"Agent {agent_id} not found")
     await visible_project(session, principal, agent.project_id, permission=permission)
@@ -84,7 +85,7 @@ async def visible_agent(
 async def visible_mcp_server(
     session: AsyncSession, principal: Principal, *, server_id: uuid.UUID, permission: str
 ) -> McpServer:
-    server = await repository.get(session, McpServer, object_id=server_id)
+    server = await refs.get(session, McpServer, object_id=server_id)
     if server is None or not principal.sees(server.project_id):
         raise NotFound(f"MCP server {server_id} not found")
     await visible_project(session, principal, server.project_id, permission=permission)
@@ -110,7 +111,7 @@ def mcp_read(server: McpServer) -> McpServerRead:
 
 
 async def _chat_deployment(session: AsyncSession, project: Project, *, ref: str) -> dict[str, str]:
-    deployment = await repository.deployment(session, project.id, ref=ref)
+    deployment = await refs.deployment(session, project.id, ref=ref)
     if deployment is None:
         raise _missing("chat_deployment", what="deployment", ref=ref, project=project)
     server = str((await current_spec(session, deployment)).get("server") or "")
@@ -126,7 +127,7 @@ async def _chat_deployment(session: AsyncSession, project: Project, *, ref: str)
 async def _ruleset(session: AsyncSession, project: Project, *, ref: str | None) -> dict[str, str] | None:
     if ref is None:
         return None
-    found = await repository.ruleset(session, project.id, ref=ref)
+    found = await refs.ruleset(session, project.id, ref=ref)
     if found is None:
         raise _missing("ruleset", what="ruleset", ref=ref, project=project)
     return {"id": str(found.id), "name": found.name}
@@ -137,7 +138,7 @@ async def _tools(session: AsyncSession, project: Project, *, tools: ToolsIn) -> 
     if tools.knowledge_base_search is not None:
         bases: list[dict[str, str]] = []
         for i, ref in enumerate(tools.knowledge_base_search.knowledge_bases):
-            kb = await repository.knowledge_base(session, project.id, ref=ref)
+            kb = await refs.knowledge_base(session, project.id, ref=ref)
             if kb is None:
                 raise _missing(
                     f"tools.knowledge_base_search.knowledge_bases[{i}]",
@@ -151,7 +152,7 @@ async def _tools(session: AsyncSession, project: Project, *, tools: ToolsIn) -> 
     if tools.http_fetch is not None:
         out["http_fetch"] = {"allow": list(dict.fromkeys(tools.http_fetch.allow))}
     for i, ref in enumerate(tools.mcp_servers):
-        server = await repository.mcp_server(session, project.id, ref=ref)
+        server = await refs.mcp_server(session, project.id, ref=ref)
         if server is None:
             raise _missing(f"tools.mcp_servers[{i}]", what="MCP server", ref=ref, project=project)
         if all(s["id"] != str(server.id) for s in out["mcp_servers"]):

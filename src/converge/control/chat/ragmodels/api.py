@@ -8,6 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
+from converge.control.chat import refs
 from converge.control.chat.ragmodels import repository, service
 from converge.control.chat.ragmodels.schemas import (
     RagModelCreate,
@@ -20,6 +21,7 @@ from converge.control.projects.service import visible_project
 from converge.deps import SessionDep
 from converge.errors import PROBLEM_RESPONSES
 from converge.kit.pagination import Page, PageDep, encode_cursor, uuid_after
+from converge.models import RagModel
 
 router = APIRouter(prefix="/rag/models", tags=["rag-models"], responses=PROBLEM_RESPONSES)
 
@@ -50,8 +52,13 @@ async def list_rag_models(
 ) -> Page[RagModelRead]:
     if project is not None:
         await visible_project(session, principal, project, permission="rag-models:read")
-    rows = await repository.list_for_project(
-        session, project, visible=principal.visible_projects, after=uuid_after(page), limit=page.limit
+    rows = await refs.list_for_project(
+        session,
+        RagModel,
+        project_id=project,
+        visible=principal.visible_projects,
+        after=uuid_after(page),
+        limit=page.limit,
     )
     rows = [r for r in rows if principal.can("rag-models:read", r.project_id)]
     shown = rows[: page.limit]

@@ -8,37 +8,12 @@ from sqlalchemy import delete, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from converge.models import Deployment, KnowledgeBase, RagModel, RagModelRevision
-from converge.models.chat import Ruleset
-
-
-async def get(session: AsyncSession, rag_model_id: uuid.UUID, *, lock: bool = False) -> RagModel | None:
-    q = select(RagModel).where(RagModel.id == rag_model_id)
-    return await session.scalar(q.with_for_update() if lock else q)
 
 
 async def by_name(session: AsyncSession, project_id: uuid.UUID, *, name: str) -> RagModel | None:
     return await session.scalar(
         select(RagModel).where(RagModel.project_id == project_id, RagModel.name == name)
     )
-
-
-async def list_for_project(
-    session: AsyncSession,
-    project_id: uuid.UUID | None,
-    *,
-    visible: set[uuid.UUID] | None,
-    after: uuid.UUID | None,
-    limit: int,
-) -> list[RagModel]:
-    """limit + 1 rows (the extra one says a next page exists), by id."""
-    q = select(RagModel).order_by(RagModel.id).limit(limit + 1)
-    if project_id is not None:
-        q = q.where(RagModel.project_id == project_id)
-    if visible is not None:
-        q = q.where(RagModel.project_id.in_(visible))
-    if after is not None:
-        q = q.where(RagModel.id > after)
-    return list(await session.scalars(q))
 
 
 async def revisions(session: AsyncSession, rag_model_id: uuid.UUID) -> list[RagModelRevision]:
@@ -58,20 +33,6 @@ async def delete_model(session: AsyncSession, rag_model: RagModel) -> None:
     await session.execute(delete(RagModel).where(RagModel.id == rag_model.id))
 
 
-def _ref(ref: str) -> uuid.UUID | None:
-    try:
-        return uuid.UUID(ref)
-    except ValueError:
-        return None
-
-
-async def deployment(session: AsyncSession, project_id: uuid.UUID, *, ref: str) -> Deployment | None:
-    """A live deployment of the project by id or name."""
-    as_id = _ref(ref)
-    q = select(Deployment).where(Deployment.project_id == project_id, Deployment.deleting.is_(False))
-    return await session.scalar(q.where(Deployment.id == as_id) if as_id else q.where(Deployment.name == ref))
-
-
 async def name_taken_by_deployment(session: AsyncSession, project_id: uuid.UUID, *, name: str) -> str | None:
     """The deployment whose name or alias `name` is, in the project (the gateway routes those first)."""
     found = await session.scalar(
@@ -84,23 +45,9 @@ async def name_taken_by_deployment(session: AsyncSession, project_id: uuid.UUID,
     return found
 
 
-async def knowledge_base(session: AsyncSession, project_id: uuid.UUID, *, ref: str) -> KnowledgeBase | None:
-    as_id = _ref(ref)
-    q = select(KnowledgeBase).where(KnowledgeBase.project_id == project_id)
-    return await session.scalar(
-        q.where(KnowledgeBase.id == as_id) if as_id else q.where(KnowledgeBase.name == ref)
-    )
-
-
 async def knowledge_bases(session: AsyncSession, ids: list[uuid.UUID]) -> dict[uuid.UUID, KnowledgeBase]:
     rows = await session.scalars(select(KnowledgeBase).where(KnowledgeBase.id.in_(ids)))
     return {kb.id: kb for kb in rows}
-
-
-async def ruleset(session: AsyncSession, project_id: uuid.UUID, *, ref: str) -> Ruleset | None:
-    as_id = _ref(ref)
-    q = select(Ruleset).where(Ruleset.project_id == project_id)
-    return await session.scalar(q.where(Ruleset.id == as_id) if as_id else q.where(Ruleset.name == ref))
 
 
 async def made_by(session: AsyncSession, *, prefix: str) -> list[RagModel]:

@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from converge.control.chat import refs as lookups  # `refs` names the knowledge bases asked for
 from converge.control.chat.ragmodels import repository
 from converge.control.chat.ragmodels.schemas import (
     RagModelCreate,
@@ -43,7 +44,7 @@ async def visible_rag_model(
 ) -> RagModel:
     """The RAG model if the caller sees its project (else 404, like a missing one) and holds
     `permission` there (else 403)."""
-    found = await repository.get(session, rag_model_id, lock=lock)
+    found = await lookups.get(session, RagModel, object_id=rag_model_id, lock=lock)
     if found is None or not principal.sees(found.project_id):
         raise NotFound(f"RAG model {rag_model_id} not found")
     await visible_project(session, principal, found.project_id, permission=permission)
@@ -70,7 +71,7 @@ def absent(field: str, message: str) -> NotFound:
 
 
 async def _chat_deployment(session: AsyncSession, project: Project, *, ref: str) -> dict[str, Any]:
-    deployment = await repository.deployment(session, project.id, ref=ref)
+    deployment = await lookups.deployment(session, project.id, ref=ref)
     if deployment is None:
         raise absent("chat_deployment", f"project '{project.name}' has no deployment '{ref}' (by id or name)")
     server = (await current_spec(session, deployment)).get("server", "llama-cpp")
@@ -89,7 +90,7 @@ async def _knowledge_bases(
     found: list[dict[str, Any]] = []
     keys: set[str] = set()
     for i, ref in enumerate(refs):
-        kb = await repository.knowledge_base(session, project.id, ref=ref)
+        kb = await lookups.knowledge_base(session, project.id, ref=ref)
         if kb is None:
             raise absent(
                 f"knowledge_bases.{i}",
@@ -113,7 +114,7 @@ async def _knowledge_bases(
 async def _ruleset(session: AsyncSession, project: Project, *, ref: str | None) -> dict[str, Any] | None:
     if ref is None:
         return None
-    ruleset = await repository.ruleset(session, project.id, ref=ref)
+    ruleset = await lookups.ruleset(session, project.id, ref=ref)
     if ruleset is None:
         raise absent("ruleset", f"project '{project.name}' has no ruleset '{ref}' (by id or name)")
     return {"id": str(ruleset.id), "name": ruleset.name}

@@ -8,6 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
+from converge.control.chat import refs
 from converge.control.chat.rulesets import repository, service
 from converge.control.chat.rulesets.schemas import (
     AttachmentRead,
@@ -21,6 +22,7 @@ from converge.control.projects.service import visible_project
 from converge.deps import SessionDep
 from converge.errors import PROBLEM_RESPONSES
 from converge.kit.pagination import Page, PageDep, encode_cursor, int_after, uuid_after
+from converge.models import Ruleset
 
 router = APIRouter(prefix="/rulesets", tags=["rulesets"], responses=PROBLEM_RESPONSES)
 
@@ -49,8 +51,13 @@ async def list_rulesets(
 ) -> Page[RulesetRead]:
     if project is not None:
         await visible_project(session, principal, project, permission="rulesets:read")
-    rows = await repository.list_for_project(
-        session, project, visible=principal.visible_projects, after=uuid_after(page), limit=page.limit
+    rows = await refs.list_for_project(
+        session,
+        Ruleset,
+        project_id=project,
+        visible=principal.visible_projects,
+        after=uuid_after(page),
+        limit=page.limit,
     )
     shown = rows[: page.limit]
     return Page(

@@ -7,32 +7,7 @@ import uuid
 from sqlalchemy import delete, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from converge.models import Agent, Deployment, DeploymentRuleset, RagModel, Ruleset, RulesetVersion
-
-
-async def get(session: AsyncSession, ruleset_id: uuid.UUID, *, lock: bool = False) -> Ruleset | None:
-    q = select(Ruleset).where(Ruleset.id == ruleset_id)
-    if lock:
-        q = q.with_for_update()
-    return await session.scalar(q)
-
-
-async def list_for_project(
-    session: AsyncSession,
-    project_id: uuid.UUID | None,
-    *,
-    visible: set[uuid.UUID] | None,
-    after: uuid.UUID | None,
-    limit: int,
-) -> list[Ruleset]:
-    q = select(Ruleset).order_by(Ruleset.id).limit(limit + 1)
-    if project_id is not None:
-        q = q.where(Ruleset.project_id == project_id)
-    if visible is not None:
-        q = q.where(Ruleset.project_id.in_(list(visible)))
-    if after is not None:
-        q = q.where(Ruleset.id > after)
-    return list((await session.scalars(q)).all())
+from converge.models import Agent, Deployment, DeploymentRuleset, RagModel, RulesetVersion
 
 
 async def versions(

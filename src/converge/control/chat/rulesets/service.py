@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from converge.control.chat import refs
 from converge.control.chat.rulesets import repository
 from converge.control.chat.rulesets.schemas import (
     AttachmentRead,
@@ -51,7 +52,7 @@ async def visible_ruleset(
 ) -> Ruleset:
     """The ruleset if the caller sees its project (else 404, like a missing one) and holds
     `permission` there (else 403)."""
-    ruleset = await repository.get(session, ruleset_id, lock=lock)
+    ruleset = await refs.get(session, Ruleset, object_id=ruleset_id, lock=lock)
     if ruleset is None or not principal.sees(ruleset.project_id):
         raise NotFound(f"Ruleset {ruleset_id} not found")
     await visible_project(session, principal, ruleset.project_id, permission=permission)

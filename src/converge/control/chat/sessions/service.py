@@ -17,8 +17,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from converge.control.chat import runtime
-from converge.control.chat.ragmodels import repository as rag_repository
+from converge.control.chat import refs, runtime
 from converge.control.chat.ragmodels.service import absent
 from converge.control.chat.runtime import ChatRuntime, Outcome, Prepared, Target
 from converge.control.chat.sessions import context, repository
@@ -184,7 +183,7 @@ async def prepare_turn(
             session_id = uuid.uuid4()
             new_session = {"title": body.title or _title(new_messages)}
         if body.ruleset is not None:
-            ruleset = await rag_repository.ruleset(session, project.id, ref=body.ruleset)
+            ruleset = await refs.ruleset(session, project.id, ref=body.ruleset)
             if ruleset is None:
                 raise absent(
                     "ruleset", f"project '{project.name}' has no ruleset '{body.ruleset}' (by id or name)"
