@@ -153,20 +153,28 @@ def _converge_env(data_dir: Path, port: int) -> dict[str, str]:
 
 def converge_up(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
     """`converge up` on `data_dir` (embedded PostgreSQL, no workers), once it answers /readiness."""
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "converge"), "up"],
-        env=_converge_env(data_dir, port),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    log = data_dir / "converge-up.log"  # appended: a restart's log follows the first one's
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "converge"), "up"],
+            env=_converge_env(data_dir, port),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     deadline = time.monotonic() + 90
+    last = ""
     while True:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/readiness", timeout=2).status_code == 200:
+            resp = httpx.get(f"http://127.0.0.1:{port}/readiness", timeout=2)
+            if resp.status_code == 200:
                 return proc
-        except httpx.HTTPError:
-            pass
+            last = resp.text
+        except httpx.HTTPError as exc:
+            last = repr(exc)
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise AssertionError("converge up did not become ready")
+            tail = log.read_text(errors="replace")[-3000:]
+            raise AssertionError(
+                f"converge up did not become ready (exit {proc.poll()}; last: {last})\n{tail}"
+            )
         time.sleep(0.3)
