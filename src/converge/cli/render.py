@@ -100,8 +100,8 @@ def platform(  # typer passes every option by name
 
 DASHBOARDS_HELP = """Print Converge's Grafana dashboards as JSON, or write them into a directory.
 
-The platform overview, one deployment, the gateway, and the library and governance, built from
-typed Python (converge.observability.dashboards) so their queries stay in step with /metrics. Each
+The platform overview, one deployment, the gateway, the library and governance, and the
+controller and workers, built from typed Python (converge.observability.dashboards) so their queries stay in step with /metrics. Each
 picks its Prometheus data source from a variable. Without --dir: one JSON object, file name to
 dashboard. The files under deploy/grafana/ are this command's output:
 

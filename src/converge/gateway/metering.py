@@ -107,6 +107,14 @@ class Spool:
 
     def __init__(self, path: Path, *, max_bytes: int) -> None:
         self.path, self.max_bytes = path, max_bytes
+        self.rows = self._count()  # what an earlier process left is part of the backlog
+
+    def _count(self) -> int:
+        try:
+            with self.path.open("rb") as stream:
+                return sum(chunk.count(b"\n") for chunk in iter(lambda: stream.read(1 << 20), b""))
+        except FileNotFoundError:
+            return 0
 
     @property
     def size(self) -> int:
@@ -134,6 +142,7 @@ class Spool:
                 os.fsync(fd)  # once per failed batch (a second), not per request
             finally:
                 os.close(fd)
+            self.rows += kept
         return len(lines) - kept
 
     def lines(self) -> list[str]:
@@ -143,6 +152,7 @@ class Spool:
     def clear(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.truncate(self.path, 0)
+        self.rows = 0
 
 
 class _Loop(Service):
@@ -221,6 +231,11 @@ class Meter(_Loop):
         self.written = 0
         self._key_touch_s = key_touch_s  # api_keys.last_used_at is written at most this often
         self._on_dropped = on_dropped
+
+    @property
+    def backlog(self) -> int:
+        """Rows waiting to be written: in memory and in the spool."""
+        return len(self.pending) + (self.spool.rows if self.spool is not None else 0)
 
     def record(
         self,

@@ -1,7 +1,8 @@
 """Prometheus metrics of the data path, labelled by deployment ("<project>/<name>").
 
-Counters and histograms are updated per request (a few microseconds); in-flight, queue depth
-and breaker state are read from the pools only when Prometheus scrapes.
+Counters and histograms are updated per request (a few microseconds); in-flight, queue depth,
+breaker state and the meter's backlog are read from the pools and the meter only when
+Prometheus scrapes.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 if TYPE_CHECKING:
+    from converge.gateway.metering import Meter
     from converge.gateway.routing import Pool
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -70,7 +72,13 @@ class GatewayMetrics:
             registry=registry,
         )
         registry.register(_PoolCollector(pools))
+        self._meter: Callable[[], Meter | None] = lambda: None
+        registry.register(_MeterCollector(lambda: self._meter()))
         self._series: dict[tuple[str, str], Series] = {}
+
+    def watch_meter(self, meter: Callable[[], Meter | None]) -> None:
+        """Where the backlog gauge reads the meter (once the gateway has started one)."""
+        self._meter = meter
 
     def series(self, deployment: str, endpoint: str) -> Series:
         """The bound children of one deployment and endpoint (labels() costs more per call)."""
@@ -133,3 +141,18 @@ class _PoolCollector:
         yield in_flight
         yield queued
         yield breaker
+
+
+class _MeterCollector:
+    def __init__(self, meter: Callable[[], Meter | None]) -> None:
+        self._meter = meter
+
+    def collect(self) -> Iterator[Any]:
+        backlog = GaugeMetricFamily(
+            "converge_gateway_meter_backlog",
+            "Usage records waiting to be written to the database, the spool's included",
+        )
+        meter = self._meter()
+        if meter is not None:
+            backlog.add_metric([], meter.backlog)
+        yield backlog

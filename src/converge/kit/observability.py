@@ -1,17 +1,25 @@
-"""Logs (structlog, JSON), Prometheus metrics and the ASGI middleware that feeds both."""
+"""Logs (structlog, JSON), Prometheus metrics and the ASGI middleware that feeds both.
+
+`Metrics` is one process's registry: the API's own series, and what the background services
+(controller, build and ingestion runners) and readiness report through it. Labels are bounded by
+the installation (deployment "<project>/<name>", server kind, outcome, policy name), never by a
+request: no ids, no raw user strings.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextvars import ContextVar
 from typing import Any
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -35,6 +43,12 @@ def configure_logging(level: str = "INFO", *, json_logs: bool = True) -> None:
     )
 
 
+# How long reconciling one deployment takes (a database read, apply, observe, a status write).
+RECONCILE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# Builds (fetch, smoke-load, benchmark) and ingestion jobs: seconds to an hour.
+JOB_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
+
+
 class Metrics:
     """One registry per app instance, so two apps in one process (tests) never collide."""
 
@@ -53,6 +67,107 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=self.registry,
         )
+        self.ready = Gauge(
+            "converge_ready",
+            "1 while a readiness check passes, 0 while it fails (the checks of GET /readiness)",
+            ["check"],
+            registry=self.registry,
+        )
+        self.reconcile_duration = Histogram(
+            "converge_reconcile_duration_seconds",
+            "Controller: reconciling one deployment (read, apply, observe, status)",
+            buckets=RECONCILE_BUCKETS,
+            registry=self.registry,
+        )
+        self.reconcile_errors = Counter(
+            "converge_reconcile_errors_total",
+            "Controller: reconciles of a deployment that failed (the next pass retries)",
+            registry=self.registry,
+        )
+        self.replicas = Gauge(
+            "converge_replicas",
+            "Replicas the runtime observes, by deployment (<project>/<name>) and phase; the leading controller's view",
+            ["deployment", "phase"],
+            registry=self.registry,
+        )
+        self.replica_restarts = Counter(
+            "converge_replica_restarts_total",
+            "Replica restarts the runtime reported (a crash, restarted), by deployment (<project>/<name>)",
+            ["deployment"],
+            registry=self.registry,
+        )
+        self.build_duration = Histogram(
+            "converge_build_duration_seconds",
+            "Finished builds, from start to finish, by server kind and outcome (succeeded, failed, cancelled)",
+            ["server", "outcome"],
+            buckets=JOB_BUCKETS,
+            registry=self.registry,
+        )
+        self.ingestion_duration = Histogram(
+            "converge_ingestion_job_duration_seconds",
+            "Finished runs of ingestion jobs by outcome (succeeded, failed, cancelled)",
+            ["outcome"],
+            buckets=JOB_BUCKETS,
+            registry=self.registry,
+        )
+        self.chunks_embedded = Counter(
+            "converge_ingestion_chunks_embedded_total",
+            "Chunks ingestion jobs embedded",
+            registry=self.registry,
+        )
+        self.policy_denials = Counter(
+            "converge_policy_denials_total",
+            "Actions refused by a deny policy, by scope (registration, approval, deployment) and policy name",
+            ["scope", "policy"],
+            registry=self.registry,
+        )
+        self._phases: dict[str, tuple[str, ...]] = {}  # deployment -> the phases it has series for
+        self._checks: set[str] = set()  # the readiness checks with a series
+
+    def observe_readiness(self, checks: Mapping[str, bool]) -> None:
+        """Every check /readiness computed (a check it no longer makes loses its series)."""
+        for check, ok in checks.items():
+            self.ready.labels(check).set(1 if ok else 0)
+        for gone in self._checks - set(checks):
+            self.ready.remove(gone)
+        self._checks = set(checks)
+
+    def observe_replicas(self, deployment: str, phases: Mapping[str, int]) -> None:
+        """The replicas of one deployment by phase (every phase, 0 included, so a phase that
+        empties reads 0 rather than its last value); its restart counter exists from now on."""
+        for phase, count in phases.items():
+            self.replicas.labels(deployment, phase).set(count)
+        self._phases[deployment] = tuple(phases)
+        self.replica_restarts.labels(deployment)
+
+    def count_restarts(self, deployment: str, restarts: int) -> None:
+        if restarts > 0:
+            self.replica_restarts.labels(deployment).inc(restarts)
+
+    def forget_deployment(self, deployment: str) -> None:
+        """A deleted deployment's series go with it (the label set stays that of live ones)."""
+        for phase in self._phases.pop(deployment, ()):
+            self.replicas.remove(deployment, phase)
+        with contextlib.suppress(KeyError):
+            self.replica_restarts.remove(deployment)
+
+    def forget_replicas(self) -> None:
+        """No longer leading: the replica counts are the next leader's to report."""
+        self.replicas.clear()
+        self._phases.clear()
+
+    def observe_build(self, *, server: str, outcome: str, seconds: float) -> None:
+        self.build_duration.labels(server, outcome).observe(max(0.0, seconds))
+
+    def observe_ingestion(self, *, outcome: str, seconds: float, chunks: int) -> None:
+        self.ingestion_duration.labels(outcome).observe(max(0.0, seconds))
+        if chunks > 0:
+            self.chunks_embedded.inc(chunks)
+
+    def watch_leaders(self, services: Callable[[], Iterable[Any]]) -> None:
+        """`converge_leader{role}`: 1 while this process holds a leader-elected service's lock
+        (the services with an `is_leader` flag), 0 while it stands by."""
+        self.registry.register(_LeaderCollector(services))
 
     def watch_pool(self, pool_status: Callable[[], dict[str, int]]) -> None:
         class PoolCollector:
@@ -64,6 +179,36 @@ class Metrics:
                     yield g
 
         self.registry.register(PoolCollector())
+
+
+class _LeaderCollector:
+    def __init__(self, services: Callable[[], Iterable[Any]]) -> None:
+        self._services = services
+
+    def collect(self) -> Iterator[Any]:
+        leader = GaugeMetricFamily(
+            "converge_leader",
+            "1 while this process leads the role (holds its lock), 0 while it stands by",
+            labels=["role"],
+        )
+        for service in list(self._services()):
+            flag = getattr(service, "is_leader", None)
+            if isinstance(flag, bool):
+                leader.add_metric([service.name], 1 if flag else 0)
+        yield leader
+
+
+# The metrics of the app serving this request (set by RequestContextMiddleware), for code a
+# request runs that has no other way to them, such as admission counting its policy denials.
+metrics_var: ContextVar[Metrics | None] = ContextVar("metrics", default=None)
+
+
+def count_policy_denials(*, scope: str, policies: Iterable[str]) -> None:
+    """One denial per deny policy that refused the action (policy names: admins', bounded)."""
+    metrics = metrics_var.get()
+    if metrics is not None:
+        for policy in policies:
+            metrics.policy_denials.labels(scope, policy).inc()
 
 
 def _route_template(scope: Scope) -> str:
@@ -109,6 +254,7 @@ class RequestContextMiddleware:
             return
 
         seen = 0
+        metrics_token = metrics_var.set(self.metrics)
 
         async def counting_receive() -> Message:
             nonlocal seen
@@ -135,6 +281,7 @@ class RequestContextMiddleware:
         finally:
             self._observe(scope, status, start)
             structlog.contextvars.unbind_contextvars("request_id")
+            metrics_var.reset(metrics_token)
             request_id_var.reset(token)
 
     def _observe(self, scope: Scope, status: int, start: float) -> None:

@@ -1,108 +1,31 @@
-"""Converge's Grafana dashboards: the platform overview, one deployment, the gateway, and the
-library and governance. `converge render dashboards --dir deploy/grafana` writes them; a test
-regenerates them and compares with the checked-in JSON, and another fails when a query selects a
-metric that `/metrics` does not expose.
+"""Converge's Grafana dashboards: the platform overview, one deployment, the gateway, the
+library and governance, and the controller and workers (GPUs included). `converge render
+dashboards --dir deploy/grafana` writes them; a test regenerates them and compares with the
+checked-in JSON, and another fails when a query selects a metric that `/metrics` does not expose.
 
-Queries only use what `/metrics` exposes today. Ratios and filtered series fall back to 0 where
-the numerator has no series yet (`... or <denominator> * 0`), so a panel says 0, not "No data".
-Metrics that issue 20 part 1 is to add (tokens/s per replica, KV cache, GPU memory, replica
-restarts, build and ingestion jobs, policy denials by rule) get panels when they exist.
+Queries only use what `/metrics` exposes. Ratios and filtered series fall back to 0 where the
+numerator has no series yet (`... or <denominator> * 0`), so a panel says 0, not "No data". The
+GPU panels are the exception by design: without a GPU there are no GPU series, and they say so.
+Per-replica engine figures (tokens/s, KV cache, slots; issue 12) get panels when replicas report them.
 """
 
 from __future__ import annotations
 
-from converge.observability.grafana import (
-    Dashboard,
-    Kind,
-    Panel,
-    Row,
-    Target,
-    Threshold,
-    Unit,
-    Variable,
+from converge.observability.grafana import Dashboard, Row, Target, Threshold, Unit
+from converge.observability.panels import (
+    DEPLOYMENT,
+    ERROR_THRESHOLDS,
+    JOB,
+    RATE,
+    TTFT_OBJECTIVE_S,
+    D,
+    J,
+    line,
+    quantile,
+    rate,
+    ratio,
+    stat,
 )
-
-RATE = "$__rate_interval"
-TTFT_OBJECTIVE_S = 2.0  # deploy/prometheus: deployment:converge_gateway_time_to_first_token_slo_seconds
-ERROR_RATIO_WARNING = 0.05  # deploy/prometheus: ConvergeDeploymentErrorRatio
-
-JOB = Variable(name="job", label="job", metric="converge_http_requests_total", title="Job")
-DEPLOYMENT = Variable(
-    name="deployment",
-    label="deployment",
-    metric='converge_gateway_requests_total{job=~"$job"}',
-    title="Deployment",
-    multi=False,
-)
-
-
-def _sel(metric: str, *matchers: str) -> str:
-    return f"{metric}{{{', '.join(matchers)}}}" if matchers else metric
-
-
-def _rate(metric: str, *matchers: str, by: str = "") -> str:
-    group = f" by ({by})" if by else ""
-    return f"sum{group} (rate({_sel(metric, *matchers)}[{RATE}]))"
-
-
-def _ratio(metric: str, part: str, *matchers: str, by: str = "") -> str:
-    """The share of `metric`'s rate whose labels also match `part`; 0, not absent, when none do."""
-    whole = _rate(metric, *matchers, by=by)
-    return f"({_rate(metric, *matchers, part, by=by)} or {whole} * 0) / {whole}"
-
-
-def _quantile(q: float, histogram: str, *matchers: str, by: str = "") -> str:
-    group = ", ".join(filter(None, (by, "le")))
-    return f"histogram_quantile({q:g}, {_rate(f'{histogram}_bucket', *matchers, by=group)})"
-
-
-def _line(
-    title: str,
-    *targets: Target,
-    description: str = "",
-    unit: Unit = Unit.SHORT,
-    stacked: bool = False,
-    thresholds: tuple[Threshold, ...] = (),
-    minimum: float | None = None,
-    maximum: float | None = None,
-    width: int = 12,
-) -> Panel:
-    return Panel(
-        title=title,
-        targets=targets,
-        description=description,
-        unit=unit,
-        stacked=stacked,
-        thresholds=thresholds,
-        minimum=minimum,
-        maximum=maximum,
-        width=width,
-    )
-
-
-def _stat(
-    title: str,
-    expr: str,
-    *,
-    description: str = "",
-    unit: Unit = Unit.SHORT,
-    thresholds: tuple[Threshold, ...] = (),
-) -> Panel:
-    return Panel(
-        title=title,
-        targets=(Target(expr, instant=True),),
-        description=description,
-        kind=Kind.STAT,
-        unit=unit,
-        thresholds=thresholds,
-        width=4,
-        height=4,
-    )
-
-
-ERROR_THRESHOLDS = (Threshold(None, "green"), Threshold(ERROR_RATIO_WARNING, "red"))
-J = 'job=~"$job"'
-D = 'deployment=~"$deployment"'
 
 
 def overview() -> Dashboard:
@@ -110,55 +33,66 @@ def overview() -> Dashboard:
     health = Row(
         "Health",
         (
-            _stat(
+            stat(
                 "Processes up",
                 f"sum(up{{{J}}})",
                 description="Converge processes Prometheus scrapes successfully",
             ),
-            _stat("API requests/s", _rate(http, J), unit=Unit.REQUESTS_PER_SECOND),
-            _stat(
+            stat("API requests/s", rate(http, J), unit=Unit.REQUESTS_PER_SECOND),
+            stat(
                 "API 5xx ratio",
-                _ratio(http, 'status=~"5.."', J),
+                ratio(http, 'status=~"5.."', J),
                 unit=Unit.RATIO,
                 thresholds=ERROR_THRESHOLDS,
             ),
-            _stat("Inference requests/s", f"{_rate(gw, J)} or vector(0)", unit=Unit.REQUESTS_PER_SECOND),
-            _stat(
+            stat("Inference requests/s", f"{rate(gw, J)} or vector(0)", unit=Unit.REQUESTS_PER_SECOND),
+            stat(
                 "Tokens/s",
-                f"{_rate('converge_gateway_tokens_total', J)} or vector(0)",
+                f"{rate('converge_gateway_tokens_total', J)} or vector(0)",
                 unit=Unit.PER_SECOND,
             ),
-            _stat(
+            stat(
                 "Usage records dropped",
                 f"sum(increase(converge_gateway_meter_dropped_total{{{J}}}[$__range]))",
                 description="In the time range: usage the database never received (budgets and cost miss it)",
                 thresholds=(Threshold(None, "green"), Threshold(1, "red")),
+            ),
+            stat(
+                "Readiness checks failing",
+                f"count(converge_ready{{{J}}} == 0) or vector(0)",
+                description="Checks of GET /readiness failing now, across processes (database, migrations, services)",
+                thresholds=(Threshold(None, "green"), Threshold(1, "red")),
+            ),
+            stat(
+                "Controller leading",
+                f'max(converge_leader{{{J}, role="controller"}}) or vector(0)',
+                description="1 while one process holds the controller's lock; 0: no deployment is reconciled",
+                thresholds=(Threshold(None, "red"), Threshold(1, "green")),
             ),
         ),
     )
     api = Row(
         "Control plane API",
         (
-            _line(
+            line(
                 "Requests by status",
-                Target(_rate(http, J, by="status"), "{{status}}"),
+                Target(rate(http, J, by="status"), "{{status}}"),
                 unit=Unit.REQUESTS_PER_SECOND,
                 stacked=True,
             ),
-            _line(
+            line(
                 "Latency p95 by route",
-                Target(_quantile(0.95, "converge_http_request_duration_seconds", J, by="route"), "{{route}}"),
+                Target(quantile(0.95, "converge_http_request_duration_seconds", J, by="route"), "{{route}}"),
                 unit=Unit.SECONDS,
             ),
-            _line(
-                "Readiness probes answered 503",
-                Target(_ratio(http, 'status="503"', J, 'route="/readiness"', by="instance"), "{{instance}}"),
-                description="Share of /readiness probes failing (database, migrations or a service down)",
-                unit=Unit.RATIO,
+            line(
+                "Readiness checks",
+                Target(f"min by (instance, check) (converge_ready{{{J}}})", "{{instance}} {{check}}"),
+                description="1 passing, 0 failing: the checks of GET /readiness, recomputed at every scrape",
                 minimum=0,
                 maximum=1,
             ),
-            _line(
+            line(
                 "Database connection pool",
                 Target(f"sum by (instance) (converge_db_pool_checked_out{{{J}}})", "{{instance}} in use"),
                 Target(f"sum by (instance) (converge_db_pool_size{{{J}}})", "{{instance}} pool size"),
@@ -169,24 +103,24 @@ def overview() -> Dashboard:
     inference = Row(
         "Inference",
         (
-            _line(
+            line(
                 "Requests by deployment",
-                Target(_rate(gw, J, by="deployment"), "{{deployment}}"),
+                Target(rate(gw, J, by="deployment"), "{{deployment}}"),
                 unit=Unit.REQUESTS_PER_SECOND,
                 stacked=True,
             ),
-            _line(
+            line(
                 "Error ratio by deployment (5xx)",
-                Target(_ratio(gw, 'status=~"5.."', J, by="deployment"), "{{deployment}}"),
+                Target(ratio(gw, 'status=~"5.."', J, by="deployment"), "{{deployment}}"),
                 unit=Unit.RATIO,
                 thresholds=ERROR_THRESHOLDS,
             ),
-            _line(
+            line(
                 "In flight and queued",
                 Target(f"sum(converge_gateway_in_flight{{{J}}})", "in flight"),
                 Target(f"sum(converge_gateway_queue_depth{{{J}}})", "queued"),
             ),
-            _line(
+            line(
                 "Replicas by breaker state",
                 Target(f"count(converge_gateway_breaker_state{{{J}}} == 0) or vector(0)", "closed"),
                 Target(f"count(converge_gateway_breaker_state{{{J}}} > 0) or vector(0)", "open or half-open"),
@@ -208,28 +142,28 @@ def deployment() -> Dashboard:
     traffic = Row(
         "Traffic",
         (
-            _line(
+            line(
                 "Requests by status",
-                Target(_rate(gw, J, D, by="status"), "{{status}}"),
+                Target(rate(gw, J, D, by="status"), "{{status}}"),
                 unit=Unit.REQUESTS_PER_SECOND,
                 stacked=True,
             ),
-            _line(
+            line(
                 "Requests by endpoint",
-                Target(_rate(gw, J, D, by="endpoint"), "{{endpoint}}"),
+                Target(rate(gw, J, D, by="endpoint"), "{{endpoint}}"),
                 unit=Unit.REQUESTS_PER_SECOND,
                 stacked=True,
             ),
-            _line(
+            line(
                 "Error ratio (5xx)",
-                Target(_ratio(gw, 'status=~"5.."', J, D), "5xx"),
+                Target(ratio(gw, 'status=~"5.."', J, D), "5xx"),
                 description="4xx and 499 are the callers' and not counted",
                 unit=Unit.RATIO,
                 thresholds=ERROR_THRESHOLDS,
             ),
-            _line(
+            line(
                 "Tokens per second",
-                Target(_rate("converge_gateway_tokens_total", J, D, by="kind"), "{{kind}}"),
+                Target(rate("converge_gateway_tokens_total", J, D, by="kind"), "{{kind}}"),
                 unit=Unit.PER_SECOND,
                 stacked=True,
             ),
@@ -242,15 +176,15 @@ def deployment() -> Dashboard:
     latency = Row(
         "Latency",
         (
-            _line(
+            line(
                 "Request duration",
-                *(Target(_quantile(q, duration, J, D), f"p{q * 100:g}") for q in (0.5, 0.95, 0.99)),
+                *(Target(quantile(q, duration, J, D), f"p{q * 100:g}") for q in (0.5, 0.95, 0.99)),
                 description="From the request to the answer's last byte",
                 unit=Unit.SECONDS,
             ),
-            _line(
+            line(
                 "Time to first token (streaming)",
-                *(Target(_quantile(q, ttft, J, D), f"p{q * 100:g}") for q in (0.5, 0.95)),
+                *(Target(quantile(q, ttft, J, D), f"p{q * 100:g}") for q in (0.5, 0.95)),
                 description=f"The dashed line is the objective the alert rules use ({TTFT_OBJECTIVE_S:g} s)",
                 unit=Unit.SECONDS,
                 thresholds=(Threshold(None, "green"), Threshold(TTFT_OBJECTIVE_S, "red")),
@@ -260,23 +194,35 @@ def deployment() -> Dashboard:
     replicas = Row(
         "Capacity and replicas",
         (
-            _line(
+            line(
                 "In flight and queued",
                 Target(f"sum(converge_gateway_in_flight{{{J}, {D}}})", "in flight"),
                 Target(f"sum(converge_gateway_queue_depth{{{J}, {D}}})", "queued"),
                 description="Queued: waiting for a replica slot (max_in_flight_per_replica each)",
             ),
-            _line(
+            line(
                 "Breaker state per replica",
                 Target(f"max by (replica) (converge_gateway_breaker_state{{{J}, {D}}})", "{{replica}}"),
                 description="0 closed, 1 half-open, 2 open (the replica gets no traffic)",
                 minimum=0,
                 maximum=2,
             ),
-            _line(
+            line(
+                "Replicas by phase",
+                Target(f"sum by (phase) (converge_replicas{{{J}, {D}}})", "{{phase}}"),
+                description="What the runtime observes (starting, ready, draining, backoff after a crash, failed)",
+                stacked=True,
+            ),
+            line(
+                "Replica restarts",
+                Target(f"sum(increase(converge_replica_restarts_total{{{J}, {D}}}[{RATE}]))", "restarts"),
+                description="Crashes the runtime restarted; 3 in 15 minutes is ConvergeReplicaCrashLooping",
+                thresholds=(Threshold(None, "green"), Threshold(1, "orange")),
+            ),
+            line(
                 "Failed attempts against replicas",
                 Target(
-                    _rate("converge_gateway_upstream_errors_total", J, D, by="reason") + " or vector(0)",
+                    rate("converge_gateway_upstream_errors_total", J, D, by="reason") + " or vector(0)",
                     "{{reason}}",
                 ),
                 description="By the status the attempt ended with (retried or not)",
@@ -299,28 +245,28 @@ def gateway() -> Dashboard:
     traffic = Row(
         "Traffic",
         (
-            _line(
+            line(
                 "Requests by deployment",
-                Target(_rate(gw, J, by="deployment"), "{{deployment}}"),
+                Target(rate(gw, J, by="deployment"), "{{deployment}}"),
                 unit=Unit.REQUESTS_PER_SECOND,
                 stacked=True,
             ),
-            _line(
+            line(
                 "Requests by endpoint",
-                Target(_rate(gw, J, by="endpoint"), "{{endpoint}}"),
+                Target(rate(gw, J, by="endpoint"), "{{endpoint}}"),
                 unit=Unit.REQUESTS_PER_SECOND,
                 stacked=True,
             ),
-            _line(
+            line(
                 "Requests by status",
-                Target(_rate(gw, J, by="status"), "{{status}}"),
+                Target(rate(gw, J, by="status"), "{{status}}"),
                 unit=Unit.REQUESTS_PER_SECOND,
                 stacked=True,
             ),
-            _line(
+            line(
                 "Tokens per second by deployment",
                 Target(
-                    _rate("converge_gateway_tokens_total", J, by="deployment, kind"),
+                    rate("converge_gateway_tokens_total", J, by="deployment, kind"),
                     "{{deployment}} {{kind}}",
                 ),
                 unit=Unit.PER_SECOND,
@@ -330,25 +276,25 @@ def gateway() -> Dashboard:
     refusals = Row(
         "Refusals and failures",
         (
-            _line(
+            line(
                 "Refused before a replica, by reason",
                 Target(
-                    _rate("converge_gateway_rejected_total", J, by="reason") + " or vector(0)", "{{reason}}"
+                    rate("converge_gateway_rejected_total", J, by="reason") + " or vector(0)", "{{reason}}"
                 ),
                 description="Rate limits, budgets, governance and hooks, full queues",
                 unit=Unit.PER_SECOND,
                 stacked=True,
             ),
-            _line(
+            line(
                 "Failed attempts against replicas",
                 Target(
-                    _rate("converge_gateway_upstream_errors_total", J, by="deployment, reason")
+                    rate("converge_gateway_upstream_errors_total", J, by="deployment, reason")
                     + " or vector(0)",
                     "{{deployment}} {{reason}}",
                 ),
                 unit=Unit.PER_SECOND,
             ),
-            _line(
+            line(
                 "Replicas not closed, by deployment",
                 Target(
                     f"count by (deployment) (converge_gateway_breaker_state{{{J}}} > 0) or vector(0)",
@@ -356,13 +302,15 @@ def gateway() -> Dashboard:
                 ),
                 description="Replicas whose circuit breaker is open or half-open",
             ),
-            _line(
-                "Usage records dropped",
+            line(
+                "Usage records waiting and dropped",
+                Target(f"sum by (instance) (converge_gateway_meter_backlog{{{J}}})", "{{instance}} waiting"),
                 Target(
                     f"sum by (instance) (increase(converge_gateway_meter_dropped_total{{{J}}}[{RATE}]))",
-                    "{{instance}}",
+                    "{{instance}} dropped",
                 ),
-                description="Dropped when the database was away longer than the meter buffers",
+                description="Waiting: in memory and the spool, written every second while the database takes them."
+                " Dropped: when it was away longer than the meter buffers",
                 thresholds=(Threshold(None, "green"), Threshold(1, "red")),
             ),
         ),
@@ -370,29 +318,29 @@ def gateway() -> Dashboard:
     capacity = Row(
         "Latency and capacity",
         (
-            _line(
+            line(
                 "Request duration p95 by deployment",
                 Target(
-                    _quantile(0.95, "converge_gateway_request_duration_seconds", J, by="deployment"),
+                    quantile(0.95, "converge_gateway_request_duration_seconds", J, by="deployment"),
                     "{{deployment}}",
                 ),
                 unit=Unit.SECONDS,
             ),
-            _line(
+            line(
                 "Time to first token p95 by deployment",
                 Target(
-                    _quantile(0.95, "converge_gateway_time_to_first_token_seconds", J, by="deployment"),
+                    quantile(0.95, "converge_gateway_time_to_first_token_seconds", J, by="deployment"),
                     "{{deployment}}",
                 ),
                 unit=Unit.SECONDS,
                 thresholds=(Threshold(None, "green"), Threshold(TTFT_OBJECTIVE_S, "red")),
             ),
-            _line(
+            line(
                 "In flight by deployment",
                 Target(f"sum by (deployment) (converge_gateway_in_flight{{{J}}})", "{{deployment}}"),
                 stacked=True,
             ),
-            _line(
+            line(
                 "Queued by deployment",
                 Target(f"sum by (deployment) (converge_gateway_queue_depth{{{J}}})", "{{deployment}}"),
                 stacked=True,
@@ -413,27 +361,27 @@ def governance() -> Dashboard:
     library = Row(
         "Library",
         (
-            _line(
+            line(
                 "Library and sources requests by route",
                 Target(
-                    _rate(http, J, 'route=~"/models.*|/sources.*"', by="method, route"),
+                    rate(http, J, 'route=~"/models.*|/sources.*"', by="method, route"),
                     "{{method}} {{route}}",
                 ),
                 unit=Unit.REQUESTS_PER_SECOND,
             ),
-            _line(
+            line(
                 "Approvals, rejections and deprecations",
                 Target(
-                    _rate(http, J, 'route=~".*/(approve|reject|deprecate)"', 'status="200"', by="route")
+                    rate(http, J, 'route=~".*/(approve|reject|deprecate)"', 'status="200"', by="route")
                     + " or vector(0)",
                     "{{route}}",
                 ),
                 unit=Unit.PER_SECOND,
             ),
-            _line(
+            line(
                 "Policy and ruleset changes",
                 Target(
-                    _rate(
+                    rate(
                         http,
                         J,
                         'route=~"/policies.*|/rulesets.*"',
@@ -451,31 +399,40 @@ def governance() -> Dashboard:
     decisions = Row(
         "Governance decisions",
         (
-            _line(
-                "Answered 409 by route",
-                Target(_rate(http, J, 'status="409"', by="route") + " or vector(0)", "{{route}}"),
-                description="A policy denial, a quota or a conflict (a denial count per policy rule is pending)",
+            line(
+                "Policy denials by policy",
+                Target(
+                    rate("converge_policy_denials_total", J, by="scope, policy") + " or vector(0)",
+                    "{{scope}} {{policy}}",
+                ),
+                description="Actions a deny policy refused (each refusing policy counts once)",
                 unit=Unit.PER_SECOND,
             ),
-            _line(
+            line(
+                "Answered 409 by route",
+                Target(rate(http, J, 'status="409"', by="route") + " or vector(0)", "{{route}}"),
+                description="A policy denial, a quota or a conflict",
+                unit=Unit.PER_SECOND,
+            ),
+            line(
                 "Answered 403 by route",
-                Target(_rate(http, J, 'status="403"', by="route") + " or vector(0)", "{{route}}"),
+                Target(rate(http, J, 'status="403"', by="route") + " or vector(0)", "{{route}}"),
                 description="A role lacking the permission",
                 unit=Unit.PER_SECOND,
             ),
-            _line(
+            line(
                 "Guardrail hits by ruleset and rule",
                 Target(
-                    _rate("converge_gateway_guardrail_hits_total", J, by="ruleset, rule, action")
+                    rate("converge_gateway_guardrail_hits_total", J, by="ruleset, rule, action")
                     + " or vector(0)",
                     "{{ruleset}} {{rule}} {{action}}",
                 ),
                 unit=Unit.PER_SECOND,
             ),
-            _line(
+            line(
                 "Gateway refusals: governance, hooks, budgets, limits",
                 Target(
-                    _rate(
+                    rate(
                         "converge_gateway_rejected_total",
                         J,
                         'reason=~"governance|hook|insufficient_quota|rate_limit_exceeded"',
@@ -498,6 +455,137 @@ def governance() -> Dashboard:
     )
 
 
+def workers() -> Dashboard:
+    reconcile = "converge_reconcile_duration_seconds"
+    controller = Row(
+        "Controller",
+        (
+            line(
+                "Leader by role",
+                Target(f"max by (role, instance) (converge_leader{{{J}}})", "{{role}} {{instance}}"),
+                description="1 on the process holding the role's lock, 0 on those standing by",
+                minimum=0,
+                maximum=1,
+            ),
+            line(
+                "Reconcile duration",
+                *(Target(quantile(q, reconcile, J), f"p{q * 100:g}") for q in (0.5, 0.95, 0.99)),
+                description="One deployment: read, apply, observe, status",
+                unit=Unit.SECONDS,
+            ),
+            line(
+                "Reconciles and errors",
+                Target(rate(f"{reconcile}_count", J), "reconciles"),
+                Target(rate("converge_reconcile_errors_total", J), "errors"),
+                unit=Unit.PER_SECOND,
+            ),
+            line(
+                "Replicas by phase",
+                Target(f"sum by (phase) (converge_replicas{{{J}}})", "{{phase}}"),
+                description="Across deployments, as the runtime observes them",
+                stacked=True,
+            ),
+            line(
+                "Replica restarts by deployment",
+                Target(
+                    f"sum by (deployment) (increase(converge_replica_restarts_total{{{J}}}[{RATE}]))",
+                    "{{deployment}}",
+                ),
+                description="Restarts in the interval per deployment: replicas that crashed and were restarted",
+                width=24,
+            ),
+        ),
+    )
+    build = "converge_build_duration_seconds"
+    builds = Row(
+        "Builds",
+        (
+            line(
+                "Finished builds by outcome",
+                Target(
+                    f"sum by (outcome) (increase({build}_count{{{J}}}[{RATE}])) or vector(0)", "{{outcome}}"
+                ),
+                description="Succeeded, failed, cancelled",
+                stacked=True,
+            ),
+            line(
+                "Build duration p50 and p95 by server",
+                *(
+                    Target(quantile(q, build, J, by="server"), f"{{{{server}}}} p{q * 100:g}")
+                    for q in (0.5, 0.95)
+                ),
+                description="From start to finish: fetch, smoke-load, benchmark",
+                unit=Unit.SECONDS,
+            ),
+        ),
+    )
+    ingest = "converge_ingestion_job_duration_seconds"
+    ingestion = Row(
+        "Ingestion",
+        (
+            line(
+                "Finished ingestion jobs by outcome",
+                Target(
+                    f"sum by (outcome) (increase({ingest}_count{{{J}}}[{RATE}])) or vector(0)", "{{outcome}}"
+                ),
+                stacked=True,
+            ),
+            line(
+                "Ingestion job duration p95",
+                Target(quantile(0.95, ingest, J), "p95"),
+                unit=Unit.SECONDS,
+            ),
+            line(
+                "Chunks embedded per second",
+                Target(rate("converge_ingestion_chunks_embedded_total", J) + " or vector(0)", "chunks"),
+                unit=Unit.PER_SECOND,
+                width=24,
+            ),
+        ),
+    )
+    gpus = Row(
+        "GPUs",
+        (
+            line(
+                "GPU memory used",
+                Target(
+                    f"converge_gpu_memory_used_bytes{{{J}}} / converge_gpu_memory_total_bytes{{{J}}}",
+                    "{{instance}} GPU {{gpu}} {{profile}}",
+                ),
+                description="Per GPU and MIG slice; no data where there is no GPU (or no NVML)",
+                unit=Unit.RATIO,
+                minimum=0,
+                maximum=1,
+                thresholds=(Threshold(None, "green"), Threshold(0.95, "red")),
+            ),
+            line(
+                "GPU memory",
+                Target(f"converge_gpu_memory_used_bytes{{{J}}}", "{{instance}} GPU {{gpu}} {{profile}} used"),
+                Target(
+                    f"converge_gpu_memory_total_bytes{{{J}}}", "{{instance}} GPU {{gpu}} {{profile}} total"
+                ),
+                unit=Unit.BYTES,
+            ),
+            line(
+                "GPU utilisation",
+                Target(f"converge_gpu_utilization_ratio{{{J}}}", "{{instance}} GPU {{gpu}}"),
+                description="Share of time a kernel ran; NVML reports none for MIG slices",
+                unit=Unit.RATIO,
+                minimum=0,
+                maximum=1,
+                width=24,
+            ),
+        ),
+    )
+    return Dashboard(
+        uid="converge-workers",
+        title="Converge / Controller and workers",
+        description="The controller's reconciles and leadership, replicas, builds, ingestion and GPUs",
+        variables=(JOB,),
+        rows=(controller, builds, ingestion, gpus),
+    )
+
+
 def all_dashboards() -> dict[str, Dashboard]:
     """File name (under deploy/grafana/) to dashboard."""
     return {
@@ -505,4 +593,5 @@ def all_dashboards() -> dict[str, Dashboard]:
         "deployment.json": deployment(),
         "gateway.json": gateway(),
         "governance.json": governance(),
+        "workers.json": workers(),
     }

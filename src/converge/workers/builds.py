@@ -32,6 +32,7 @@ from converge.control.builds.schemas import BuildState
 from converge.control.library import acquire
 from converge.control.library import repository as library_repo
 from converge.kit.net import free_port
+from converge.kit.observability import Metrics
 from converge.kit.service import Service, cancel
 from converge.models import Build
 from converge.runtime.base import ServerKind
@@ -59,8 +60,10 @@ class BuildRunner(Service):
         concurrency: int = 1,
         poll_s: float = 1.0,
         sandbox: Sandbox | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         super().__init__()
+        self._metrics = metrics or Metrics()
         self._sessions, self._settings, self._store = sessions, settings, store
         self._sandbox = sandbox or Sandbox()
         self._concurrency, self._poll_s = concurrency, poll_s
@@ -102,7 +105,7 @@ class BuildRunner(Service):
                 log.warning("build_failed", build_id=str(build_id), error=str(exc))
                 results, state, reason = None, BuildState.FAILED, failure_reason(exc)
             say_outcome(out, state, reason)
-        await record(self._sessions, build_id, state, reason=reason, results=results)
+        await record(self._sessions, build_id, state, reason=reason, results=results, metrics=self._metrics)
 
     async def _steps(self, build_id: uuid.UUID, out: TextIO) -> dict[str, Any]:
         target = await load_target(self._sessions, build_id)
@@ -199,16 +202,20 @@ async def record(
     reason: str,
     results: dict[str, Any] | None,
     if_running: bool = False,
+    metrics: Metrics | None = None,
 ) -> bool:
     """The build's outcome: state, reason, results, `finished_at`, its event, and the version's
-    benchmark figures on success. `if_running`: only while the build is still running (another
-    runner may have finished it). Returns whether it was recorded."""
+    benchmark figures on success (and in `metrics`, its duration). `if_running`: only while the
+    build is still running (another runner may have finished it). Returns whether it was recorded."""
     async with transaction(sessions) as session:
         build = await session.get(Build, build_id, with_for_update=True)
         if build is None or (if_running and build.state != BuildState.RUNNING):
             return False
         await service.finish(session, build, state, reason=reason, results=results)
-        return True
+    if metrics is not None and build.started_at is not None and build.finished_at is not None:
+        seconds = (build.finished_at - build.started_at).total_seconds()
+        metrics.observe_build(server=build.server, outcome=state.value, seconds=seconds)
+    return True
 
 
 def failure_reason(exc: BaseException) -> str:

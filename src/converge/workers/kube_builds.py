@@ -31,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from converge.config import Settings
 from converge.control.builds import service
 from converge.control.builds.schemas import BuildState
+from converge.kit.observability import Metrics
 from converge.kit.service import Service, cancel
 from converge.models import Project
 from converge.runtime.kubernetes import build_status
@@ -101,8 +102,10 @@ class KubeBuildRunner(Service):
         concurrency: int = 1,
         poll_s: float = 1.0,
         timeout_s: int = 3600,
+        metrics: Metrics | None = None,
     ) -> None:
         super().__init__()
+        self._metrics = metrics or Metrics()
         self._sessions, self._settings = sessions, settings
         self._client, self._config = client, config
         self._artifact_base_uri = artifact_base_uri
@@ -348,7 +351,15 @@ class KubeBuildRunner(Service):
             if results is not None:
                 say(out, f"benchmark: {results}")
             say_outcome(out, state, reason)
-        if await record(self._sessions, build_id, state, reason=reason, results=results, if_running=True):
+        if await record(
+            self._sessions,
+            build_id,
+            state,
+            reason=reason,
+            results=results,
+            if_running=True,
+            metrics=self._metrics,
+        ):
             log.info("kube_build_finished", build_id=str(build_id), state=state.value, reason=reason)
         self._tracked.pop(build_id, None)
 

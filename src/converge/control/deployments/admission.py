@@ -16,6 +16,7 @@ from converge.control.projects.principal import Principal
 from converge.core.lifecycle import VersionState
 from converge.core.policy import evaluate, version_facts
 from converge.errors import PolicyDenied, QuotaExceeded, Unprocessable
+from converge.kit.observability import count_policy_denials
 from converge.models import LibraryModel, ModelVersion, Project
 from converge.runtime.base import ServerKind, Zone
 
@@ -126,6 +127,8 @@ async def check_policies(
         settings=settings,
     )
     if reasons:
+        denied = [o["rule"] for o in decision["outcomes"] if o["effect"] == "deny" and o["outcome"] != "pass"]
+        count_policy_denials(scope="deployment", policies=denied)
         raise PolicyDenied(
             "Deployment refused: " + "; ".join(reasons), extra={"reasons": reasons, "decision": decision}
         )

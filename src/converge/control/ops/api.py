@@ -17,6 +17,7 @@ from converge.storage.db import current_revision
 
 router = APIRouter(tags=["operations"])
 PUBLIC_PATHS = frozenset({"/health", "/readiness", "/metrics"})
+READINESS_IN_SCRAPE_S = 3.0  # a scrape refreshes converge_ready; a hanging database must not stall it
 
 
 @router.get("/health")
@@ -55,6 +56,7 @@ async def readiness(state: StateDep) -> JSONResponse:
     for service in state.services:
         checks[service.name] = {"ok": bool(service.healthy)}
     ok = all(c["ok"] for c in checks.values())
+    state.metrics.observe_readiness({name: c["ok"] for name, c in checks.items()})
     body = {"status": "ready" if ok else "not_ready", "checks": checks}
     return JSONResponse(body, status_code=200 if ok else 503)
 
@@ -69,5 +71,9 @@ async def metrics(request: Request, state: StateDep) -> Response:
         expected = token.get_secret_value().encode()
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
             raise Unauthorized("/metrics needs the metrics bearer token (CONVERGE_SERVER__METRICS_TOKEN)")
+    try:
+        await asyncio.wait_for(readiness(state), timeout=READINESS_IN_SCRAPE_S)
+    except TimeoutError:
+        state.metrics.ready.labels("database").set(0)
     registry = state.metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

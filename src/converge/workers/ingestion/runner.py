@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -14,6 +15,7 @@ from converge.config import Settings
 from converge.control.rag import retrieval
 from converge.control.rag.schemas import JobState
 from converge.gateway.api import Gateway
+from converge.kit.observability import Metrics
 from converge.kit.service import Service, cancel
 from converge.models import IngestionJob, KnowledgeBase
 from converge.storage.artifacts import ArtifactStore
@@ -36,8 +38,10 @@ class IngestionRunner(Service):
         store: ArtifactStore,
         gateway: Gateway | None,
         concurrency: int = 1,
+        metrics: Metrics | None = None,
     ) -> None:
         super().__init__()
+        self._metrics = metrics or Metrics()
         self.deps = Deps(sessions=sessions, settings=settings, store=store, gateway=gateway)
         self._concurrency = concurrency
         self._active: set[asyncio.Task[None]] = set()
@@ -67,6 +71,7 @@ class IngestionRunner(Service):
 
     async def run(self, job_id: uuid.UUID) -> None:
         """Run a job this process has claimed (state running, heartbeat fresh) to its end."""
+        started = time.monotonic()
         stop = asyncio.Event()
         watcher = asyncio.create_task(self._watch(job_id, stop))
         progress = Progress()
@@ -86,6 +91,8 @@ class IngestionRunner(Service):
         finally:
             await cancel(watcher)
         files = await self._finish(job_id, state, reason=reason, progress=progress)
+        seconds = time.monotonic() - started
+        self._metrics.observe_ingestion(outcome=state.value, seconds=seconds, chunks=progress.chunks_done)
         await self._remove_uploads(job_id, files)
         if progress.stored:
             await self._after_ingest(job_id)

@@ -1,0 +1,169 @@
+"""The deployment metrics move when the thing happens: the controller's replicas by phase, restarts,
+reconcile duration and errors (against the in-memory runtime), and a deny policy's denials."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any
+
+import httpx
+from support import ADMIN, make_project
+
+from converge.control.builds.schemas import BuildState
+from converge.kit.observability import Metrics
+from converge.models import Build
+from converge.runtime.fake import FakeBackend
+from converge.workers.controller import Controller
+
+
+async def deployable_version(app: Any, client: httpx.AsyncClient) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(project, version): an approved version the project may deploy."""
+    project = await make_project(client)
+    model = (await client.post("/models", json={"name": f"m-{uuid.uuid4().hex[:8]}"}, headers=ADMIN)).json()
+    version = (
+        await client.post(
+            f"/models/{model['id']}/versions/upload",
+            params={"version": "v1", "filename": "weights.bin"},
+            # Random bytes that start like a pickle (0x80) would be scanned as one: never let them.
+            content=b"weights " + os.urandom(248),
+            headers={**ADMIN, "content-type": "application/octet-stream"},
+        )
+    ).json()
+    made = await client.post("/keys", json={"name": "approver", "role": "library-approver"}, headers=ADMIN)
+    approver = {"Authorization": f"Bearer {made.json()['token']}"}
+    approved = await client.post(
+        f"/models/{model['id']}/versions/{version['id']}/approve", json={}, headers=approver
+    )
+    assert approved.status_code == 200, approved.text
+    async with app.state.converge.session_factory() as session, session.begin():
+        session.add(
+            Build(
+                project_id=uuid.UUID(project["id"]),
+                model_version_id=uuid.UUID(version["id"]),
+                profile="cpu",
+                server="llama-cpp",
+                state=BuildState.SUCCEEDED,
+                results={"tokens_per_s": 42.0},
+                created_by="test",
+            )
+        )
+    return project, approved.json()
+
+
+def spec(version_id: str, **overrides: Any) -> dict[str, Any]:
+    return {
+        "name": f"d-{uuid.uuid4().hex[:8]}",
+        "model_version_id": version_id,
+        "server": "llama-cpp",
+        "resources": {"cpu": 1, "memory_bytes": 1 << 30},
+        **overrides,
+    }
+
+
+def controller(app: Any, backend: FakeBackend, metrics: Metrics) -> Controller:
+    state = app.state.converge
+    return Controller(
+        sessions=state.session_factory,
+        settings=state.settings,
+        store=state.artifacts,
+        runtime=backend,
+        conninfo="unused",
+        metrics=metrics,
+    )
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, labels)
+
+
+async def test_replicas_by_phase_and_restarts_follow_what_the_runtime_observes(app, client):
+    project, version = await deployable_version(app, client)
+    created = await client.post(
+        "/deployments",
+        params={"project": project["id"]},
+        json=spec(version["id"], replicas={"min": 2, "max": 2}),
+        headers=ADMIN,
+    )
+    d = created.json()
+    label = f"{project['name']}/{d['name']}"  # as the gateway labels it
+    backend, metrics = FakeBackend(), Metrics()
+    ctl = controller(app, backend, metrics)
+    await ctl.reconcile(uuid.UUID(d["id"]))
+    await ctl.reconcile(uuid.UUID(d["id"]))
+    assert sample(metrics, "converge_replicas", deployment=label, phase="ready") == 2
+    assert sample(metrics, "converge_replicas", deployment=label, phase="backoff") == 0
+    assert sample(metrics, "converge_replica_restarts_total", deployment=label) == 0  # exists, at 0
+
+    replicas = (await client.get(f"/deployments/{d['id']}", headers=ADMIN)).json()["status"]["replicas"]
+    backend.crash(replicas[0]["id"])
+    await ctl.reconcile(uuid.UUID(d["id"]))  # observed: restarted once
+    assert sample(metrics, "converge_replica_restarts_total", deployment=label) == 1
+    backend.crash(replicas[0]["id"])
+    backend.crash(replicas[1]["id"])
+    await ctl.reconcile(uuid.UUID(d["id"]))
+    assert sample(metrics, "converge_replica_restarts_total", deployment=label) == 3
+    await ctl.reconcile(uuid.UUID(d["id"]))  # nothing new crashed: the count stays
+    assert sample(metrics, "converge_replica_restarts_total", deployment=label) == 3
+
+    assert (await client.delete(f"/deployments/{d['id']}", headers=ADMIN)).status_code in (200, 202, 204)
+    await ctl.reconcile(uuid.UUID(d["id"]))  # deleted: its series go with it
+    assert sample(metrics, "converge_replicas", deployment=label, phase="ready") is None
+    assert sample(metrics, "converge_replica_restarts_total", deployment=label) is None
+
+
+class _Unreachable(FakeBackend):
+    """A runtime that refuses everything, as a cluster API that is away."""
+
+    def artifact_path(self, *, sha256: str) -> str | None:
+        raise RuntimeError("the runtime is away")
+
+    async def delete(self, *, deployment_id: uuid.UUID) -> None:
+        raise RuntimeError("the runtime is away")
+
+
+async def test_a_pass_counts_each_failed_reconcile_and_times_every_one(app, client):
+    project, version = await deployable_version(app, client)
+    await client.post(
+        "/deployments", params={"project": project["id"]}, json=spec(version["id"]), headers=ADMIN
+    )
+    metrics = Metrics()
+    good = controller(app, FakeBackend(), metrics)
+    await good.reconcile_all()
+    reconciled = sample(metrics, "converge_reconcile_duration_seconds_count")
+    assert reconciled is not None and reconciled >= 1
+    assert sample(metrics, "converge_reconcile_errors_total") == 0
+
+    await controller(app, _Unreachable(), metrics).reconcile_all()
+    # The database is shared with tests running beside this one: the second pass may see a few
+    # deployments more or fewer than the first, but every reconcile it made failed and was timed.
+    second_pass = sample(metrics, "converge_reconcile_duration_seconds_count") - reconciled
+    assert second_pass >= 1  # ours, at least
+    assert sample(metrics, "converge_reconcile_errors_total") == second_pass
+
+
+async def test_a_deny_policy_counts_its_denial_by_name(app, client):
+    project, version = await deployable_version(app, client)
+    name = f"no-deploys-{uuid.uuid4().hex[:8]}"
+    policy = await client.post(
+        "/policies",
+        json={
+            "name": name,
+            "expression": "false",
+            "message": "deployments are frozen",
+            "effect": "deny",
+            "scope": "deployment",
+        },
+        headers=ADMIN,
+    )
+    assert policy.status_code == 201, policy.text
+    metrics = app.state.converge.metrics
+    before = sample(metrics, "converge_policy_denials_total", scope="deployment", policy=name) or 0
+    for _ in range(2):
+        refused = await client.post(
+            "/deployments", params={"project": project["id"]}, json=spec(version["id"]), headers=ADMIN
+        )
+        assert refused.status_code == 409, refused.text
+    assert sample(metrics, "converge_policy_denials_total", scope="deployment", policy=name) == before + 2
+    scrape = (await client.get("/metrics")).text
+    assert f'converge_policy_denials_total{{policy="{name}",scope="deployment"}} 2.0' in scrape
