@@ -51,6 +51,7 @@ from converge.gateway.api import Gateway
 from converge.kit.observability import Metrics, RequestContextMiddleware
 from converge.kit.roles import Role
 from converge.kit.schemas import storable_parameters
+from converge.observability.gpu import GpuCollector
 from converge.runtime.base import RuntimeBackend
 from converge.runtime.local.sandbox import Sandbox
 from converge.runtime.local.sandbox import prepare as prepare_sandbox
@@ -70,6 +71,7 @@ from converge.workers.controller import Controller
 from converge.workers.defaults import DefaultDeployer
 from converge.workers.ingestion import IngestionRunner
 from converge.workers.registry_sync import CatalogueSeeder, RegistrySync
+from converge.workers.replica_meter import CostMeter
 
 log = structlog.get_logger(__name__)
 DESCRIPTION = (
@@ -150,6 +152,7 @@ def create_app(
 ) -> FastAPI:
     """The application. `runtime` replaces the local process supervisor (tests pass a fake)."""
     metrics = Metrics()
+    metrics.registry.register(GpuCollector())  # no series at all where there is no GPU
     gateway = Gateway(settings, registry=metrics.registry) if _embeds_gateway(settings) else None
 
     @contextlib.asynccontextmanager
@@ -181,6 +184,7 @@ def create_app(
             services=[broadcaster],
         )
         app.state.converge = state
+        metrics.watch_leaders(lambda: state.services)
         if settings.runs(Role.API):  # the first key is shown by the process people talk to
             async with transaction(sessions) as session:
                 token = await ensure_admin_key(session, settings)
@@ -194,6 +198,7 @@ def create_app(
         await broadcaster.start()
         if gateway is not None:  # the data path runs whether or not this process runs the workers
             await gateway.start(sessions=sessions, conninfo=conninfo)
+            gateway.metrics.watch_meter(lambda: gateway.meter)
             state.services.append(gateway)
             # RAG models and agents answer /v1 in-process (the gateway cannot import them).
             gateway.virtual_handler = ChatRuntime(state, gateway).virtual_handler
@@ -208,7 +213,11 @@ def create_app(
         store = state.artifacts
         workers: list[Any] = []
         if settings.runs(Role.CONTROLLER):
+            cost_meter = CostMeter(
+                sessions=sessions, flush_s=settings.cost.meter_flush_s, rollup_s=settings.cost.rollup_s
+            )
             workers += [
+                cost_meter,  # started before the controller, stopped after it: the last sums are written
                 RegistrySync(sessions=sessions, settings=settings, store=store),
                 Controller(
                     sessions=sessions,
@@ -216,9 +225,13 @@ def create_app(
                     store=store,
                     runtime=state.runtime,
                     conninfo=conninfo,
+                    metrics=metrics,
+                    meter=cost_meter.meter,
                 ),
             ]
-            workers += _cluster_workers(settings, state.runtime, sessions=sessions, conninfo=conninfo)
+            workers += _cluster_workers(
+                settings, state.runtime, sessions=sessions, conninfo=conninfo, metrics=metrics
+            )
         if settings.runs(Role.WORKER):
             if state.runtime.type != "kubernetes":  # on a cluster, builds are Jobs (the controller's)
                 workers.append(
@@ -228,10 +241,13 @@ def create_app(
                         store=store,
                         concurrency=settings.build_concurrency,
                         sandbox=sandbox,
+                        metrics=metrics,
                     )
                 )
             workers.append(
-                IngestionRunner(sessions=sessions, settings=settings, store=store, gateway=gateway)
+                IngestionRunner(
+                    sessions=sessions, settings=settings, store=store, gateway=gateway, metrics=metrics
+                )
             )
         for service in workers:
             await service.start()
@@ -316,7 +332,7 @@ def create_app(
 
 
 def _cluster_workers(
-    settings: Settings, runtime: RuntimeBackend, *, sessions: Any, conninfo: str
+    settings: Settings, runtime: RuntimeBackend, *, sessions: Any, conninfo: str, metrics: Metrics
 ) -> list[Any]:
     """What the controller role also runs on Kubernetes, through the runtime's client (the one
     identity the platform's RBAC lets write to the cluster): builds as Jobs, a `Model` object per
@@ -340,6 +356,7 @@ def _cluster_workers(
             config=runtime.config,
             artifact_base_uri=base_uri,
             concurrency=settings.build_concurrency,
+            metrics=metrics,
         ),
         ModelObjects(
             sessions=sessions,

@@ -147,6 +147,14 @@ class ChatSettings(BaseModel):
     http_fetch_timeout_s: float = Field(default=10.0, gt=0)
 
 
+class CostSettings(BaseModel):
+    """Measured cost (see workers/replica_meter.py): how often replica time is written (a crash
+    loses at most this much) and how often usage roll-ups and budgets are recomputed."""
+
+    meter_flush_s: float = Field(default=10.0, gt=0, le=3600)
+    rollup_s: float = Field(default=300.0, gt=0, le=86400)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CONVERGE_", env_nested_delimiter="__", extra="ignore", frozen=True
@@ -174,6 +182,7 @@ class Settings(BaseSettings):
     gateway: GatewaySettings = GatewaySettings()
     rag: RagSettings = RagSettings()
     chat: ChatSettings = ChatSettings()
+    cost: CostSettings = CostSettings()
     sandbox: SandboxSettings = SandboxSettings()
     runtime: RuntimeSettings = RuntimeSettings()
 

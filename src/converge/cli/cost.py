@@ -176,3 +176,146 @@ def cost_prices(
         )
         table(rows, ["resource", "unit", "on-demand", "spot", "MIG profiles"], title=f"Zone {name}{default}")
     echo(Text(f"A month is {catalogue['hours_per_month']:g} hours."))
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:,.2f} h" if seconds >= 36 else f"{seconds:,.0f} s"
+
+
+@cost.command("report")
+def cost_report(
+    *,
+    project: Annotated[
+        str | None, typer.Option(help="Project id or name (admins may leave it out for every project)")
+    ] = None,
+    since: Annotated[
+        str | None, typer.Option(help="First UTC day, YYYY-MM-DD (default: 29 days back)")
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="Last UTC day, YYYY-MM-DD (default: today)")] = None,
+    by: Annotated[str, typer.Option("--by", help="deployment | day (one row per deployment and day)")] = (
+        "deployment"
+    ),
+    as_json: JsonOpt = False,
+    profile: ProfileOpt = None,
+) -> None:
+    """Measured cost: replica time x the catalogue's prices, tokens metered, cost per million tokens."""
+    params = {"project": project, "since": since, "until": until, "group_by": by}
+    body = api(profile).call(
+        "GET", "/cost/report", params={key: value for key, value in params.items() if value is not None}
+    )
+    if as_json:
+        _raw(body)
+        return
+    show_report(body)
+
+
+def show_report(body: dict[str, Any]) -> None:
+    currency, by_day = body["currency"], body["group_by"] == "day"
+
+    def row(r: dict[str, Any], label: str) -> dict[str, Any]:
+        per_m = r["cost_per_million_tokens"]
+        return {
+            "day": r.get("day") or "",
+            "deployment": label,
+            "replica time": _hours(r["replica_seconds"]),
+            "per replica-hour": "" if r["price_per_hour"] is None else _money(r["price_per_hour"], currency),
+            "cost": _money(r["cost"], currency),
+            "requests": f"{r['requests']:,}",
+            "tokens": f"{r['total_tokens']:,}",
+            "per 1M tokens": "-" if per_m is None else _money(per_m, currency),
+        }
+
+    rows = [row(r, r["deployment"] or f"{r['deployment_id']} (deleted)") for r in body["data"]]
+    rows.append(row(body["totals"], "Total"))
+    columns = [
+        "deployment",
+        "replica time",
+        "per replica-hour",
+        "cost",
+        "requests",
+        "tokens",
+        "per 1M tokens",
+    ]
+    table(rows, ["day", *columns] if by_day else columns, title=f"Cost {body['since']} .. {body['until']}")
+    for line in sorted({n for r in body["data"] for n in r["notes"]}):
+        note(Text(line))
+
+
+@cost.command("budget")
+def cost_budget(
+    project: Annotated[str, typer.Argument(help="Project id or name")],
+    *,
+    monthly: Annotated[
+        float | None,
+        typer.Option(help="Set the budget per calendar month (UTC), in the catalogue's currency"),
+    ] = None,
+    enforce: Annotated[
+        bool | None,
+        typer.Option("--enforce/--no-enforce", help="Refuse the project's gateway requests once it is spent"),
+    ] = None,
+    remove: Annotated[bool, typer.Option("--remove", help="Remove the budget")] = False,
+    as_json: JsonOpt = False,
+    profile: ProfileOpt = None,
+) -> None:
+    """Show a project's money budget and this month's measured cost, or set or remove it."""
+    client, path = api(profile), f"/cost/budgets/{project}"
+    if remove:
+        client.call("DELETE", path)
+        note(Text(f"Budget of project {project} removed"))
+        return
+    if monthly is not None or enforce is not None:
+        current = {} if monthly is not None else client.call("GET", path)
+        body = {
+            "monthly": monthly if monthly is not None else current["monthly"],
+            "enforce": bool(enforce) if enforce is not None else bool(current.get("enforce", False)),
+        }
+        result = client.call("PUT", path, json=body)
+    else:
+        result = client.call("GET", path)
+    if as_json:
+        _raw(result)
+        return
+    currency = result["currency"]
+    fields(
+        [
+            ("month", result["month"]),
+            ("budget", _money(result["monthly"], currency)),
+            ("spent", f"{_money(result['spent'], currency)} ({result['percent']:g} %)"),
+            ("alerted at", f"{result['alerted']} %" if result["alerted"] else "-"),
+            ("enforce", "yes: the gateway refuses once spent" if result["enforce"] else "no: alerts only"),
+            ("refusing", "YES" if result["refusing"] else "no"),
+        ]
+    )
+
+
+@cost.command("recommendations")
+def cost_recommendations(
+    *,
+    project: Annotated[
+        str | None, typer.Option(help="Project id or name (admins may leave it out for every project)")
+    ] = None,
+    as_json: JsonOpt = False,
+    profile: ProfileOpt = None,
+) -> None:
+    """Where deployments could cost less (right-size, scale to zero), with why and the numbers."""
+    params = {"project": project} if project else {}
+    body = api(profile).call("GET", "/cost/recommendations", params=params)
+    if as_json:
+        _raw(body)
+        return
+    currency = body["currency"]
+    rows = [
+        {
+            "deployment": r["deployment"],
+            "advice": r["kind"].replace("_", " "),
+            "saves a month": _money(r["monthly_savings"], currency),
+            "why": Text(r["why"]),
+        }
+        for r in body["data"]
+    ]
+    if rows:
+        table(rows, ["deployment", "advice", "saves a month", "why"], title="Recommendations")
+    else:
+        note(Text(f"Nothing to advise from the last {body['window_days']} days"))
+    for line in body["not_checked"]:
+        note(Text(f"not checked: {line}"))

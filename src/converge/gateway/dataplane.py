@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from converge.models import (
     LibraryModel,
     ModelVersion,
     Project,
+    ProjectBudget,
     RagModel,
     Ruleset,
 )
@@ -188,10 +190,18 @@ async def load_snapshot(session: AsyncSession, previous: Snapshot | None = None)
         # data-path credential at all: it answers like an unknown key.
         if role_allows(key.role, "inference:use"):
             snap.keys[key.prefix] = key_entry(key)
+    enforced = select(ProjectBudget).where(ProjectBudget.enforce, ProjectBudget.exceeded)
+    spent = {b.project_id: b for b in await session.scalars(enforced)}
     for row in await session.scalars(select(Project)):
-        snap.projects[row.id] = ProjectEntry(
-            id=row.id, name=row.name, limits=Limits.from_json(row.limits), scope=f"p:{row.id}"
-        )
+        limits = Limits.from_json(row.limits)
+        if row.id in spent:  # an enforced money budget is spent: refuse like a spent token budget
+            budget = spent[row.id]
+            why = (
+                f"The project's monthly budget of {budget.monthly:g} is spent ({budget.spent:.2f} measured"
+                f" this month); it renews on the 1st (UTC) or when an owner raises it (PUT /cost/budgets/{row.name})"
+            )
+            limits = dataclasses.replace(limits or Limits(), spent_budget=(budget.month, why))
+        snap.projects[row.id] = ProjectEntry(id=row.id, name=row.name, limits=limits, scope=f"p:{row.id}")
         snap.project_names[row.name] = row.id
     rows = await session.execute(
         select(

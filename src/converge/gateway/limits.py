@@ -50,6 +50,9 @@ class Limits:
     tpm: int | None = None
     concurrency: int | None = None
     monthly_tokens: int | None = None
+    # An enforced money budget that measured cost has reached: (the month it was reached in, why).
+    # Set from project_budgets by the snapshot; it stops counting when that month ends.
+    spent_budget: tuple[int, str] | None = None
 
     @staticmethod
     def from_json(data: dict[str, Any] | None) -> Limits | None:
@@ -164,6 +167,13 @@ class Limiter:
                 running = self.in_flight.get(scope, 0) + self.others_in_flight.get(scope, 0)
                 if running + 1 > limits.concurrency:
                     return self._reject(scope, f"{limits.concurrency} concurrent requests", 1, "", 0, 0)
+            if limits.spent_budget is not None and limits.spent_budget[0] == month:
+                return Rejection(
+                    code="insufficient_quota",
+                    message=limits.spent_budget[1],
+                    retry_after=seconds_to_next_month(now),
+                    headers=(),
+                )
             if limits.monthly_tokens is not None:
                 used = self._count(scope, "month", month)[1]
                 if used + tokens > limits.monthly_tokens:

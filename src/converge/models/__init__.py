@@ -15,7 +15,7 @@ from converge.models.chat import (
     Ruleset,
     RulesetVersion,
 )
-from converge.models.cost import PriceCatalogueVersion
+from converge.models.cost import PriceCatalogueVersion, ProjectBudget, ReplicaUsageDaily, UsageDaily
 from converge.models.deployment import Build, Deployment, DeploymentRevision
 from converge.models.event import Event
 from converge.models.library import Approval, Artifact, LibraryModel, ModelVersion
@@ -58,7 +58,10 @@ __all__ = [
     "PolicyRevision",
     "PriceCatalogueVersion",
     "Project",
+    "ProjectBudget",
+    "ReplicaUsageDaily",
     "Source",
     "SourceItem",
+    "UsageDaily",
     "UsageRecord",
 ]

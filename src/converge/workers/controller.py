@@ -32,12 +32,14 @@ from converge.control.library import repository as library_repo
 from converge.control.projects import repository as projects_repo
 from converge.core.lifecycle import SERVABLE
 from converge.kit import channels
+from converge.kit.observability import Metrics
 from converge.kit.service import Service
 from converge.models import Deployment
 from converge.runtime.base import (
     Condition,
     DeploymentSpec,
     Observation,
+    ReplicaPhase,
     ReplicaTemplate,
     Resources,
     RuntimeBackend,
@@ -46,6 +48,7 @@ from converge.runtime.base import (
 from converge.storage.artifacts import ArtifactStore
 from converge.storage.db import transaction
 from converge.storage.leader import leadership
+from converge.workers.replica_meter import ReplicaMeter
 
 log = structlog.get_logger(__name__)
 LEADER_LOCK_KEY = 0x43_74_72_6C  # "Ctrl"
@@ -106,8 +109,13 @@ class Controller(Service):
         runtime: RuntimeBackend,
         conninfo: str,
         interval_s: float = 1.0,
+        metrics: Metrics | None = None,
+        meter: ReplicaMeter | None = None,
     ) -> None:
         self._sessions, self._settings, self._store = sessions, settings, store
+        self.meter = meter  # measured cost: replica-seconds from every observation
+        self._metrics = metrics or Metrics()
+        self._labels: dict[uuid.UUID, str] = {}  # "<project>/<name>", as the gateway labels it
         self._runtime, self._conninfo, self._interval = runtime, conninfo, interval_s
         super().__init__()
         self._paths: dict[str, Path] = {}
@@ -135,6 +143,7 @@ class Controller(Service):
                 await asyncio.sleep(self._interval)
             finally:
                 self.is_leader = False
+                self._metrics.forget_replicas()
 
     async def _wake_requests(self, conn: psycopg.AsyncConnection[Any]) -> set[uuid.UUID]:
         """Wait up to one interval for the gateway's wake requests (returning at the first)."""
@@ -156,10 +165,13 @@ class Controller(Service):
         async with self._sessions() as session:
             ids = [d.id for d in await repository.all_active(session)]
         for deployment_id in ids:
+            started = time.perf_counter()
             try:
                 await self.reconcile(deployment_id)
             except Exception:
+                self._metrics.reconcile_errors.inc()
                 log.exception("reconcile_failed", deployment_id=str(deployment_id))
+            self._metrics.reconcile_duration.observe(time.perf_counter() - started)
         self.passes += 1
 
     async def _artifact(self, sha256: str) -> str:
@@ -177,6 +189,10 @@ class Controller(Service):
             deployment = await repository.get(session, deployment_id)
             if deployment is None:
                 return
+            if deployment.id not in self._labels:  # names never change: looked up once
+                project = await projects_repo.get_project(session, deployment.project_id)
+                owner = project.name if project is not None else deployment.project_id
+                self._labels[deployment.id] = f"{owner}/{deployment.name}"
             rev = await repository.revision(session, deployment.id, deployment.revision)
             version = await library_repo.get_version(session, deployment.model_version_id)
             denied = (
@@ -200,6 +216,7 @@ class Controller(Service):
                 if row is not None:
                     await session.delete(row)
             self._load.pop(deployment.id, None)
+            self._metrics.forget_deployment(self._labels.pop(deployment.id, ""))
             return
         assert rev is not None and version is not None
         spec = rev.spec
@@ -243,6 +260,17 @@ class Controller(Service):
         )
         observed = await self._runtime.observe(deployment_id=deployment.id)
         self._observed[deployment.id] = observed
+        if self.meter is not None:
+            self.meter.observe(
+                project_id=deployment.project_id,
+                revision=rev.revision,
+                resources=spec["resources"],
+                observed=observed,
+            )
+        phases = [r.phase for r in observed.replicas]
+        self._metrics.observe_replicas(
+            self._labels[deployment.id], {p.value: phases.count(p) for p in ReplicaPhase}
+        )
         await self._write_status(
             deployment, observed, target=target, servable=servable, version_state=version.state, denied=denied
         )
@@ -352,6 +380,9 @@ class Controller(Service):
                     object_id=row.id,
                     changes={"replica": replica_id, "restarts": count},
                 )
+        self._metrics.count_restarts(
+            self._labels[deployment.id], sum(n - memory.restarts.get(r, 0) for r, n in restarted.items())
+        )
         memory.restarts.update({r.id: r.restarts for r in observed.replicas})
 
 
@@ -366,11 +397,19 @@ def canary_replicas(deployment: Deployment, spec: dict[str, Any], target: int) -
 
 def server_args(spec: dict[str, Any]) -> tuple[str, ...]:
     """The spec's server args, plus a thread count that matches the replica's CPU allowance:
-    llama.cpp threads spin while they wait, so one per granted core, never all the machine's."""
+    llama.cpp threads spin while they wait, so one per granted core, never all the machine's;
+    and, for a deployment given GPUs, every layer offloaded to them (the spec's own args win)."""
     args = list(spec.get("args", []))
-    if spec["server"] == ServerKind.LLAMA_CPP and "--n-threads" not in args:
-        args += ["--n-threads", str(max(1, int(spec["resources"]["cpu"])))]
+    if spec["server"] == ServerKind.LLAMA_CPP:
+        if "--n-threads" not in args:
+            args += ["--n-threads", str(max(1, int(spec["resources"]["cpu"])))]
+        if "--n-gpu-layers" not in args and has_gpu(spec["resources"]):
+            args += ["--n-gpu-layers", "-1"]
     return tuple(args)
+
+
+def has_gpu(resources: dict[str, Any]) -> bool:
+    return bool(resources.get("gpus")) or resources.get("mig_profile") is not None
 
 
 def _phase(conditions: list[Condition], *, target: int, servable: bool) -> str:

@@ -1,19 +1,27 @@
-"""HTTP for cost: the price catalogue (read by anyone, changed by organisation admins) and estimates."""
+"""HTTP for cost: the price catalogue (read by anyone, changed by organisation admins), estimates,
+measured cost reports and project budgets."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Query
+from fastapi import APIRouter, Body, Path, Query, Response
 
-from converge.control.cost import repository, service
+from converge.control.cost import budgets, recommendations, repository, service
+from converge.control.cost import report as reports
 from converge.control.cost.schemas import (
+    BudgetBody,
+    BudgetRead,
     CatalogueBody,
     CatalogueRead,
     CatalogueVersionSummary,
+    CostReport,
+    CostReportQuery,
     EstimateRead,
     EstimateRequest,
     Note,
+    RecommendationsRead,
 )
 from converge.control.projects.auth import PrincipalDep, require
 from converge.control.projects.principal import Principal
@@ -94,3 +102,65 @@ async def estimate(*, body: EstimateRequest, session: SessionDep, principal: Cos
     needed and facts are missing, the answer is a 422 whose `missing` lists them; a deployment's
     own resources are priced without it, with `missing` in the answer."""
     return await service.estimate(session, principal, body=body)
+
+
+@router.get("/report", response_model=CostReport)
+async def cost_report(
+    *, query: Annotated[CostReportQuery, Query()], session: SessionDep, principal: PrincipalDep
+) -> CostReport:
+    """Measured cost per deployment (or per deployment and day): the replica-seconds the
+    controller counted x the price of a replica-hour of the deployment's resources in the
+    catalogue in force that day, with the requests and tokens metered and the cost per million
+    tokens (null without tokens). Needs `cost:read` in the project; admins may omit `project`.
+    Replica time lags by the meter's flush (10 s), usage older than yesterday comes from the
+    daily roll-ups (kept beyond the raw usage retention)."""
+    return await reports.report(session, principal, query=query)
+
+
+@router.get("/recommendations", response_model=RecommendationsRead)
+async def get_recommendations(
+    *,
+    session: SessionDep,
+    principal: PrincipalDep,
+    project: Annotated[
+        str | None,
+        Query(max_length=63, description="Project id or name; required unless the caller is an admin"),
+    ] = None,
+) -> RecommendationsRead:
+    """Where the project's deployments could cost less, largest saving first, each with why and
+    the numbers: a cheaper GPU or MIG profile that the memory fit says holds the model
+    (right_size), and scale to zero for replicas that ran all day for requests in few hours
+    (scale_to_zero). `not_checked` says what could not be checked. Needs `cost:read`."""
+    return await recommendations.recommend(session, principal, project_ref=project)
+
+
+ProjectRef = Annotated[str, Path(max_length=63, description="Project id or name")]
+
+
+@router.get("/budgets/{project}", response_model=BudgetRead)
+async def get_budget(*, project: ProjectRef, session: SessionDep, principal: PrincipalDep) -> BudgetRead:
+    """The project's monthly budget and the month's measured cost against it (`cost:read`)."""
+    found = await reports.project_of(session, principal, ref=project)
+    assert found is not None
+    return await budgets.get(session, project=found)
+
+
+@router.put("/budgets/{project}", response_model=BudgetRead)
+async def put_budget(
+    *, project: ProjectRef, body: BudgetBody, session: SessionDep, principal: PrincipalDep
+) -> BudgetRead:
+    """Set the project's monthly budget in money (`project:write`, audited). `budget.alert`
+    events fire at 80 % and 100 % of the month's measured cost, once each a month; with
+    `enforce`, the gateway answers 429 `insufficient_quota` once 100 % is reached."""
+    found = await reports.project_of(session, principal, ref=project, permission="project:write")
+    assert found is not None
+    return await budgets.put(session, principal, project=found, body=body, today=datetime.now(UTC).date())
+
+
+@router.delete("/budgets/{project}", status_code=204)
+async def delete_budget(*, project: ProjectRef, session: SessionDep, principal: PrincipalDep) -> Response:
+    """Remove the project's budget (`project:write`, audited): nothing is refused for cost."""
+    found = await reports.project_of(session, principal, ref=project, permission="project:write")
+    assert found is not None
+    await budgets.delete(session, principal, project=found)
+    return Response(status_code=204)

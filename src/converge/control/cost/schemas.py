@@ -1,13 +1,16 @@
-"""Cost request and response bodies: the price catalogue's versions and estimates."""
+"""Cost request and response bodies: the price catalogue's versions, estimates, measured cost
+reports, budgets and recommendations."""
 
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import date, datetime, timedelta
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, StringConstraints, model_validator
+from pydantic import Field, StringConstraints, field_validator, model_validator
 
+from converge.control.usage.schemas import EARLIEST, LATEST
 from converge.core.costs import PriceCatalogue
 from converge.kit.schemas import Input, Output
 
@@ -162,3 +165,129 @@ class EstimateRead(Output):
 
 CatalogueBody = PriceCatalogue
 CataloguePatch = dict[str, Any]
+
+
+# -- measured cost ------------------------------------------------------------------------------
+
+
+class ReportGroup(StrEnum):
+    DAY = "day"
+    DEPLOYMENT = "deployment"
+
+
+DEFAULT_REPORT_DAYS = 30
+
+
+class CostReportQuery(Input):
+    """Query parameters of GET /cost/report."""
+
+    project: str | None = Field(
+        default=None, max_length=63, description="Project id or name; required unless the caller is an admin"
+    )
+    since: date | None = Field(
+        default=None, description="First UTC day (inclusive). Default: 29 days before `until`"
+    )
+    until: date | None = Field(default=None, description="Last UTC day (inclusive). Default: today")
+    group_by: ReportGroup = Field(
+        default=ReportGroup.DEPLOYMENT,
+        description="deployment: one row per deployment over the window; day: one per deployment and day",
+    )
+
+    @field_validator("since", "until")
+    @classmethod
+    def _in_range(cls, value: date | None) -> date | None:
+        if value is not None and not EARLIEST <= value <= LATEST:
+            raise ValueError(f"'{value.isoformat()}' is outside {EARLIEST.isoformat()}..{LATEST.isoformat()}")
+        return value
+
+    @model_validator(mode="after")
+    def _order(self) -> CostReportQuery:
+        if self.since is not None and self.until is not None and self.since > self.until:
+            raise ValueError(f"since ({self.since}) must not be after until ({self.until})")
+        return self
+
+    def window(self, today: date) -> tuple[date, date]:
+        until = self.until or today
+        since = self.since or until - timedelta(days=DEFAULT_REPORT_DAYS - 1)
+        return since, until
+
+
+class CostMeasures(Output):
+    replica_seconds: float = Field(description="Seconds replicas ran (starting, ready or draining)")
+    replica_hours: float
+    cost: float = Field(description="replica-hours x the price of a replica-hour, in `currency`")
+    price_per_hour: float | None = Field(
+        description="Cost per replica-hour (the catalogue's, averaged when resources or prices changed)"
+    )
+    requests: int
+    errors: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cost_per_million_tokens: float | None = Field(description="null when no tokens were metered")
+
+
+class CostRow(CostMeasures):
+    day: date | None = Field(default=None, description="UTC day (group_by=day)")
+    project_id: uuid.UUID
+    deployment_id: uuid.UUID
+    deployment: str | None = Field(description="The deployment's name; null once deleted")
+    catalogue_versions: list[int] = Field(description="The price catalogue versions that priced this row")
+    notes: list[str]
+
+
+class CostReport(Output):
+    since: date
+    until: date
+    group_by: ReportGroup
+    currency: str
+    data: list[CostRow]
+    totals: CostMeasures
+
+
+class BudgetBody(Input):
+    monthly: float = Field(
+        ge=1e-6,
+        le=1e12,
+        allow_inf_nan=False,
+        description="Budget per calendar month (UTC), at least 0.000001",
+    )
+    enforce: bool = Field(
+        default=False,
+        description="Refuse the project's gateway requests (429) once the month's cost reaches it",
+    )
+
+
+class BudgetRead(Output):
+    project_id: uuid.UUID
+    monthly: float
+    currency: str
+    enforce: bool
+    month: str = Field(description="The month checked, YYYY-MM (UTC)")
+    spent: float = Field(description="Measured cost so far this month")
+    percent: float
+    alerted: int = Field(description="The highest threshold announced this month (0, 80 or 100)")
+    exceeded: bool
+    refusing: bool = Field(description="The gateway refuses the project's requests (enforce and exceeded)")
+    checked_at: datetime | None
+
+
+class RecommendationRead(Output):
+    kind: Literal["right_size", "scale_to_zero"]
+    project_id: uuid.UUID
+    deployment_id: uuid.UUID
+    deployment: str
+    why: str = Field(description="The reason, with the numbers")
+    current_hourly: float = Field(description="What one replica costs an hour now")
+    proposed_hourly: float | None = Field(description="What one replica would cost (right_size)")
+    monthly_savings: float = Field(description="Estimated saving per month, in `currency`")
+    numbers: dict[str, float | int | str | None] = Field(description="The figures the advice rests on")
+
+
+class RecommendationsRead(Output):
+    project_id: uuid.UUID | None
+    currency: str
+    catalogue_version: int
+    window_days: int = Field(description="Days of measured use the advice looks at")
+    data: list[RecommendationRead] = Field(description="Largest saving first")
+    not_checked: list[str] = Field(description="What could not be checked, and why")

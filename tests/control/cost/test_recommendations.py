@@ -1,0 +1,88 @@
+"""GET /cost/recommendations: a cheaper device the memory fit allows, scale to zero for mostly
+idle deployments, each with the numbers (checked here against the estimate and by hand)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+from support import ADMIN, make_key, make_project
+from test_estimate_api import LLAMA2_7B_F16, deployment, library_version
+from test_report import CPU_2_4, TODAY, replica_time, usage
+
+from converge.models import DeploymentRevision
+
+
+async def recommendations(client: Any, project: dict[str, Any], headers: dict[str, str] = ADMIN) -> Any:
+    resp = await client.get("/cost/recommendations", params={"project": project["id"]}, headers=headers)
+    return resp
+
+
+def as_deployment(project: dict[str, Any], deployment_id: str, name: str = "") -> dict[str, Any]:
+    return {"id": uuid.UUID(deployment_id), "project_id": uuid.UUID(project["id"]), "name": name or "d"}
+
+
+async def test_a_gpu_larger_than_the_fit_needs_is_right_sized(app, client):
+    project = await make_project(client)
+    version = await library_version(app, inspection=LLAMA2_7B_F16)
+    d = await deployment(app, project=project, version_id=version["version_id"], gpus=1, gpu_type="H200")
+    body = (await recommendations(client, project)).json()
+    (advice,) = [r for r in body["data"] if r["kind"] == "right_size"]
+    assert advice["deployment_id"] == d and advice["proposed_hourly"] < advice["current_hourly"]
+    # The same fit the estimate shows for this model at the in-flight target (4 per replica).
+    spec = await client.post(
+        "/cost/estimate", json={"model": f"{version['model']}:v1", "concurrency": 4}, headers=ADMIN
+    )
+    assert advice["numbers"]["need_bytes"] == spec.json()["memory"]["need_bytes"]
+    assert advice["numbers"]["current_device"] == "1 x H200"
+    # No replica time measured yet: one replica (its target), all month.
+    hours = (await client.get("/cost/prices", headers=ADMIN)).json()["catalogue"]["hours_per_month"]
+    saving = (advice["current_hourly"] - advice["proposed_hourly"]) * hours
+    assert advice["monthly_savings"] == pytest.approx(saving, abs=0.01)
+    assert "GB" in advice["why"] and advice["numbers"]["proposed_device"] in advice["why"]
+
+
+async def test_a_mostly_idle_deployment_is_told_to_scale_to_zero(app, client):
+    project = await make_project(client)
+    version = await library_version(app, inspection={})
+    idle = await deployment(
+        app, project=project, version_id=version["version_id"], cpu=2, memory_bytes=4 << 30
+    )
+    d = as_deployment(project, idle)
+    for back in range(3):
+        await replica_time(app, d, day=TODAY - timedelta(days=back), seconds=86400, resources=CPU_2_4)
+    await usage(app, d, day=TODAY, tokens=[(10, 10, 200)])  # at 12:00: one active hour in 72
+    body = (await recommendations(client, project)).json()
+    (advice,) = [r for r in body["data"] if r["kind"] == "scale_to_zero"]
+    assert advice["numbers"]["active_hours"] == 1 and advice["numbers"]["hours_ran"] == 72
+    cost = advice["numbers"]["cost"]
+    assert cost == pytest.approx(3 * 24 * advice["current_hourly"], rel=1e-6)
+    assert advice["monthly_savings"] == pytest.approx(cost * (1 - 1 / 72) * 30 / 3, abs=0.01)
+    assert any("spot" in line for line in body["not_checked"])
+
+
+async def test_a_deployment_that_already_scales_to_zero_is_left_alone(app, client):
+    project = await make_project(client)
+    version = await library_version(app, inspection={})
+    quiet = await deployment(app, project=project, version_id=version["version_id"])
+    d = as_deployment(project, quiet)
+    await replica_time(app, d, day=TODAY, seconds=86400)
+    await usage(app, d, day=TODAY, tokens=[(1, 1, 200)])  # one active hour of 24
+    assert [r["kind"] for r in (await recommendations(client, project)).json()["data"]] == ["scale_to_zero"]
+    async with app.state.converge.session_factory() as session, session.begin():
+        rev = await session.scalar(
+            select(DeploymentRevision).where(DeploymentRevision.deployment_id == uuid.UUID(quiet))
+        )
+        assert rev is not None
+        rev.spec = {**rev.spec, "autoscaling": {**rev.spec["autoscaling"], "scale_to_zero_after_s": 300}}
+    assert (await recommendations(client, project)).json()["data"] == []
+
+
+async def test_another_projects_recommendations_are_invisible(app, client):
+    mine, theirs = await make_project(client), await make_project(client)
+    developer = await make_key(client, mine["id"], "developer")
+    assert (await recommendations(client, theirs, developer)).status_code == 404
+    assert (await recommendations(client, mine, developer)).status_code == 200
