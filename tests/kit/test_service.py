@@ -82,3 +82,25 @@ async def test_cancel_waits_for_each_task_and_skips_none() -> None:
     assert tasks[0].cancelled()
     with pytest.raises(ValueError):
         tasks[1].result()
+
+
+async def test_cancel_cancels_again_a_task_that_swallowed_its_cancel() -> None:
+    rounds: list[int] = []
+
+    async def stubborn() -> None:
+        # What Python 3.11's wait_for does when its future completes as the cancel lands: the
+        # CancelledError is lost and the loop goes on.
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                rounds.append(len(rounds))
+                if len(rounds) == 1:
+                    continue  # swallowed once
+                raise
+
+    task = asyncio.create_task(stubborn())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(cancel(task), 10)  # the guard only: it ends after ~1 s, not 10
+    assert task.cancelled()
+    assert rounds == [0, 1]

@@ -302,7 +302,8 @@ class DataPlane(Service):
         """Until the next reload (or the timeout): waiters re-check the snapshot after it."""
         async with self._changed:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), within_s)
+                async with asyncio.timeout(within_s):  # unlike wait_for, never swallows a cancel
+                    await self._changed.wait()
 
     async def request_wake(self, deployment_id: uuid.UUID) -> None:
         """Ask the controller (whichever process leads) to scale a deployment up from zero."""
@@ -312,8 +313,12 @@ class DataPlane(Service):
 
     async def _reloader(self) -> None:
         while True:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns normally when the
+            # event is set in the same moment the task is cancelled, and this loop would then
+            # outlive the cancel (a shutdown that never ends).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._dirty.wait(), timeout=self._refresh_s)
+                async with asyncio.timeout(self._refresh_s):
+                    await self._dirty.wait()
             self._dirty.clear()
             try:
                 await self.reload()

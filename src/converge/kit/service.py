@@ -12,15 +12,28 @@ import asyncio
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+import structlog
+
+log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 
 async def cancel(*tasks: asyncio.Task[Any] | None) -> None:
-    """Cancel the tasks and wait until each has ended, however it ends (cancelled or failed)."""
-    pending = [task for task in tasks if task is not None]
-    for task in pending:
-        task.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
+    """Cancel the tasks and wait until each has ended, however it ends (cancelled or failed).
+
+    A task that lost its cancel (a library that caught CancelledError, Python 3.11's wait_for
+    returning normally when its future completed in the same moment) is cancelled again each
+    second, so a shutdown cannot hang on one stubborn loop."""
+    pending = {task for task in tasks if task is not None and not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=1.0)
+        if pending:
+            log.warning("tasks_ignored_cancel", tasks=sorted(t.get_name() for t in pending))
+    for ended in tasks:  # retrieve outcomes, so none is reported as never retrieved
+        if ended is not None and not ended.cancelled():
+            ended.exception()
 
 
 class Service:
