@@ -42,7 +42,7 @@ async def test_chat_goes_to_the_replica_and_is_metered(env):
     assert resp.json()["choices"][0]["message"]["content"].startswith("hello from chat-0")
     assert d.upstreams[0].bodies[-1]["messages"] == CHAT["messages"]  # forwarded unchanged
     gateway = env.gateway
-    await gateway.meter._once()  # flush now instead of within meter_flush_s
+    await gateway.meter.once()  # flush now instead of within meter_flush_s
     async with env.state.sessions() as session:
         rows = (
             await session.scalars(select(UsageRecord).where(UsageRecord.deployment_id == uuid.UUID(d.id)))
@@ -71,7 +71,7 @@ async def test_streaming_forwards_every_chunk(env):
         text = "".join([c async for c in r.aiter_text()])
     events = [line for line in text.splitlines() if line.startswith("data: ")]
     assert len(events) == 5 and events[-1] == "data: [DONE]"
-    await env.gateway.meter._once()
+    await env.gateway.meter.once()
     async with env.state.sessions() as session:
         row = await session.scalar(select(UsageRecord).where(UsageRecord.deployment_id == uuid.UUID(d.id)))
     assert row.stream is True and row.completion_tokens == 4 and row.ttft_ms is not None

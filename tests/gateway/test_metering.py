@@ -67,7 +67,7 @@ async def test_a_batch_round_trips_through_the_database(app, committed_client):
         completion_tokens=0,
         latency_ms=0.25,
     )
-    await gateway.meter._once()
+    await gateway.meter.once()
     async with app.state.converge.sessions() as session:
         row = await session.scalar(select(UsageRecord).where(UsageRecord.model == odd))
     assert row is not None and row.status == 429 and row.ttft_ms is None and row.key_id is None
@@ -94,7 +94,7 @@ async def test_usage_of_deleted_keys_deployments_and_projects_never_blocks_the_m
     row(gone, f"gone-{tag}")
     row(kept, f"kept-{tag}")
     assert (await committed_client.delete(f"/projects/{gone['id']}", headers=ADMIN)).status_code == 204
-    await gateway.meter._once()
+    await gateway.meter.once()
     assert not gateway.meter.pending
 
     async def written() -> set[str]:  # the meter's own loop may have taken the batch first
@@ -121,7 +121,7 @@ async def test_usage_older_than_the_retention_is_pruned_by_one_replica_at_a_time
             project_id=uuid.UUID(project["id"]),
             model=f"{name}-{tag}",
         )
-    await meter._once()  # a flush only: no pruning round is due
+    await meter.once()  # a flush only: no pruning round is due
 
     async def models() -> set[str]:
         async with app.state.converge.sessions() as session:

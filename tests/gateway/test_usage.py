@@ -97,7 +97,7 @@ async def _events(env: Any, key: dict[str, str], body: dict[str, Any], path: str
 
 
 async def _metered(env: Any, deployed: Any) -> UsageRecord:
-    await env.gateway.meter._once()
+    await env.gateway.meter.once()
     async with env.state.sessions() as session:
         return await session.scalar(
             select(UsageRecord).where(UsageRecord.deployment_id == uuid.UUID(deployed.id))

@@ -164,12 +164,13 @@ class _Loop(Service):
         super().__init__()
         self._conninfo, self._interval = conninfo, interval_s
         self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._round = asyncio.Lock()  # one round at a time on the one connection
         self.failures = 0
 
     async def stop(self) -> None:
         await super().stop()
         try:
-            await self._once()  # the last batch
+            await self.once()  # the last batch
         except Exception as exc:
             self._final_flush_failed(exc)
         if self._conn is not None:
@@ -184,11 +185,25 @@ class _Loop(Service):
             self._conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
         return self._conn
 
+    async def once(self) -> None:
+        """One round now: the loop's, the last one at stop, or a caller's that will not wait for
+        the interval. Rounds never overlap (they share one connection), and a failed round
+        closes the connection it may have left mid-transaction; the next one reconnects."""
+        async with self._round:
+            try:
+                await self._once()
+            except Exception:
+                if self._conn is not None:
+                    with contextlib.suppress(Exception):
+                        await self._conn.close()
+                    self._conn = None
+                raise
+
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
             try:
-                await self._once()
+                await self.once()
                 self.failures = 0
             except asyncio.CancelledError:
                 raise
@@ -196,10 +211,6 @@ class _Loop(Service):
                 self.failures += 1
                 if self.failures in (1, 10) or self.failures % 100 == 0:
                     log.warning(f"{self.name}_failed", failures=self.failures, exc_info=True)
-                if self._conn is not None:
-                    with contextlib.suppress(Exception):
-                        await self._conn.close()
-                    self._conn = None
 
     async def _once(self) -> None:
         raise NotImplementedError
