@@ -8,8 +8,8 @@ never share the CPU, and measures over HTTP:
 - c16: 16 clients each sending single-text requests (texts/s, latency p50/p95, the replica's mean
   batch size from /converge/stats);
 - batch64: one request of 64 texts at a time (texts/s);
-- the replica's CPU time per text in each phase (user + system, from /proc via psutil), so runs
-  on a busy machine stay comparable.
+- the replica's CPU time per text in each phase (user + system, from /proc via psutil) and the
+  client's, so runs on a busy machine stay comparable. The client is aiohttp, as the gateway's.
 
 `c16_vs_batch64` is the issue's figure (target >= 0.8). Prints one JSON object.
 
@@ -28,7 +28,7 @@ import sys
 import time
 from typing import Any
 
-import httpx
+import aiohttp
 import psutil
 
 from converge.control.library.catalogue import minilm_path
@@ -57,7 +57,7 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def phase(
-    http: httpx.AsyncClient, proc: psutil.Process, *, clients: int, per_request: int, seconds: float
+    http: aiohttp.ClientSession, proc: psutil.Process, *, clients: int, per_request: int, seconds: float
 ) -> dict[str, Any]:
     latencies: list[float] = []
     counter = iter(range(10**9))
@@ -67,19 +67,24 @@ async def phase(
         while time.perf_counter() < deadline:
             texts = [text(next(counter)) for _ in range(per_request)]
             start = time.perf_counter()
-            resp = await http.post("/v1/embeddings", json={"model": "minilm", "input": texts})
-            resp.raise_for_status()
+            async with http.post("/v1/embeddings", json={"model": "minilm", "input": texts}) as resp:
+                resp.raise_for_status()
+                await resp.read()
             latencies.append((time.perf_counter() - start) * 1e3)
 
-    cpu_before = sum(proc.cpu_times()[:2])
-    stats_before = (await http.get("/converge/stats")).json()
+    async def stats() -> dict[str, Any]:
+        async with http.get("/converge/stats") as resp:
+            return dict(await resp.json())
+
+    cpu_before, own_before = sum(proc.cpu_times()[:2]), time.process_time()
+    stats_before = await stats()
     began = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
     wall = time.perf_counter() - began
-    cpu = sum(proc.cpu_times()[:2]) - cpu_before
-    stats = (await http.get("/converge/stats")).json()
+    cpu, own = sum(proc.cpu_times()[:2]) - cpu_before, time.process_time() - own_before
+    stats_after = await stats()
     texts = len(latencies) * per_request
-    batches = stats.get("batches_total", 0) - stats_before.get("batches_total", 0)
+    batches = stats_after.get("batches_total", 0) - stats_before.get("batches_total", 0)
     return {
         "clients": clients,
         "texts_per_request": per_request,
@@ -88,6 +93,7 @@ async def phase(
         "latency_ms_p50": pct(latencies, 0.5),
         "latency_ms_p95": pct(latencies, 0.95),
         "replica_cpu_ms_per_text": round(cpu * 1e3 / texts, 2),
+        "client_cpu_ms_per_text": round(own * 1e3 / texts, 2),
         "mean_batch_texts": round(texts / batches, 2) if batches else None,
     }
 
@@ -103,14 +109,19 @@ async def measure(engine: str, *, seconds: float, threads: int, max_wait_ms: flo
     port = free_port()
     proc = start(engine, port=port, threads=threads, max_wait_ms=max_wait_ms)
     try:
-        limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120, limits=limits) as http:
+        # The gateway's own upstream client: the benchmark shares the replica's two cores, so a
+        # slow client would be measured as a slow server.
+        connector = aiohttp.TCPConnector(limit=32)
+        timeout = aiohttp.ClientTimeout(total=120)
+        base = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession(base, connector=connector, timeout=timeout) as http:
             loaded = time.perf_counter()
             while True:
                 try:
-                    if (await http.get("/health/ready")).status_code == 200:
-                        break
-                except httpx.TransportError:
+                    async with http.get("/health/ready") as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientError:
                     pass
                 if proc.poll() is not None:
                     raise SystemExit(f"the {engine} replica exited with {proc.returncode}")

@@ -64,17 +64,44 @@ async def test_requests_that_queue_behind_a_batch_share_the_next_one() -> None:
     assert (batcher.stats.batches, batcher.stats.texts, batcher.stats.largest) == (2, 4, 3)
 
 
-async def test_a_batch_never_exceeds_max_batch_texts_but_a_large_request_goes_alone() -> None:
+async def test_a_batch_never_exceeds_max_batch_texts_and_only_a_large_request_is_split() -> None:
     encoder = HeldEncoder()
     batcher = Batcher(encoder.encode, max_batch=3, max_wait_s=0)
     first = asyncio.create_task(batcher.encode(["x"]))
     await entered(encoder)
-    tasks = [asyncio.create_task(batcher.encode(texts)) for texts in (["a", "b"], ["c", "d"], list("efghi"))]
+    tasks = [asyncio.create_task(batcher.encode(texts)) for texts in (["a", "b"], ["cc", "d"], list("efghi"))]
     await queued(batcher, 3)
     encoder.release.set()
-    await asyncio.wait_for(asyncio.gather(first, *tasks), HANG_GUARD_S)
+    results = await asyncio.wait_for(asyncio.gather(first, *tasks), HANG_GUARD_S)
 
-    assert encoder.batches == [["x"], ["a", "b"], ["c", "d"], list("efghi")]
+    # ["cc", "d"] would fit beside ["a", "b"] only split: it waits for the next batch whole; the
+    # five-text request is larger than any batch, so it fills what is left and goes on in the next.
+    assert encoder.batches == [["x"], ["a", "b"], ["cc", "d", "e"], ["f", "g", "h"], ["i"]]
+    assert [r.vectors.ravel().tolist() for r in results[1:]] == [[1.0, 1.0], [2.0, 1.0], [1.0] * 5]
+
+
+class TwoAtOnce(HeldEncoder):
+    """Blocks each pass until the test has seen two passes running at the same time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.both = threading.Barrier(2, timeout=HANG_GUARD_S)
+
+    def encode(self, texts: list[str]) -> Encoded:
+        self.batches.append(list(texts))
+        self.both.wait()  # raises BrokenBarrierError if the second pass never starts
+        return Encoded(np.array([[float(len(t))] for t in texts], dtype=np.float32), [len(t) for t in texts])
+
+
+async def test_workers_encode_the_parts_of_one_large_request_at_the_same_time() -> None:
+    encoder = TwoAtOnce()
+    batcher = Batcher(encoder.encode, max_batch=32, max_wait_s=0, workers=2)
+    texts = [f"text {i:02d}" + "!" * (i % 3) for i in range(64)]
+    result = await asyncio.wait_for(batcher.encode(texts), HANG_GUARD_S)
+
+    assert sorted(map(len, encoder.batches)) == [32, 32]
+    assert result.vectors.ravel().tolist() == [float(len(t)) for t in texts]  # in the request's order
+    assert result.tokens == [len(t) for t in texts]
 
 
 async def test_max_wait_gathers_requests_until_the_batch_is_full() -> None:

@@ -1,13 +1,16 @@
-"""Dynamic batching: concurrent requests share one forward pass.
+"""Dynamic batching: the texts of concurrent requests share forward passes.
 
-Requests queue; one worker takes as many as fit in `max_batch` texts (at least one request,
-however large), waits up to `max_wait_s` for more when the batch is not full, encodes them in a
-worker thread, and hands each request its own rows back. While a batch is encoding the next one
-gathers, so under load batches fill without any waiting; alone, a request only waits
-`max_wait_s` (0 by default: it is encoded at once).
+Requests queue their texts. Each of `workers` workers takes up to `max_batch` texts from the
+head of the queue (the rest of a large request stays queued for the next free worker, so one
+request of 64 texts keeps two workers busy), waits up to `max_wait_s` for more when the batch is
+not full, encodes them in a thread, and hands every request its own rows back once all of its
+texts are done. While a batch is encoding the next one gathers, so under load batches fill
+without any waiting; alone, a request only waits `max_wait_s` (0 by default: at once).
 
-Encoding stays one batch at a time: ONNX Runtime or torch already spread one batch over the
-threads the replica was granted, so two batches at once would only contend.
+Several workers suit an engine whose passes are thread-safe and run on one thread each (ONNX
+Runtime): one pass per granted core keeps every core busy, including while another pass is
+tokenising or pooling, and a single-threaded GEMM wastes no time synchronising. One worker with
+every thread suits the rest (torch).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from converge.serving.encoders import Encoded
 
 
@@ -25,39 +30,66 @@ from converge.serving.encoders import Encoded
 class _Waiting:
     texts: list[str]
     future: asyncio.Future[Encoded]
+    taken: int = 0  # texts handed to a worker so far
+    done: int = 0  # texts encoded so far
+    rows: list[np.ndarray] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.rows = [np.empty(0, dtype=np.float32)] * len(self.texts)
+        self.tokens = [0] * len(self.texts)
+
+
+@dataclass(slots=True)
+class _Slice:
+    waiting: _Waiting
+    start: int
+    end: int
 
 
 @dataclass
 class BatchStats:
     batches: int = 0
     texts: int = 0
-    running: int = 0  # requests in the batch being encoded now
+    running: int = 0  # requests with texts in the batches being encoded now
     largest: int = 0  # most texts in one batch so far
     sizes: deque[int] = field(default_factory=lambda: deque(maxlen=64))  # texts per recent batch
 
 
 class Batcher:
-    def __init__(self, encode: Callable[[list[str]], Encoded], *, max_batch: int, max_wait_s: float) -> None:
+    def __init__(
+        self,
+        encode: Callable[[list[str]], Encoded],
+        *,
+        max_batch: int,
+        max_wait_s: float,
+        workers: int = 1,
+    ) -> None:
         self._encode = encode
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
+        self.workers = workers
         self.stats = BatchStats()
         self._queue: deque[_Waiting] = deque()
-        self._queued_texts = 0
+        self._queued_texts = 0  # texts not yet handed to a worker
         self._arrived: asyncio.Event | None = None
-        self._worker: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     @property
     def waiting(self) -> int:
-        """Requests queued behind the batch being encoded."""
+        """Requests with texts queued behind the batches being encoded."""
         return len(self._queue)
 
     async def encode(self, texts: list[str]) -> Encoded:
         loop = asyncio.get_running_loop()
         if self._arrived is None:
             self._arrived = asyncio.Event()
-        if self._worker is None or self._worker.done():
-            self._worker = loop.create_task(self._run(), name="embedding-batches")
+        if not self._tasks or any(t.done() for t in self._tasks):
+            self._tasks = [t for t in self._tasks if not t.done()]
+            self._tasks += [
+                loop.create_task(self._run(), name=f"embedding-batches-{i}")
+                for i in range(self.workers - len(self._tasks))
+            ]
         waiting = _Waiting(texts, loop.create_future())
         self._queue.append(waiting)
         self._queued_texts += len(texts)
@@ -65,10 +97,11 @@ class Batcher:
         return await waiting.future
 
     async def close(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
+                await task
         for waiting in self._queue:
             waiting.future.cancel()
 
@@ -82,24 +115,20 @@ class Batcher:
             batch = self._take()
             if not batch:  # every request gathered so far was abandoned by its client
                 continue
-            texts = [text for waiting in batch for text in waiting.texts]
-            self.stats.running = len(batch)
+            owners = {id(s.waiting): s.waiting for s in batch}
+            self.stats.running += len(owners)
             try:
+                texts = [t for s in batch for t in s.waiting.texts[s.start : s.end]]
                 encoded = await asyncio.to_thread(self._encode, texts)
             except Exception as exc:
-                for waiting in batch:
+                for waiting in owners.values():
                     if not waiting.future.done():
                         waiting.future.set_exception(exc)
                 continue
             finally:
-                self.stats.running = 0
+                self.stats.running -= len(owners)
             self._record(len(texts))
-            start = 0
-            for waiting in batch:
-                end = start + len(waiting.texts)
-                if not waiting.future.done():
-                    waiting.future.set_result(Encoded(encoded.vectors[start:end], encoded.tokens[start:end]))
-                start = end
+            self._hand_back(batch, encoded)
 
     async def _gather(self) -> None:
         """Wait up to max_wait_s for the batch to fill (not at all when it is full already)."""
@@ -113,22 +142,42 @@ class Batcher:
             if left <= 0:
                 return
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), left)
+                async with asyncio.timeout(left):  # wait_for can swallow a cancel on 3.11
+                    await self._arrived.wait()
 
-    def _take(self) -> list[_Waiting]:
-        batch: list[_Waiting] = []
-        size = 0
-        while self._queue:
+    def _take(self) -> list[_Slice]:
+        """Up to max_batch texts from the head of the queue; a request is split only when it
+        alone is larger than what is left of the batch."""
+        batch: list[_Slice] = []
+        room = self.max_batch
+        while self._queue and room > 0:
             head = self._queue[0]
-            if batch and size + len(head.texts) > self.max_batch:
-                break
-            self._queue.popleft()
-            self._queued_texts -= len(head.texts)
-            if head.future.done():  # cancelled: the client went away while it waited
+            left = len(head.texts) - head.taken
+            if head.future.done():  # cancelled, or failed in another worker's batch
+                self._queue.popleft()
+                self._queued_texts -= left
                 continue
-            batch.append(head)
-            size += len(head.texts)
+            if batch and left > room and left <= self.max_batch:
+                break  # it fits whole in the next batch: do not split it
+            count = min(left, room)
+            batch.append(_Slice(head, head.taken, head.taken + count))
+            head.taken += count
+            self._queued_texts -= count
+            room -= count
+            if head.taken == len(head.texts):
+                self._queue.popleft()
         return batch
+
+    def _hand_back(self, batch: list[_Slice], encoded: Encoded) -> None:
+        row = 0
+        for s in batch:
+            waiting, count = s.waiting, s.end - s.start
+            waiting.rows[s.start : s.end] = list(encoded.vectors[row : row + count])
+            waiting.tokens[s.start : s.end] = encoded.tokens[row : row + count]
+            waiting.done += count
+            row += count
+            if waiting.done == len(waiting.texts) and not waiting.future.done():
+                waiting.future.set_result(Encoded(np.asarray(waiting.rows, dtype=np.float32), waiting.tokens))
 
     def _record(self, texts: int) -> None:
         self.stats.batches += 1

@@ -2,9 +2,10 @@
 
 The model runs on ONNX Runtime (exported at load) or on sentence-transformers' torch
 (`--engine`, see encoders.py). Concurrent requests are batched dynamically (batching.py): the
-texts of every request that arrived while the previous batch was encoding go through the model
-together, up to `--max-batch` texts, waiting at most `--max-wait-ms` for more. Requests behind
-the running batch are reported as queued in `/converge/stats`, with the batch sizes.
+texts of every request that arrived while the previous pass was encoding go through the model
+together, up to `--max-batch` texts a pass, waiting at most `--max-wait-ms` for more; ONNX
+Runtime runs `--workers` passes at once. Requests behind the running passes are reported as
+queued in `/converge/stats`, with the batch sizes.
 """
 
 from __future__ import annotations
@@ -68,9 +69,11 @@ def render(vector: np.ndarray, encoding_format: str) -> np.ndarray | str:
     return vector  # orjson writes float32 arrays itself, far faster than a list of floats
 
 
-def create_app(*, encoder: Encoder, model_name: str, max_batch: int = 64, max_wait_s: float = 0.0) -> FastAPI:
+def create_app(
+    *, encoder: Encoder, model_name: str, max_batch: int = 32, max_wait_s: float = 0.0, workers: int = 1
+) -> FastAPI:
     """The API for an already loaded encoder."""
-    batcher = Batcher(encoder.encode, max_batch=max_batch, max_wait_s=max_wait_s)
+    batcher = Batcher(encoder.encode, max_batch=max_batch, max_wait_s=max_wait_s, workers=workers)
     app = FastAPI(title=f"Converge embeddings: {model_name}", docs_url=None, redoc_url=None)
     app.state.batcher = batcher
     created = int(time.time())
@@ -139,8 +142,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-batch",
         type=positive_int,
-        default=64,
-        help="texts of concurrent requests gathered into one batch (default: 64)",
+        default=32,
+        help="texts of concurrent requests gathered into one pass; a larger request is split over "
+        "several (default: 32)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=positive_int,
+        default=None,
+        help="ONNX Runtime passes at once, the threads shared between them (default: one per thread, "
+        "single-threaded passes; torch always runs one pass on every thread)",
     )
     parser.add_argument(
         "--max-wait-ms",
@@ -166,15 +177,27 @@ def load_app(  # noqa: PLR0913 - the server's knobs, all keyword-only
     threads: int,
     engine: Literal["onnx", "torch"] = "onnx",
     onnx_max_tokens: int = 0,
-    max_batch: int = 64,
+    max_batch: int = 32,
     max_wait_s: float = 0.0,
+    workers: int | None = None,
 ) -> FastAPI:
-    """Load the model from its local folder and build the API around it (blocking)."""
+    """Load the model from its local folder and build the API around it (blocking). ONNX Runtime
+    passes run `workers` at a time (default: one per thread, each pass on one thread); torch runs
+    one pass at a time on every thread."""
+    per_pass = max(1, threads // (workers or threads))
     encoder = load_encoder(
-        Path(model_path), engine=engine, batch_size=batch_size, threads=threads, long_tokens=onnx_max_tokens
+        Path(model_path),
+        engine=engine,
+        batch_size=batch_size,
+        threads=threads,
+        long_tokens=onnx_max_tokens,
+        onnx_threads=per_pass,
     )
-    log.info("encoding with %s, %d threads", encoder.engine, threads)
-    return create_app(encoder=encoder, model_name=model_name, max_batch=max_batch, max_wait_s=max_wait_s)
+    at_once = (workers or threads) if encoder.engine.startswith("onnx") else 1
+    log.info("encoding with %s: %d passes at once, %d threads each", encoder.engine, at_once, per_pass)
+    return create_app(
+        encoder=encoder, model_name=model_name, max_batch=max_batch, max_wait_s=max_wait_s, workers=at_once
+    )
 
 
 def batch_stats(batcher: Batcher) -> dict[str, Any]:
@@ -208,6 +231,7 @@ def build_host(args: argparse.Namespace) -> ModelHost:
             onnx_max_tokens=args.onnx_max_tokens,
             max_batch=args.max_batch,
             max_wait_s=args.max_wait_ms / 1000,
+            workers=args.workers,
         )
         loaded.append(app.state.batcher)
         return app

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,6 +132,9 @@ class OnnxEncoder:
         self.batch_size = batch_size
         self.inputs = [i.name for i in session.get_inputs()]
         self.long, self.long_tokens = long, long_tokens
+        # Passes run from several threads at once; ONNX Runtime's sessions and the tokenizers'
+        # Tokenizer are safe for that, sentence-transformers' tokenizer is not ("Already borrowed").
+        self._long_lock = threading.Lock()
         if long is not None:
             self.engine = f"onnx up to {long_tokens} tokens, {long.engine} beyond"
 
@@ -143,7 +147,8 @@ class OnnxEncoder:
             part = order[start : start + self.batch_size]
             encodings = self.tokenizer.encode_batch([texts[i] for i in part])
             if self.long is not None and len(encodings[0].ids) > self.long_tokens:  # padded alike
-                done = self.long.encode([texts[i] for i in part])
+                with self._long_lock:
+                    done = self.long.encode([texts[i] for i in part])
                 for row, i in enumerate(part):
                     vectors[i], tokens[i] = done.vectors[row], done.tokens[row]
                 continue
@@ -227,14 +232,20 @@ def onnx_session(model: bytes, *, threads: int, spin: bool = False) -> Any:
 
 
 def load_encoder(
-    folder: Path, *, engine: Engine, batch_size: int, threads: int, long_tokens: int = 0
+    folder: Path,
+    *,
+    engine: Engine,
+    batch_size: int,
+    threads: int,
+    long_tokens: int = 0,
+    onnx_threads: int | None = None,
 ) -> Encoder:
     """The fastest encoder that serves this folder exactly (blocking; seconds). With the onnx
     engine and `long_tokens` > 0, forward passes longer than that run on torch (both loaded)."""
     if engine == "onnx":
         try:
             layout = Layout.read(folder)
-            session = onnx_session(export_onnx(folder), threads=threads)
+            session = onnx_session(export_onnx(folder), threads=onnx_threads or threads)
         except NotExportable as exc:
             log.warning("serving on torch: %s", exc)
         except Exception as exc:  # the exporter refuses many architectures; torch still serves them
