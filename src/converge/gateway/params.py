@@ -8,9 +8,10 @@ entry in the table of the server that answers it, marked
   accepted    forwarded; it changes nothing in the answer (an end-user id, a cache hint)
   refused     a 400 naming the parameter, for the values the entry says (others pass)
 
-so that nothing a caller sends is silently dropped. What llama.cpp accepts is llama-cpp-python's
-server (`llama_cpp/server/types.py`, run by `serving/llama.py` with logits_all off); what the
-embeddings server accepts is `serving/embeddings.py`.
+so that nothing a caller sends is silently dropped. What llama.cpp accepts is what
+`llama-server` (run by `serving/llama.py`) reads of a request (`tools/server/server-task.cpp`'s
+params_from_json, and its OpenAI chat/completions parsing): the table keeps to the fields it
+honours as OpenAI means them; what the embeddings server accepts is `serving/embeddings.py`.
 
 Parameters in no table: for llama.cpp and embeddings replicas, whose every field is known, a 400
 `unknown_parameter`, as OpenAI answers "Unrecognized request argument": both servers ignore a
@@ -281,7 +282,7 @@ _LLAMA_COMMON: dict[str, Param] = {
         "unless 1: llama.cpp answers one choice per request",
         _only_one("llama.cpp answers one choice per request; send n requests instead"),
     ),
-    # llama-cpp-python's own extensions (the OpenAI SDK sends them with extra_body)
+    # llama.cpp's own extensions (the OpenAI SDK sends them with extra_body)
     **{
         name: Param(PASS, "llama.cpp extension")
         for name in (

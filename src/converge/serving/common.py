@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import inspect
+import json
 import logging
 import os
 import signal
@@ -18,6 +20,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
 
@@ -27,7 +30,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from converge.kit.context import request_id_var
 from converge.kit.service import cancel
+from converge.observability import tracing
 
 log = logging.getLogger("converge.serving")
 
@@ -96,6 +101,65 @@ class InFlightMiddleware:
             finish()
 
 
+class TraceMiddleware:
+    """On inference routes: the caller's request id (`x-request-id`) into the log context, and,
+    while tracing is on, a server span that continues the caller's `traceparent` (the gateway's
+    upstream span). Health and stats probes are never traced: the supervisor sends them twice a
+    second."""
+
+    def __init__(self, app: ASGIApp, *, paths: Iterable[str]) -> None:
+        self.app = app
+        self.paths = frozenset(paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:  # noqa: PLR0917 - the ASGI signature
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        given = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")[:64].decode("latin-1")
+        token = request_id_var.set(given) if given.isascii() and given.isprintable() and given else None
+        started = time.perf_counter()
+        try:
+            if tracing.ENABLED:
+                await self._traced(scope, receive, send, started=started)
+                return
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                _access(scope, started)
+        finally:
+            if token is not None:
+                request_id_var.reset(token)
+
+    async def _traced(self, scope: Scope, receive: Receive, send: Send, *, started: float) -> None:
+        method, path = scope["method"], scope["path"]
+        active = tracing.ActiveSpan(
+            f"{method} {path}",  # an inference path: one of a fixed few
+            kind="server",
+            headers=scope["headers"],
+            attributes={"http.request.method": method, "http.route": path},
+        )
+        status = 500
+
+        async def traced_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, traced_send)
+        finally:
+            _access(scope, started)  # inside the span: the line carries its trace id
+            active.end(status=status)
+
+
+def _access(scope: Scope, started: float) -> None:
+    """The access line of an inference request, at debug level (`--log-level debug`)."""
+    if log.isEnabledFor(logging.DEBUG):
+        ms = (time.perf_counter() - started) * 1000
+        log.debug("request %s %s done in %.2f ms", scope["method"], scope["path"], ms)
+
+
 def openai_error(status_code: int, message: str, *, type_: str, param: str | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": type_, "param": param, "code": None}}
     return JSONResponse(body, status_code=status_code)
@@ -116,7 +180,7 @@ class ModelHost:
         load: Callable[[], ASGIApp],
         inference_paths: Iterable[str],
         max_concurrency: int = 1,
-        live_stats: Callable[[], dict[str, Any]] | None = None,
+        live_stats: Callable[[], Any] | None = None,
     ) -> None:
         self.kind = kind
         self.live_stats = live_stats
@@ -135,7 +199,9 @@ class ModelHost:
             ],
             lifespan=self._lifespan,
         )
-        self.app: ASGIApp = InFlightMiddleware(self._dispatch, stats=self.stats, paths=inference_paths)
+        paths = frozenset(inference_paths)
+        counted = InFlightMiddleware(self._dispatch, stats=self.stats, paths=paths)
+        self.app: ASGIApp = TraceMiddleware(counted, paths=paths)
 
     @property
     def ready(self) -> bool:
@@ -198,7 +264,10 @@ class ModelHost:
             "kind": self.kind,
         }
         # A server that knows its own queue (a batching one) says so; its figures win.
-        return JSONResponse(stats | (self.live_stats() if self.live_stats else {}))
+        live = self.live_stats() if self.live_stats else {}
+        if inspect.isawaitable(live):  # one that asks its engine (llama-server's /slots)
+            live = await live
+        return JSONResponse(stats | live)
 
 
 async def _run_in_daemon_thread(fn: Callable[[], ASGIApp]) -> ASGIApp:
@@ -249,13 +318,33 @@ def positive_int(text: str) -> int:
     return value
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line, in the control plane's shape (timestamp, level, logger, event),
+    with the request id and trace id of the request being served when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "timestamp": datetime.fromtimestamp(record.created, UTC).isoformat().replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        request_id = request_id_var.get()
+        if request_id:
+            line["request_id"] = request_id
+        found = tracing.ids()
+        if found is not None:
+            line["trace_id"], line["span_id"] = found
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False, default=str)
+
+
 def configure_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        force=True,
-    )
+    """JSON lines on stderr (the supervisor appends them to the replica's log file)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
 def _exit_cleanly(signum: int, _frame: FrameType | None) -> None:
@@ -284,5 +373,13 @@ def serve(host: ModelHost, *, bind: str, port: int) -> int:
     host.on_load_failed = stop
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _exit_cleanly)
-    server.run()
+    # Traces when the runtime gave this replica a collector (CONVERGE_OTEL__ENDPOINT).
+    traced = tracing.configure_from_env(
+        os.environ, service_name=f"converge-{host.kind}", **{"converge.model": host.model_name}
+    )
+    try:
+        server.run()
+    finally:
+        if traced:
+            tracing.shutdown()  # what is still queued is exported before the process ends
     return 1 if host.load_error is not None else 0

@@ -1,8 +1,9 @@
 """Chat templates (Jinja) as a code path: parsed into an AST, never rendered.
 
-A chat template runs on the serving host for every request. llama-cpp-python renders GGUF
-templates in jinja2's ImmutableSandboxedEnvironment, which refuses `_`-prefixed attributes at
-render time; this check is the registration-time layer in front of it, so a template written
+A chat template runs on the serving host for every request. llama.cpp's server renders GGUF
+templates with its own C++ Jinja subset (no Python objects to reach), and transformers-based
+servers in jinja2's ImmutableSandboxedEnvironment, which refuses `_`-prefixed attributes at
+render time; this check is the registration-time layer in front of both, so a template written
 to escape a sandbox (`{{ cycler.__init__.__globals__ }}`) is rejected before it is ever served.
 Flagged as dangerous:
 

