@@ -4,7 +4,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, DateTime, Identity, String
+from sqlalchemy import BigInteger, DateTime, Identity, Index, String
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -15,6 +15,12 @@ class AuditRecord(Base):
     """Who changed what. No foreign keys: the record outlives what it describes."""
 
     __tablename__ = "audit_log"
+    __table_args__ = (
+        # GET /audit pages newest first, by project or action.
+        Index("ix_audit_log_project_id_id", "project_id", "id"),
+        Index("ix_audit_log_action_id", "action", "id"),
+        Index("ix_audit_log_at", "at"),  # retention prunes by age
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

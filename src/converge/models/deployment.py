@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Boolean, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import Boolean, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -15,7 +15,10 @@ from converge.models.base import Base, Timestamped, UUIDPk, utcnow
 
 class Deployment(UUIDPk, Timestamped, Base):
     __tablename__ = "deployments"
-    __table_args__ = (UniqueConstraint("project_id", "name"),)
+    __table_args__ = (
+        UniqueConstraint("project_id", "name"),
+        Index("ix_deployments_project_id_id", "project_id", "id"),  # GET /deployments pages by id
+    )
 
     project_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(63))
@@ -53,6 +56,10 @@ class Build(UUIDPk, Timestamped, Base):
     """Prepare an approved version for a target profile: fetch, smoke-load, benchmark."""
 
     __tablename__ = "builds"
+    __table_args__ = (  # GET /builds pages by id, within projects or one state
+        Index("ix_builds_project_id_id", "project_id", "id"),
+        Index("ix_builds_state_id", "state", "id"),
+    )
 
     project_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
     model_version_id: Mapped[uuid.UUID] = mapped_column(

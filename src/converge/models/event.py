@@ -4,7 +4,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, DateTime, Identity, String
+from sqlalchemy import BigInteger, Boolean, DateTime, Identity, Index, String
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -19,6 +19,12 @@ class Event(Base):
     """
 
     __tablename__ = "events"
+    __table_args__ = (
+        # GET /events?project= pages by id; ?kind= matches exactly or by prefix (`deployment.`).
+        Index("ix_events_project_id_id", "project_id", "id"),
+        Index("ix_events_kind_pattern", "kind", "id", postgresql_ops={"kind": "varchar_pattern_ops"}),
+        Index("ix_events_at", "at"),  # retention prunes by age
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

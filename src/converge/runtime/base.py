@@ -12,7 +12,7 @@ import builtins
 import math
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from enum import StrEnum
 from typing import ClassVar
@@ -139,6 +139,19 @@ class RuntimeBackend(ABC):
     type: ClassVar[str]
     # builtins.type: in this class body `type` is the attribute above.
     config_model: ClassVar[builtins.type[BaseModel]]
+    # True: the backend calls its watchers whenever what `observe` answers for a deployment
+    # changes (a replica started, became ready, died, drained, its load moved), so the
+    # controller looks at a deployment at rest only when told. False: it polls each one.
+    reports_changes: ClassVar[bool] = False
+
+    def watch(self, listener: Callable[[uuid.UUID], None]) -> None:
+        """Call `listener(deployment_id)` (on the event loop, never awaited) at every such change."""
+        vars(self).setdefault("_watchers", []).append(listener)
+
+    def changed(self, deployment_id: uuid.UUID) -> None:
+        """Tell the watchers that this deployment's observation changed."""
+        for listener in vars(self).get("_watchers", ()):
+            listener(deployment_id)
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Adopt or clean up what a previous process left running."""

@@ -91,6 +91,7 @@ class _Deployment:
 class FakeBackend(RuntimeBackend):
     config_model = FakeConfig
     type = "fake"
+    reports_changes = True  # every steering call below tells the watchers
 
     def __init__(self, config: FakeConfig | None = None) -> None:
         self.config = config or FakeConfig()
@@ -165,6 +166,7 @@ class FakeBackend(RuntimeBackend):
     def serve_at(self, deployment_id: uuid.UUID, endpoints: list[str]) -> None:
         """Replica i of this deployment reports endpoints[i] (in replica order)."""
         self._endpoints[deployment_id] = endpoints
+        self.changed(deployment_id)
 
     def _reported(self, deployment_id: uuid.UUID, index: int, replica: _Replica) -> Replica:
         endpoints = self._endpoints.get(deployment_id, [])
@@ -175,6 +177,7 @@ class FakeBackend(RuntimeBackend):
         r = self._replica(replica_id)
         r.phase, r.last_exit, r.in_flight, r.queue_depth = P.BACKOFF, reason, 0, 0
         self._log(r, f"exited: {reason}")
+        self.changed(r.deployment_id)
 
     def set_load(
         self, replica_id: str, *, in_flight: int | None = None, queue_depth: int | None = None
@@ -183,6 +186,7 @@ class FakeBackend(RuntimeBackend):
         r = self._replica(replica_id)
         r.in_flight = r.in_flight if in_flight is None else in_flight
         r.queue_depth = r.queue_depth if queue_depth is None else queue_depth
+        self.changed(r.deployment_id)
 
     def fail_revision(
         self, *, deployment_id: uuid.UUID, revision: int, crash: bool = False, failing: bool = True
@@ -194,6 +198,7 @@ class FakeBackend(RuntimeBackend):
             self._failing[key] = crash
         else:
             self._failing.pop(key, None)
+        self.changed(deployment_id)
 
     def write_log(self, replica_id: str, line: str) -> None:
         self._log(self._replica(replica_id), line)

@@ -1,26 +1,39 @@
-"""The deployment controller: one leader at a time, level-triggered reconcile.
+"""The deployment controller: one leader at a time, level-triggered reconcile of what changed.
 
-Every pass compares each deployment's desired state (its current revision, replica target and
+A reconcile compares one deployment's desired state (its current revision, replica target and
 restart generation) with what the runtime backend observes, applies the difference, and writes
 back status conditions (Ready, Progressing, Degraded) with reason and message. It trusts no
 earlier pass: a crash loses nothing, the next leader simply reconciles again.
+
+What is reconciled is decided by a work queue (workers/workqueue.py), so the work grows with
+changes, not with the number of deployments:
+- NOTIFY from the database (triggers, migration 0012): a deployment's spec, its model version
+  or model, a build of that version, or any `deployment` policy changed;
+- the runtime's watch: a replica started, became ready, died, drained, or its load moved;
+- the gateway's wake requests (scale up from zero);
+- a deployment in motion (a rollout, a drain, a restart, an autoscaling timer) queues itself
+  again after `controller.requeue_s`, or exactly when its timer is due;
+- a failed reconcile is retried with exponential backoff per deployment;
+- every deployment once on taking over, and again every `controller.resync_s` (the safety net).
+A backend that does not report changes (`reports_changes` False) is polled: each deployment
+queues itself again after `requeue_s`, as every pass used to.
+
+Writes are fenced (storage/leader.py): a leader whose lease epoch moved on cannot write.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import time
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import structlog
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from converge.config import Settings
@@ -33,8 +46,9 @@ from converge.control.projects import repository as projects_repo
 from converge.core.lifecycle import SERVABLE
 from converge.kit import channels
 from converge.kit.observability import Metrics
-from converge.kit.service import Service
+from converge.kit.service import Service, cancel
 from converge.models import Deployment
+from converge.observability import tracing
 from converge.runtime.base import (
     Condition,
     DeploymentSpec,
@@ -47,54 +61,20 @@ from converge.runtime.base import (
 )
 from converge.storage.artifacts import ArtifactStore
 from converge.storage.db import transaction
-from converge.storage.leader import leadership
+from converge.storage.leader import Fenced, Lease, fence, lease
+from converge.workers import retention
+from converge.workers.autoscaling import _Load, autoscale, autoscale_inputs, requeue_after
 from converge.workers.replica_meter import ReplicaMeter
+from converge.workers.workqueue import WorkQueue
 
 log = structlog.get_logger(__name__)
 LEADER_LOCK_KEY = 0x43_74_72_6C  # "Ctrl"
+ROLE = "controller"  # its row in leader_leases
 POLICY_RECHECK_S = 5.0
-
-
-@dataclass
-class _Load:
-    """What the autoscaler remembers between passes (in memory: a new leader starts fresh)."""
-
-    high_since: float | None = None
-    low_since: float | None = None
-    idle_since: float | None = None
-    woken_at: datetime | None = None
-    restarts: dict[str, int] = field(default_factory=dict)
-    policy: tuple[Any, float, list[str]] | None = None  # (what was checked, when, reasons)
-
-
-def autoscale(
-    *, current: int, spec: dict[str, Any], observed: Observation | None, memory: _Load, now: float
-) -> int:
-    """The replica target for this pass, from the in-flight and queue figures replicas report."""
-    replicas, auto = spec["replicas"], spec["autoscaling"]
-    lo, hi = replicas["min"], replicas["max"]
-    ready = observed.ready if observed else []
-    load = sum(r.in_flight + r.queue_depth for r in ready)
-    wanted = max(lo, min(hi, math.ceil(load / auto["target_in_flight"]))) if load else lo
-    memory.idle_since = (now if memory.idle_since is None else memory.idle_since) if load == 0 else None
-    to_zero = auto.get("scale_to_zero_after_s")
-    if to_zero is not None and memory.idle_since is not None and now - memory.idle_since >= to_zero:
-        return 0
-    if current == 0:
-        return current if to_zero is not None and load == 0 else max(lo, 1)
-    if wanted > current:
-        memory.low_since = None
-        memory.high_since = now if memory.high_since is None else memory.high_since
-        return min(hi, current + 1) if now - memory.high_since >= auto["scale_up_after_s"] else current
-    memory.high_since = None
-    if wanted < current:
-        memory.low_since = now if memory.low_since is None else memory.low_since
-        if now - memory.low_since >= auto["cooldown_s"]:
-            memory.low_since = now
-            return max(wanted, current - 1)
-        return current
-    memory.low_since = None
-    return max(current, lo)
+PING_S = 2.0  # the lock's connection is checked this often while waiting for notifications
+# Replica time of deployments at rest is metered from their last observation this often (the
+# meter bills at most max_gap_s, 60 s, between two observations of one deployment).
+METER_TICK_S = 30.0
 
 
 class Controller(Service):
@@ -108,60 +88,206 @@ class Controller(Service):
         store: ArtifactStore,
         runtime: RuntimeBackend,
         conninfo: str,
-        interval_s: float = 1.0,
+        interval_s: float | None = None,
         metrics: Metrics | None = None,
         meter: ReplicaMeter | None = None,
+        owns_runtime: bool = False,
     ) -> None:
         self._sessions, self._settings, self._store = sessions, settings, store
         self.meter = meter  # measured cost: replica-seconds from every observation
         self._metrics = metrics or Metrics()
         self._labels: dict[uuid.UUID, str] = {}  # "<project>/<name>", as the gateway labels it
-        self._runtime, self._conninfo, self._interval = runtime, conninfo, interval_s
+        self._runtime, self._conninfo = runtime, conninfo
+        self._interval = settings.controller.requeue_s if interval_s is None else interval_s
+        # The local runtime supervises this machine's replicas for whoever leads: started (and
+        # so adopting what the previous leader left running) when this process wins the lease.
+        self._owns_runtime = owns_runtime
         super().__init__()
         self._paths: dict[str, Path] = {}
+        self._fetching: dict[str, asyncio.Lock] = {}
         self._load: dict[uuid.UUID, _Load] = {}
         self._observed: dict[uuid.UUID, Observation] = {}
+        self._metered: dict[uuid.UUID, tuple[uuid.UUID, int, dict[str, Any]]] = {}
+        self._uses: dict[uuid.UUID, tuple[uuid.UUID, uuid.UUID]] = {}  # -> (version id, model id)
+        self._facts = 0  # bumped when a policy, model, version or build changes: memos are stale
+        self._wakes: set[uuid.UUID] = set()
+        self._lease: Lease | None = None
+        self.queue: WorkQueue[uuid.UUID] | None = None  # while leading
         self.is_leader = False
+        self.epoch: int | None = None  # the lease epoch this process leads under
         self.passes = 0
+        runtime.watch(self._runtime_changed)
 
     async def _run(self) -> None:
+        cfg = self._settings.controller
         while True:
             try:
-                async with leadership(self._conninfo, key=LEADER_LOCK_KEY) as conn:
-                    self.is_leader = True
-                    log.info("controller_leading")
-                    await conn.execute(f"LISTEN {channels.WAKE}")
-                    while True:  # the lock lives as long as this connection
-                        await conn.execute("SELECT 1")
-                        await self.reconcile_all()
-                        for deployment_id in await self._wake_requests(conn):
-                            await self.wake(deployment_id)
+                async with lease(
+                    self._conninfo, key=LEADER_LOCK_KEY, role=ROLE, poll_s=cfg.standby_poll_s
+                ) as held:
+                    await self._lead(held)
             except asyncio.CancelledError:
                 raise
+            except Fenced as exc:
+                log.warning("controller_fenced", error=str(exc))
             except Exception:
-                log.exception("controller_pass_failed")
+                log.exception("controller_leadership_lost")
                 await asyncio.sleep(self._interval)
             finally:
-                self.is_leader = False
+                self.is_leader, self._lease, self.queue = False, None, None
                 self._metrics.forget_replicas()
 
-    async def _wake_requests(self, conn: psycopg.AsyncConnection[Any]) -> set[uuid.UUID]:
-        """Wait up to one interval for the gateway's wake requests (returning at the first)."""
-        ids: set[uuid.UUID] = set()
-        async for note in conn.notifies(timeout=self._interval, stop_after=1):
-            with contextlib.suppress(ValueError):
-                ids.add(uuid.UUID(note.payload))
-        return ids
+    async def _lead(self, held: Lease) -> None:
+        """Lead until the lock's connection goes, a write is fenced, or the service stops."""
+        cfg = self._settings.controller
+        if self._owns_runtime:
+            await self._runtime.start()  # idempotent; adopts replicas the last leader left
+        await held.conn.execute(f"LISTEN {channels.WAKE}")
+        await held.conn.execute(f"LISTEN {channels.RECONCILE}")
+        queue: WorkQueue[uuid.UUID] = WorkQueue(base_delay_s=cfg.retry_base_s, max_delay_s=cfg.retry_max_s)
+        self._lease, self.queue, self.epoch, self.is_leader = held, queue, held.epoch, True
+        log.info("controller_leading", epoch=held.epoch, holder=held.holder)
+        await self.resync()  # whatever happened while nobody led
+        tasks = [
+            asyncio.create_task(self._listen(held), name="controller-listen"),
+            asyncio.create_task(self._every(cfg.resync_s, self.resync), name="controller-resync"),
+            asyncio.create_task(self._every(METER_TICK_S, self.meter_tick), name="controller-meter"),
+            asyncio.create_task(self._prune_loop(), name="controller-prune"),
+            *(asyncio.create_task(self._work(queue), name="controller-work") for _ in range(cfg.workers)),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                if (exc := task.exception()) is not None:
+                    raise exc
+        finally:
+            await cancel(*tasks)
+
+    async def _listen(self, held: Lease) -> None:
+        while True:
+            await held.conn.execute("SELECT 1")  # raises once the lock's connection is gone
+            async for note in held.conn.notifies(timeout=PING_S):
+                self._notified(note.channel, note.payload)
+
+    def _notified(self, channel: str, payload: str) -> None:
+        queue = self.queue
+        if queue is None:
+            return
+        kind, _, ident = payload.partition(":") if channel == channels.RECONCILE else ("wake", "", payload)
+        if kind == "policy":
+            self._facts += 1
+            for deployment_id in list(self._uses):
+                queue.add(deployment_id)
+            return
+        try:
+            object_id = uuid.UUID(ident)
+        except ValueError:
+            return
+        if kind == "wake":
+            self._wakes.add(object_id)
+            queue.add(object_id)
+        elif kind == "deployment":
+            queue.add(object_id)
+        elif kind in ("version", "model"):
+            self._facts += 1
+            position = 0 if kind == "version" else 1
+            for deployment_id, uses in list(self._uses.items()):
+                if uses[position] == object_id:
+                    queue.add(deployment_id)
+
+    def _runtime_changed(self, deployment_id: uuid.UUID) -> None:
+        if self.queue is not None:
+            self.queue.add(deployment_id)
+
+    async def resync(self) -> None:
+        """Queue every live deployment (one query): what no notification reported is caught here."""
+        async with self._sessions() as session:
+            ids = list((await session.scalars(select(Deployment.id).order_by(Deployment.id))).all())
+        if self.queue is not None:
+            for deployment_id in ids:
+                self.queue.add(deployment_id)
+        self.passes += 1
+
+    @staticmethod
+    async def _every(seconds: float, job: Any) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await job()
+            except Fenced:
+                raise
+            except Exception:  # the next round tries again; the leader keeps leading meanwhile
+                log.exception("controller_job_failed", job=getattr(job, "__name__", str(job)))
+
+    async def _work(self, queue: WorkQueue[uuid.UUID]) -> None:
+        while True:
+            deployment_id = await queue.get()
+            try:
+                await self._process(queue, deployment_id)
+            finally:
+                queue.done(deployment_id)
+
+    async def _process(self, queue: WorkQueue[uuid.UUID], deployment_id: uuid.UUID) -> None:
+        started = time.perf_counter()
+        try:
+            if deployment_id in self._wakes:
+                self._wakes.discard(deployment_id)
+                await self._wake_row(deployment_id)
+            with tracing.span("reconcile", **{"converge.deployment.id": str(deployment_id)}):
+                after = await self.reconcile(deployment_id)
+        except Fenced:
+            raise
+        except Exception:
+            self._metrics.reconcile_errors.inc()
+            delay = queue.retry(deployment_id)
+            log.exception("reconcile_failed", deployment_id=str(deployment_id), retry_in_s=delay)
+        else:
+            queue.forget(deployment_id)
+            if after is not None:
+                queue.add_after(deployment_id, after)
+        finally:
+            self._metrics.reconcile_duration.observe(time.perf_counter() - started)
+
+    async def meter_tick(self) -> None:
+        """Replica time of the deployments nothing happened to since their last reconcile."""
+        if self.meter is None:
+            return
+        for deployment_id, (project_id, revision, resources) in list(self._metered.items()):
+            if (observed := self._observed.get(deployment_id)) is not None:
+                self.meter.observe(
+                    project_id=project_id, revision=revision, resources=resources, observed=observed
+                )
+
+    async def _prune_loop(self) -> None:
+        settings = self._settings.retention
+        while True:
+            try:
+                await retention.prune(self._sessions, settings=settings)
+            except Exception:  # the next round tries again; pruning late loses nothing
+                log.exception("retention_prune_failed")
+            await asyncio.sleep(settings.prune_interval_s)
+
+    @contextlib.asynccontextmanager
+    async def _writing(self) -> AsyncIterator[AsyncSession]:
+        """A transaction for the controller's writes, refused once another leader took over."""
+        async with transaction(self._sessions) as session:
+            if self._lease is not None:
+                await fence(session, role=ROLE, epoch=self._lease.epoch)
+            yield session
 
     async def wake(self, deployment_id: uuid.UUID) -> None:
-        async with transaction(self._sessions) as session:
+        await self._wake_row(deployment_id)
+        await self.reconcile(deployment_id)
+
+    async def _wake_row(self, deployment_id: uuid.UUID) -> None:
+        async with self._writing() as session:
             row = await repository.get(session, deployment_id, lock=True)
             if row is None or row.deleting:
                 return
             await wake_deployment(session, None, deployment=row)
-        await self.reconcile(deployment_id)
 
     async def reconcile_all(self) -> None:
+        """Reconcile every deployment once, in this task (tests; the leader uses the queue)."""
         async with self._sessions() as session:
             ids = [d.id for d in await repository.all_active(session)]
         for deployment_id in ids:
@@ -180,15 +306,20 @@ class Controller(Service):
         mounted = self._runtime.artifact_path(sha256=sha256)
         if mounted is not None:
             return mounted
-        if sha256 not in self._paths:  # verified once per leader; the cache is content-addressed
-            self._paths[sha256] = await self._store.fetch_to(sha256, acquire.cache_dir(self._settings))
+        async with self._fetching.setdefault(sha256, asyncio.Lock()):  # workers share one copy
+            if sha256 not in self._paths:  # verified once per leader; the cache is content-addressed
+                self._paths[sha256] = await self._store.fetch_to(sha256, acquire.cache_dir(self._settings))
         return str(self._paths[sha256])
 
-    async def reconcile(self, deployment_id: uuid.UUID) -> None:
+    async def reconcile(self, deployment_id: uuid.UUID) -> float | None:
+        """Converge one deployment; how soon to look at it again (None: when something changes)."""
         async with self._sessions() as session:
+            if self._lease is not None:  # a stale leader applies nothing to the runtime either
+                await fence(session, role=ROLE, epoch=self._lease.epoch, lock=False)
             deployment = await repository.get(session, deployment_id)
             if deployment is None:
-                return
+                self._forget(deployment_id)
+                return None
             if deployment.id not in self._labels:  # names never change: looked up once
                 project = await projects_repo.get_project(session, deployment.project_id)
                 owner = project.name if project is not None else deployment.project_id
@@ -202,7 +333,7 @@ class Controller(Service):
             )
         if deployment.deleting:
             await self._runtime.delete(deployment_id=deployment.id)
-            async with transaction(self._sessions) as session:
+            async with self._writing() as session:
                 await record(
                     session,
                     None,
@@ -215,10 +346,10 @@ class Controller(Service):
                 row = await repository.get(session, deployment.id, lock=True)
                 if row is not None:
                     await session.delete(row)
-            self._load.pop(deployment.id, None)
-            self._metrics.forget_deployment(self._labels.pop(deployment.id, ""))
-            return
+            self._forget(deployment.id)
+            return None
         assert rev is not None and version is not None
+        self._uses[deployment.id] = (version.id, version.model_id)
         spec = rev.spec
         servable = version.state in SERVABLE
         memory = self._load.setdefault(deployment.id, _Load())
@@ -259,7 +390,9 @@ class Controller(Service):
             )
         )
         observed = await self._runtime.observe(deployment_id=deployment.id)
+        previous = self._observed.get(deployment.id)
         self._observed[deployment.id] = observed
+        self._metered[deployment.id] = (deployment.project_id, rev.revision, spec["resources"])
         if self.meter is not None:
             self.meter.observe(
                 project_id=deployment.project_id,
@@ -271,9 +404,29 @@ class Controller(Service):
         self._metrics.observe_replicas(
             self._labels[deployment.id], {p.value: phases.count(p) for p in ReplicaPhase}
         )
-        await self._write_status(
+        phase = await self._write_status(
             deployment, observed, target=target, servable=servable, version_state=version.state, denied=denied
         )
+        if not self._runtime.reports_changes:
+            return self._interval
+        if autoscale_inputs(observed) != autoscale_inputs(previous):
+            return 0.0  # this pass scaled on the previous load: look again at once
+        return requeue_after(
+            phase=phase,
+            observed=observed,
+            target=target,
+            spec=spec,
+            memory=memory,
+            now=time.monotonic(),
+            interval=self._interval,
+        )
+
+    def _forget(self, deployment_id: uuid.UUID) -> None:
+        self._load.pop(deployment_id, None)
+        self._observed.pop(deployment_id, None)
+        self._metered.pop(deployment_id, None)
+        self._uses.pop(deployment_id, None)
+        self._metrics.forget_deployment(self._labels.pop(deployment_id, ""))
 
     async def _policy_denials(
         self, session: AsyncSession, deployment: Deployment, spec: dict[str, Any], version: Any
@@ -281,7 +434,7 @@ class Controller(Service):
         """Why the `deployment` policies no longer admit this deployment (checked every few
         seconds, and at once when its revision or version changes). The gateway refuses with it."""
         memory = self._load.setdefault(deployment.id, _Load())
-        checked = (deployment.revision, version.id, version.state, version.updated_at)
+        checked = (deployment.revision, version.id, version.state, version.updated_at, self._facts)
         now = time.monotonic()
         if memory.policy and memory.policy[0] == checked and now - memory.policy[1] < POLICY_RECHECK_S:
             return memory.policy[2]
@@ -311,7 +464,7 @@ class Controller(Service):
         servable: bool,
         version_state: str,
         denied: list[str],
-    ) -> None:
+    ) -> str:
         conditions = list(observed.conditions)
         conditions.append(
             Condition(
@@ -345,11 +498,11 @@ class Controller(Service):
             and phase == deployment.phase
             and target == deployment.desired_replicas
         ):
-            return
-        async with transaction(self._sessions) as session:
+            return phase
+        async with self._writing() as session:
             row = await repository.get(session, deployment.id, lock=True)
             if row is None:
-                return
+                return phase
             changed_phase = row.phase != phase
             row.status, row.phase, row.desired_replicas = status, phase, target
             if any(r.in_flight for r in observed.replicas):
@@ -384,6 +537,7 @@ class Controller(Service):
             self._labels[deployment.id], sum(n - memory.restarts.get(r, 0) for r, n in restarted.items())
         )
         memory.restarts.update({r.id: r.restarts for r in observed.replicas})
+        return phase
 
 
 def canary_replicas(deployment: Deployment, spec: dict[str, Any], target: int) -> int | None:
