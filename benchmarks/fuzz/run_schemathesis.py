@@ -115,6 +115,7 @@ def fuzz_config(
             "operations": [
                 {"include-path": "/sse/stream", "request-timeout": 2},
                 {"include-path-regex": "^/deployments/[^/]+/logs$", "parameters": {"follow": False}},
+                {"include-path": "/ops/logs", "parameters": {"follow": False}},
             ],
         }
     )

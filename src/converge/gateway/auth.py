@@ -20,6 +20,7 @@ from converge.core import apikeys
 from converge.gateway.dataplane import DataPlane, KeyEntry, ProjectEntry, Route
 from converge.gateway.errors import GatewayError
 from converge.gateway.limits import Limits
+from converge.observability import tracing
 
 # What each model server answers; a server not listed here is assumed to speak all of /v1.
 SERVES = {
@@ -40,6 +41,10 @@ class Caller:
         return ((self.key.scope, self.key.limits), project) if self.key is not None else (project,)
 
 
+def _key_of(caller: Caller) -> str:
+    return caller.key.prefix if caller.key is not None else "bootstrap"
+
+
 def _refused(message: str, code: str | None = None) -> GatewayError:
     return GatewayError(401, message, type_="authentication_error", code=code)
 
@@ -58,7 +63,17 @@ class Auth:
         self._tokens_for: object = None
         self._misses: dict[str, float] = {}
 
-    async def caller(self, scope: Scope) -> Caller:
+    async def caller(self, scope: Scope, *, traced: bool = True) -> Caller:
+        """Who sends this request (the key of its Authorization header), or a 401/404. While
+        tracing is on it is a span (`traced=False` is that span's own call)."""
+        if traced and tracing.ENABLED:
+            with tracing.span("gateway.auth") as span:
+                caller = await self.caller(scope, traced=False)
+                if span is not None:
+                    span.set_attributes(
+                        {"converge.project": caller.project.name, "converge.key": _key_of(caller)}
+                    )
+                return caller
         auth = project_name = None
         for name, value in scope["headers"]:
             if name == b"authorization":

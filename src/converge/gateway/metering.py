@@ -24,6 +24,7 @@ import structlog
 
 from converge.gateway.limits import INFLIGHT_STALE_S, Limiter, month_of
 from converge.kit.service import Service
+from converge.observability import tracing
 
 log = structlog.get_logger(__name__)
 MAX_PENDING = 200_000
@@ -328,15 +329,16 @@ class Meter(_Loop):
             return
         rows, self.pending = self.pending, []
         keys, self.keys_seen = self.keys_seen, set()
-        try:
-            conn = await self._connection()
-            if spooled:  # older than anything in memory: they go first
-                await self._replay(conn)
-            await self._write(conn, rows, keys)
-        except BaseException:
-            self.keys_seen |= keys
-            self._keep(rows)
-            raise
+        with tracing.span("gateway.meter.flush", rows=len(rows), keys=len(keys), spooled=spooled):
+            try:
+                conn = await self._connection()
+                if spooled:  # older than anything in memory: they go first
+                    await self._replay(conn)
+                await self._write(conn, rows, keys)
+            except BaseException:
+                self.keys_seen |= keys
+                self._keep(rows)
+                raise
         self.written += len(rows)
 
     def _keep(self, rows: list[tuple[uuid.UUID, str]]) -> None:

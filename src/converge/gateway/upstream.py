@@ -25,10 +25,11 @@ from converge.gateway import usage
 from converge.gateway.auth import Caller
 from converge.gateway.dataplane import WAITING_PHASES, DataPlane, Route
 from converge.gateway.errors import GatewayError, respond
-from converge.gateway.limits import Limiter, Rejection
+from converge.gateway.limits import Limiter, Rejection, Reservation
 from converge.gateway.metering import Meter
 from converge.gateway.metrics import GatewayMetrics
 from converge.gateway.routing import Pool, QueueFull, QueueTimeout, Replica
+from converge.observability import tracing
 
 if TYPE_CHECKING:
     from converge.gateway.guard import Guard
@@ -141,11 +142,22 @@ class Forwarder:
     async def forward(self, request: Request, receive: Receive, send: Send) -> None:
         caller, route, endpoint = request.caller, request.route, request.endpoint
         started, t0 = time.time(), time.perf_counter()
-        admitted = self.limiter.check(caller.scopes, request.reserve, started)
-        if isinstance(admitted, Rejection):
-            self.metrics.rejected.labels(admitted.code).inc()
-            raise rejected(admitted)
+        admitted = self._admit(request, started)
         status, prompt, completion, ttft = 499, 0, 0, None
+        # The replica's own span continues this one (its traceparent goes with the request).
+        traced = (
+            tracing.ActiveSpan(
+                "gateway.upstream",
+                kind="client",
+                attributes={
+                    "converge.deployment": route.label,
+                    "converge.endpoint": endpoint,
+                    "stream": request.stream,
+                },
+            )
+            if tracing.ENABLED
+            else None
+        )
         try:
             if request.stream:
                 status, prompt, completion, ttft = await self._stream(request, receive, send, t0)
@@ -161,6 +173,11 @@ class Forwarder:
                 used = prompt + completion if (prompt or completion) else request.reserve
             self.limiter.settle(admitted, used)
             elapsed = time.perf_counter() - t0
+            if traced is not None:
+                traced.set(**{"gen_ai.usage.input_tokens": prompt, "gen_ai.usage.output_tokens": completion})
+                if ttft is not None:
+                    traced.set(**{"converge.ttft_ms": round(ttft * 1000, 3)})
+                traced.end(status=status)
             if (trace := request.trace) is not None:
                 trace.status, trace.prompt_tokens, trace.completion_tokens = status, prompt, completion
                 trace.latency_ms, trace.ttft_ms = elapsed * 1000, ttft * 1000 if ttft is not None else None
@@ -185,6 +202,30 @@ class Forwarder:
                 latency_ms=elapsed * 1000,
                 ttft_ms=ttft * 1000 if ttft is not None else None,
             )
+
+    def _admit(self, request: Request, now: float) -> Reservation:
+        """Reserve the request's tokens against every limit of the caller, or the 429."""
+        if tracing.ENABLED:
+            with tracing.span("gateway.limits", reserve=request.reserve) as span:
+                admitted = self.limiter.check(request.caller.scopes, request.reserve, now)
+                if span is not None and isinstance(admitted, Rejection):
+                    span.set_attribute("converge.rejected", admitted.code)
+        else:
+            admitted = self.limiter.check(request.caller.scopes, request.reserve, now)
+        if isinstance(admitted, Rejection):
+            self.metrics.rejected.labels(admitted.code).inc()
+            raise rejected(admitted)
+        return admitted
+
+    async def _traced_acquire(
+        self, route: Route, tried: tuple[Replica, ...], attempt: int
+    ) -> tuple[Route, Pool, Replica | None]:
+        """`acquire` as a span: which replica (after how long in the queue), on which attempt."""
+        with tracing.span("gateway.routing", attempt=attempt, excluded=len(tried)) as span:
+            route, pool, replica = await self.acquire(route, tried)
+            if span is not None:
+                span.set_attribute("converge.replica", replica.endpoint if replica is not None else "")
+            return route, pool, replica
 
     def pool(self, route: Route) -> Pool:
         """The deployment's replica pool (made on first use), its replicas those the route lists."""
@@ -270,14 +311,17 @@ class Forwarder:
         `tried` are replicas that already failed this request; they are not asked again."""
         last: UpstreamError | None = None
         for attempt in range(self.config.retries + 1):
-            route, pool, replica = await self.acquire(route, tried)
+            if tracing.ENABLED:
+                route, pool, replica = await self._traced_acquire(route, tried, attempt)
+            else:
+                route, pool, replica = await self.acquire(route, tried)
             if replica is None:
                 break
             try:
                 response = await self.http.post(
                     replica.endpoint + request.path,
                     data=request.body,
-                    headers=HEADERS,
+                    headers=tracing.with_traceparent(HEADERS) if tracing.ENABLED else HEADERS,
                     timeout=self.stream_timeout if request.stream else self.unary_timeout,
                 )
             except (aiohttp.ClientError, TimeoutError) as exc:

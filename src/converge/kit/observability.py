@@ -11,12 +11,17 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import re
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from contextvars import ContextVar
-from typing import Any
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -25,22 +30,146 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from converge.kit.context import request_id_var
+from converge.observability import tracing
 
 
 def configure_logging(level: str = "INFO", *, json_logs: bool = True) -> None:
-    renderer: Any = structlog.processors.JSONRenderer() if json_logs else structlog.dev.ConsoleRenderer()
+    """Logs on stderr: JSON lines (or, for a person at a terminal, structlog's console lines),
+    each with the request id and trace id of the request that wrote it; and the same lines as
+    JSON in the log file `log_to_file` opens (what GET /ops/logs and `converge logs` read)."""
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            add_trace_ids,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
-            renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_TeeLoggerFactory(console=not json_logs),
         cache_logger_on_first_use=True,
     )
+
+
+def add_trace_ids(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """`trace_id` and `span_id` of the span the line is written in (only while tracing is on)."""
+    if tracing.ENABLED:
+        found = tracing.ids()
+        if found is not None:
+            event.setdefault("trace_id", found[0])
+            event.setdefault("span_id", found[1])
+    return event
+
+
+def log_path(data_dir: Path) -> Path:
+    """Where a Converge process keeps its own log (JSON lines)."""
+    return data_dir / "logs" / "converge.log"
+
+
+_NOTE = re.compile(r"^\[converge (\d{4}-\d\d-\d\dT[\d:.]+Z)\] ")
+
+
+def line_time(line: str) -> datetime | None:
+    """When a log line was written: the `timestamp` of a JSON line (the control plane's and the
+    replicas'), or the stamp of a supervisor note (`[converge <time>] ...`); None for other text
+    (a native library's own output)."""
+    text = line.lstrip()
+    stamp: Any = None
+    if text.startswith("{"):
+        with contextlib.suppress(ValueError):
+            decoded = json.loads(text)
+            stamp = decoded.get("timestamp") if isinstance(decoded, dict) else None
+    elif text.startswith("[converge "):
+        found = _NOTE.match(text)
+        stamp = found.group(1) if found else None
+    if not isinstance(stamp, str):
+        return None
+    try:
+        when = datetime.fromisoformat(stamp)
+    except ValueError:
+        return None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+# A log file is rotated (once, to converge.log.1) when it grows past this.
+MAX_LOG_BYTES = 64 << 20
+
+
+class LogFile:
+    """An append-only JSON-lines log, rotated once past `max_bytes`; safe from several threads."""
+
+    def __init__(self, path: Path, *, max_bytes: int = MAX_LOG_BYTES) -> None:
+        self.path, self.max_bytes = path, max_bytes
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock = threading.Lock()
+        self._file = self._open()
+
+    def _open(self) -> IO[str]:
+        with contextlib.suppress(FileNotFoundError):
+            if self.path.stat().st_size > self.max_bytes:
+                os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        return os.fdopen(fd, "a", encoding="utf-8")
+
+    def write(self, line: str) -> None:
+        with self._lock:
+            if self._file.closed:
+                return
+            self._file.write(line + "\n")
+            self._file.flush()  # a follower (GET /ops/logs?follow=true) sees it now
+            if self._file.tell() > self.max_bytes:
+                self._file.close()
+                self._file = self._open()
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+
+_log_files: list[LogFile] = []  # the last one opened gets the lines (two apps in one process: tests)
+
+
+def log_to_file(path: Path) -> LogFile:
+    """From now on every log line also goes to `path`, as JSON, until `stop_logging_to`."""
+    sink = LogFile(path)
+    _log_files.append(sink)
+    return sink
+
+
+def stop_logging_to(sink: LogFile) -> None:
+    with contextlib.suppress(ValueError):
+        _log_files.remove(sink)
+    sink.close()
+
+
+class _TeeLogger:
+    """structlog's final logger: the event to stderr (JSON, or console lines) and, as JSON, to
+    the log file when one is open."""
+
+    def __init__(self, *, console: bool) -> None:
+        self._json = structlog.processors.JSONRenderer()
+        self._console = structlog.dev.ConsoleRenderer() if console else None
+
+    def msg(self, **event: Any) -> None:
+        line: str | None = None
+        if self._console is None or _log_files:
+            rendered = self._json(None, "msg", dict(event))
+            line = rendered if isinstance(rendered, str) else rendered.decode()
+        if _log_files:
+            assert line is not None
+            _log_files[-1].write(line)
+        text = line if self._console is None else self._console(None, "msg", event)
+        print(text, file=sys.stderr, flush=True)
+
+    debug = info = warning = warn = error = err = critical = fatal = exception = failure = log = msg
+
+
+class _TeeLoggerFactory:
+    def __init__(self, *, console: bool) -> None:
+        self.console = console
+
+    def __call__(self, *_args: Any) -> _TeeLogger:
+        return _TeeLogger(console=self.console)
 
 
 # How long reconciling one deployment takes (a database read, apply, observe, a status write).
@@ -255,6 +384,15 @@ class RequestContextMiddleware:
 
         seen = 0
         metrics_token = metrics_var.set(self.metrics)
+        method = scope["method"]
+        # Named by its route template once routing has matched it (see _route_template).
+        traced = (
+            tracing.ActiveSpan(
+                method, kind="server", headers=scope["headers"], attributes={"http.request.method": method}
+            )
+            if tracing.ENABLED
+            else None
+        )
 
         async def counting_receive() -> Message:
             nonlocal seen
@@ -270,6 +408,8 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message.setdefault("headers", []).append((b"x-request-id", rid.encode()))
+                if traced is not None:
+                    message["headers"].append((b"traceparent", traced.traceparent()))
             await send(message)
 
         try:
@@ -280,6 +420,10 @@ class RequestContextMiddleware:
             await self._too_large(send)
         finally:
             self._observe(scope, status, start)
+            if traced is not None:
+                route = _route_template(scope)
+                traced.set(**{"http.route": route})
+                traced.end(status=status, name=f"{method} {route}")
             structlog.contextvars.unbind_contextvars("request_id")
             metrics_var.reset(metrics_token)
             request_id_var.reset(token)

@@ -1,18 +1,24 @@
-"""Health, readiness and metrics: the only routes that answer without a credential."""
+"""Health, readiness and metrics (the only routes that answer without a credential), and the
+server's own log for organisation admins."""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-from typing import Any
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
+from converge.control.projects.auth import DetachedPrincipalDep
 from converge.deps import StateDep
-from converge.errors import PROBLEM_RESPONSES, Unauthorized
+from converge.errors import PROBLEM_RESPONSES, Forbidden, NotFound, Unauthorized
+from converge.kit.observability import line_time, log_path
+from converge.runtime.local.logs import read_log
 from converge.storage.db import current_revision
 
 router = APIRouter(tags=["operations"])
@@ -55,6 +61,8 @@ async def readiness(state: StateDep) -> JSONResponse:
     }
     for service in state.services:
         checks[service.name] = {"ok": bool(service.healthy)}
+        if (leader := getattr(service, "is_leader", None)) is not None:  # the console's overview
+            checks[service.name]["leader"] = bool(leader)
     ok = all(c["ok"] for c in checks.values())
     state.metrics.observe_readiness({name: c["ok"] for name, c in checks.items()})
     body = {"status": "ready" if ok else "not_ready", "checks": checks}
@@ -77,3 +85,43 @@ async def metrics(request: Request, state: StateDep) -> Response:
         state.metrics.ready.labels("database").set(0)
     registry = state.metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get(
+    "/ops/logs",
+    response_class=StreamingResponse,
+    responses={code: PROBLEM_RESPONSES[code] for code in (401, 403, 404, 422)},
+)
+async def logs(
+    *,
+    state: StateDep,
+    principal: DetachedPrincipalDep,  # no database session is held while a follower waits
+    tail: Annotated[int, Query(ge=0, le=10000, description="Lines from the end of the log")] = 100,
+    since: Annotated[
+        datetime | None,
+        Query(description="Only lines written at or after this time (ISO 8601; UTC if no zone)"),
+    ] = None,
+    follow: Annotated[bool, Query(description="Keep streaming the lines the server writes next")] = False,
+) -> StreamingResponse:
+    """This server's own log, JSON lines oldest first (each with `timestamp`, `level`, `event`,
+    and `request_id`/`trace_id` where a request wrote it): the last `tail` lines, then, with
+    `follow`, what it writes next. `converge logs` interleaves it with replicas' logs.
+    Organisation admins only."""
+    if not principal.is_admin:
+        raise Forbidden("Only organisation admins may read the control plane's log")
+    path = log_path(state.settings.data_dir)
+    if not path.is_file():
+        raise NotFound(f"This server has written no log file yet ({path.name})")
+    after = since.replace(tzinfo=UTC) if since is not None and since.tzinfo is None else since
+
+    async def lines() -> AsyncIterator[bytes]:
+        keep = after is None
+        async for line in read_log(path, tail=tail, follow=follow):
+            if after is not None:
+                when = line_time(line)
+                if when is not None:  # a line without a time (a traceback's) goes with the one before
+                    keep = when >= after
+            if keep:
+                yield (line + "\n").encode()
+
+    return StreamingResponse(lines(), media_type="text/plain")

@@ -46,6 +46,7 @@ from converge.errors import AppError, Conflict, Forbidden, NotFound, Unprocessab
 from converge.gateway.api import Gateway
 from converge.kit.unique import flush_or_conflict
 from converge.models import Deployment, IngestionJob, KbDocument, KnowledgeBase, Project
+from converge.observability import tracing
 from converge.runtime.base import ServerKind
 from converge.storage.artifacts import ArtifactStore
 
@@ -502,13 +503,18 @@ async def search(
             known=sorted(kb.metadata_keys),
         )
     vector = None
-    if mode != "keyword":
-        vector = await _query_vector(
-            session, principal, kb=kb, query=body.query, embedder=embedder, store=store
-        )
-    found = await retrieval.search(
-        session, kb, vector=vector, query=body.query, k=k, mode=mode, filters=body.filters
-    )
+    with tracing.span("rag.search", kb_id=str(kb.id), mode=mode, k=k, filters=len(body.filters)) as span:
+        if mode != "keyword":
+            with tracing.span("rag.embed_query"):  # the gateway's spans of the embedding call nest here
+                vector = await _query_vector(
+                    session, principal, kb=kb, query=body.query, embedder=embedder, store=store
+                )
+        with tracing.span("rag.retrieve", mode=mode, k=k):
+            found = await retrieval.search(
+                session, kb, vector=vector, query=body.query, k=k, mode=mode, filters=body.filters
+            )
+        if span is not None:
+            span.set_attributes({"hits": len(found.hits), "exact": found.exact})
     return SearchRead(
         results=[HitRead.model_validate(hit) for hit in found.hits],
         mode=mode,

@@ -38,6 +38,11 @@ class LocalConfig(BaseModel):
         default=False,
         description="Leave replicas running when the supervisor stops, for the next one to adopt",
     )
+    otel_endpoint: str | None = Field(
+        default=None,
+        description="OTLP/HTTP collector replicas export their spans to (CONVERGE_OTEL__ENDPOINT); None: no traces",
+    )
+    otel_sample_ratio: float = Field(default=1.0, ge=0, le=1)
     memory_limit: bool = True
     memory_limit_factor: float = Field(
         default=2.0,

@@ -51,6 +51,7 @@ UNREADY_AFTER_FAILED_PROBES = 3
 class LocalBackend(RuntimeBackend):
     config_model = LocalConfig
     type = "local"
+    reports_changes = True  # each pass tells the watchers which deployments' replicas moved
 
     def __init__(self, config: LocalConfig, *, sandbox: Sandbox | None = None) -> None:
         self.config = config
@@ -65,6 +66,7 @@ class LocalBackend(RuntimeBackend):
         self._passed = asyncio.Event()
         self._loaded = False  # replicas.json read: only then may it be rewritten
         self._lock: IO[bytes] | None = None
+        self._seen: dict[uuid.UUID, tuple[tuple[object, ...], ...]] = {}  # what watchers last heard
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -216,6 +218,7 @@ class LocalBackend(RuntimeBackend):
             if dep.spec is None and not dep.replicas:
                 del self._deployments[dep.id]
         self._persist()
+        self._tell_watchers()
         self._passed.set()
         self._passed = asyncio.Event()
 
@@ -336,7 +339,9 @@ class LocalBackend(RuntimeBackend):
         argv = replica_argv(prefix=prefix, template=t, port=port)
         # Replicas never see the control plane's own settings (database URL, tokens, secrets):
         # their environment is an allow-list (sandbox.py), and they run as the sandbox's user.
-        env = self.sandbox.environment({"OMP_NUM_THREADS": str(t.resources.threads), **t.env})
+        env = self.sandbox.environment(
+            {"OMP_NUM_THREADS": str(t.resources.threads), **self._otel_env(r), **t.env}
+        )
         limit = memory_limit_bytes(t.resources, factor=self.config.memory_limit_factor)
         self._note(r, f"starting revision {r.revision} on port {port}")
         try:
@@ -352,6 +357,34 @@ class LocalBackend(RuntimeBackend):
             self._failed(r, f"could not start {argv[0]}: {exc}", now)
             return
         r.started(handle, port=port, now=now)
+
+    def _tell_watchers(self) -> None:
+        """A process that died, a probe that flipped readiness, load that moved: the controller
+        hears of it after this pass rather than at its next poll."""
+        seen: dict[uuid.UUID, tuple[tuple[object, ...], ...]] = {
+            dep.id: tuple(
+                (r.id, r.phase, r.in_flight, r.queue_depth, r.restarts, r.endpoint)
+                for r in dep.replicas.values()
+            )
+            for dep in self._deployments.values()
+        }
+        for deployment_id in seen.keys() | self._seen.keys():
+            if seen.get(deployment_id) != self._seen.get(deployment_id):
+                self.changed(deployment_id)
+        self._seen = seen
+
+    def _otel_env(self, r: ReplicaState) -> dict[str, str]:
+        """Where a replica exports its spans, and who it says it is: one service per deployment."""
+        if not self.config.otel_endpoint:
+            return {}
+        dep = self._deployments.get(r.deployment_id)
+        name = dep.spec.name if dep is not None and dep.spec is not None else str(r.deployment_id)
+        return {
+            "CONVERGE_OTEL__ENDPOINT": self.config.otel_endpoint,
+            "CONVERGE_OTEL__SAMPLE_RATIO": str(self.config.otel_sample_ratio),
+            "OTEL_SERVICE_NAME": f"converge-replica-{name}",
+            "OTEL_RESOURCE_ATTRIBUTES": f"converge.deployment.id={r.deployment_id},converge.replica.id={r.id}",
+        }
 
     # -- adoption and persistence ----------------------------------------------------------
 

@@ -16,6 +16,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from converge.observability import tracing
+
 # OpenAI's rule for function names.
 NAME_RULE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _INVALID = re.compile(r"[^a-zA-Z0-9_-]")
@@ -99,6 +101,17 @@ class Toolbox:
         return [tool.schema() for tool in self.tools.values()]
 
     async def call(self, name: str, arguments: str | None) -> Outcome:
+        """Run one tool call the model asked for; its failure is the outcome's error, never raised."""
+        with tracing.span("agent.tool_call", **{"gen_ai.tool.name": name}) as span:
+            outcome = await self._call(name, arguments)
+            if span is not None:
+                span.set_attribute("converge.duration_ms", outcome.duration_ms)
+                if outcome.error is not None:
+                    span.set_attribute("error.type", "tool_error")
+                    span.set_attribute("converge.tool_error", outcome.error[:500])
+            return outcome
+
+    async def _call(self, name: str, arguments: str | None) -> Outcome:
         started = time.perf_counter()
 
         def done(*, result: str | None = None, error: str | None = None, args: Any = arguments) -> Outcome:
