@@ -2,18 +2,20 @@
 
 An inference body is forwarded as bytes, unparsed, unless hooks want to see it; the path is
 rewritten to the name the replicas serve. Errors use the OpenAI envelope like every other
-gateway route.
+gateway route. Once a replica answered 2xx, the body is handed to the input-drift counters
+(`drift.py`), which parse it later, in a batch, off this path.
 """
 
 from __future__ import annotations
 
 import aiohttp
 import orjson
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from converge.config import GatewaySettings
 from converge.gateway.auth import Auth
 from converge.gateway.dataplane import Route
+from converge.gateway.drift import InputDrift
 from converge.gateway.errors import GatewayError, bad, decode, read_body, respond
 from converge.gateway.governance import Governance
 from converge.gateway.upstream import Forwarder, Request, classify
@@ -22,6 +24,8 @@ PREFIX = "/v2/models/"
 
 
 class V2:
+    drift: InputDrift | None = None  # set by the app where this process serves /v2
+
     def __init__(
         self, config: GatewaySettings, *, auth: Auth, governance: Governance, forwarder: Forwarder
     ) -> None:
@@ -59,8 +63,27 @@ class V2:
                 include_usage=False,
                 reserve=0,
             )
-            return await self.forwarder.forward(request, receive, send)
+            if self.drift is None:
+                return await self.forwarder.forward(request, receive, send)
+            return await self._forward_counted(request, receive, send, drift=self.drift)
         raise GatewayError(404, f"Unknown V2 route {path}", code="not_found")
+
+    async def _forward_counted(
+        self, request: Request, receive: Receive, send: Send, *, drift: InputDrift
+    ) -> None:
+        """Forward, and count the inputs of a request the replica accepted (2xx): what it
+        refused (a wrong shape, a wrong type) says nothing about the inputs' distribution."""
+        status = 0
+
+        async def watched(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        await self.forwarder.forward(request, receive, watched)
+        if 200 <= status < 300:
+            drift.record(request.route, request.body)
 
     async def _metadata(self, send: Send, route: Route, name: str) -> None:
         _, pool, replica = await self.forwarder.acquire(route, ())

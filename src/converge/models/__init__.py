@@ -17,7 +17,9 @@ from converge.models.chat import (
 )
 from converge.models.cost import PriceCatalogueVersion, ProjectBudget, ReplicaUsageDaily, UsageDaily
 from converge.models.deployment import Build, Deployment, DeploymentRevision
+from converge.models.drift import DriftReference, DriftWindow
 from converge.models.event import Event
+from converge.models.lease import LeaderLease
 from converge.models.library import Approval, Artifact, LibraryModel, ModelVersion
 from converge.models.member import Member
 from converge.models.policy import Policy, PolicyRevision
@@ -45,12 +47,15 @@ __all__ = [
     "Build",
     "Deployment",
     "DeploymentRevision",
+    "DriftReference",
+    "DriftWindow",
     "Event",
     "GatewayCounter",
     "IngestionJob",
     "KbChunk",
     "KbDocument",
     "KnowledgeBase",
+    "LeaderLease",
     "LibraryModel",
     "Member",
     "ModelVersion",
