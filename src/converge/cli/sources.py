@@ -21,6 +21,7 @@ SourceArg = Annotated[str, typer.Argument(help="Source name or id")]
 class Kind(StrEnum):
     oci = "oci"
     s3 = "s3"
+    mlflow = "mlflow"
 
 
 def get_source(client: Api, ref: str) -> dict[str, Any]:
@@ -79,15 +80,20 @@ def sources_list(profile: ProfileOpt = None) -> None:
 @sources.command("add")
 def sources_add(
     name: Annotated[str, typer.Option("--name", help="Lowercase source name")],
-    uri: Annotated[str, typer.Option(help="oci://registry/repository or s3://bucket/prefix")],
+    uri: Annotated[
+        str, typer.Option(help="oci://registry/repository, s3://bucket/prefix or mlflow://models/NAME")
+    ],
     model: Annotated[str, typer.Option("--model", help="Library model that new items become versions of")],
-    kind: Annotated[Kind | None, typer.Option(help="oci or s3; default: the URI's scheme")] = None,
+    kind: Annotated[Kind | None, typer.Option(help="oci, s3 or mlflow; default: the URI's scheme")] = None,
     interval: Annotated[float, typer.Option(help="Seconds between syncs (1-86400)")] = 60.0,
     endpoint: Annotated[str | None, typer.Option(help="S3 endpoint URL (MinIO, ...)")] = None,
     region: Annotated[str | None, typer.Option(help="S3 region")] = None,
     access_key_id: Annotated[str | None, typer.Option(help="S3 access key id")] = None,
     secret_access_key: Annotated[
         str | None, typer.Option(help="S3 secret key (stored on the server, never shown again)")
+    ] = None,
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="MLflow tracking server of an mlflow:// source (http://host:5000)")
     ] = None,
     insecure: Annotated[
         bool | None, typer.Option("--insecure/--secure", help="Plain HTTP to the OCI registry")
@@ -100,8 +106,8 @@ def sources_add(
     """Register a source (admins). Artifacts from a registered source count as known to policies."""
     if kind is None:
         scheme = uri.partition("://")[0]
-        if scheme not in ("oci", "s3"):
-            die(f"Cannot tell the kind from '{uri}': it must start with oci:// or s3://")
+        if scheme not in ("oci", "s3", "mlflow"):
+            die(f"Cannot tell the kind from '{uri}': it must start with oci://, s3:// or mlflow://")
         kind = Kind(scheme)
     options = {
         "endpoint": endpoint,
@@ -109,6 +115,7 @@ def sources_add(
         "access_key_id": access_key_id,
         "secret_access_key": secret_access_key,
         "insecure": insecure,
+        "tracking_uri": tracking_uri,
     }
     body = {
         "name": name,

@@ -17,7 +17,7 @@ class Source(UUIDPk, Timestamped, Base):
     __tablename__ = "sources"
 
     name: Mapped[str] = mapped_column(String(100), unique=True)
-    kind: Mapped[str] = mapped_column(String(16))  # oci | s3
+    kind: Mapped[str] = mapped_column(String(16))  # oci | s3 | mlflow
     uri: Mapped[str] = mapped_column(Text)  # oci://host/repo or s3://bucket/prefix
     model_name: Mapped[str] = mapped_column(String(128))  # library model that new versions join
     options: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)

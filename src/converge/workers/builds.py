@@ -29,12 +29,14 @@ from converge.control.builds import service
 from converge.control.builds.api import log_path
 from converge.control.builds.benchmark import benchmark_server
 from converge.control.builds.schemas import BuildState
+from converge.control.experiments.service import BuildRun, log_build
 from converge.control.library import acquire
 from converge.control.library import repository as library_repo
 from converge.kit.net import free_port
 from converge.kit.observability import Metrics
 from converge.kit.service import Service, cancel
 from converge.models import Build
+from converge.observability import tracing
 from converge.runtime.base import ServerKind
 from converge.runtime.local.sandbox import Sandbox
 from converge.storage.artifacts import ArtifactStore
@@ -95,7 +97,10 @@ class BuildRunner(Service):
             await asyncio.sleep(self._poll_s)
 
     async def _build(self, build_id: uuid.UUID) -> None:
-        with build_log(self._settings, build_id) as out:
+        with (
+            build_log(self._settings, build_id) as out,
+            tracing.span("build", **{"converge.build.id": str(build_id)}) as span,
+        ):
             try:
                 results = await self._steps(build_id, out)
                 state, reason = BuildState.SUCCEEDED, ""
@@ -105,6 +110,8 @@ class BuildRunner(Service):
                 log.warning("build_failed", build_id=str(build_id), error=str(exc))
                 results, state, reason = None, BuildState.FAILED, failure_reason(exc)
             say_outcome(out, state, reason)
+            if span is not None:
+                span.set_attribute("converge.build.state", state.value)
         await record(self._sessions, build_id, state, reason=reason, results=results, metrics=self._metrics)
 
     async def _steps(self, build_id: uuid.UUID, out: TextIO) -> dict[str, Any]:
@@ -128,7 +135,9 @@ class BuildRunner(Service):
             say(out, "benchmark: running")
             figures = await benchmark_server(kind, base_url, target.model_name, inputs=target.inputs)
         say(out, f"benchmark: {figures}")
-        return figures
+        return figures | await log_to_mlflow(
+            self._settings, target, figures=figures, out=out, resources=local_resources(kind)
+        )
 
 
 # --- shared with the Kubernetes build runner -------------------------------------------------
@@ -158,6 +167,50 @@ class BuildTarget:
             f"build {self.build_id}: {self.model_name}:{self.version} ({self.format}) -> "
             f"{self.server}, profile {self.profile}"
         )
+
+    def mlflow_run(self, figures: dict[str, Any], *, resources: dict[str, Any]) -> BuildRun:
+        return BuildRun(
+            build_id=str(self.build_id),
+            project_id=str(self.project_id),
+            model=self.model_name,
+            version=self.version,
+            digest=f"sha256:{self.sha256}",
+            server=self.server.value,
+            profile=self.profile,
+            resources=resources,
+            figures=figures,
+        )
+
+
+def local_resources(kind: ServerKind) -> dict[str, Any]:
+    """What the local runner's smoke-load server had: this host's CPUs (llama.cpp: one thread)."""
+    return {
+        "runner": "local",
+        "host_cpus": os.cpu_count(),
+        **({"n_threads": 1} if kind == ServerKind.LLAMA_CPP else {}),
+    }
+
+
+async def log_to_mlflow(
+    settings: Settings,
+    target: BuildTarget,
+    *,
+    figures: dict[str, Any],
+    out: TextIO,
+    resources: dict[str, Any],
+) -> dict[str, Any]:
+    """The benchmark as an MLflow run, when a tracking server is configured: what to add to the
+    results (`mlflow_run_id`, or `mlflow_error`). Never fails the build."""
+    try:
+        logged = await log_build(settings.mlflow, target.mlflow_run(figures, resources=resources))
+    except Exception as exc:  # the figures stand whatever MLflow does
+        log.warning("mlflow_log_failed", build_id=str(target.build_id), error=str(exc))
+        logged = {"mlflow_error": failure_reason(exc)}
+    if "mlflow_run_id" in logged:
+        say(out, f"mlflow: run {logged['mlflow_run_id']} in experiment {logged['mlflow_experiment_id']}")
+    elif "mlflow_error" in logged:
+        say(out, f"mlflow: the run was not logged: {logged['mlflow_error']}")
+    return logged
 
 
 async def load_target(sessions: async_sessionmaker[AsyncSession], build_id: uuid.UUID) -> BuildTarget:

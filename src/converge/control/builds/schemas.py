@@ -5,7 +5,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, computed_field
 
 from converge.control.deployments.schemas import Profile
 from converge.kit.schemas import Input, Output
@@ -42,3 +42,11 @@ class BuildRead(Output):
     finished_at: datetime | None
     created_by: str
     created_at: datetime
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def mlflow_run_id(self) -> str | None:
+        """The MLflow run its benchmark was logged as (`GET /mlflow/runs/{id}/metrics/{key}`);
+        null when no tracking server is configured or logging failed (`results.mlflow_error`)."""
+        value = self.results.get("mlflow_run_id")
+        return value if isinstance(value, str) else None

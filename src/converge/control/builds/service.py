@@ -136,7 +136,8 @@ async def finish(
     if state == BuildState.SUCCEEDED and results:
         version = await library_repo.get_version(session, build.model_version_id, lock=True)
         if version is not None:  # the latest figures, where deployment policies read them
-            version.benchmarks = {**version.benchmarks, **results, "profile": build.profile}
+            figures = {k: v for k, v in results.items() if not k.startswith("mlflow_")}  # the build's own
+            version.benchmarks = {**version.benchmarks, **figures, "profile": build.profile}
             await session.flush()
 
 

@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -43,8 +43,9 @@ class Acquired:
     is_directory: bool
     filename: str
     local_path: Path
-    kind: str  # upload | path | s3 | oci | builtin | sync
+    kind: str  # upload | path | s3 | oci | mlflow | builtin | sync
     uri: str
+    details: dict[str, Any] = field(default_factory=dict)  # more provenance (MLflow: run id, model URI)
 
 
 def artifact_store(settings: Settings) -> ArtifactStore:
@@ -212,6 +213,44 @@ async def from_oci(
     return await _materialise(store, settings, blob, kind="oci", uri=uri, filename=name)
 
 
+async def from_mlflow(
+    store: ArtifactStore,
+    settings: Settings,
+    uri: str,
+    *,
+    expected_sha256: str | None,
+    options: dict[str, Any],
+) -> Acquired:
+    """A version registered in MLflow (`mlflow://models/NAME/VERSION`), from the tracking server
+    of the source it belongs to, else the configured one; its folder is stored like any other."""
+    from converge.control.experiments import registry
+
+    ref = registry.ModelRef.parse(uri)
+    tracking_uri = options.get("tracking_uri") or settings.mlflow.tracking_uri
+    if not tracking_uri:
+        raise BadRequest(
+            f"No MLflow server is known for {uri}: an admin registers one as a source (kind mlflow, "
+            "options.tracking_uri), or sets CONVERGE_MLFLOW__TRACKING_URI"
+        )
+    work = Path(tempfile.mkdtemp(prefix="mlflow-", dir=_tmp(settings)))
+    try:
+        folder, registered = await registry.download(
+            tracking_uri,
+            ref,
+            dest=work,
+            timeout_s=settings.mlflow.download_timeout_s,
+            request_timeout_s=settings.mlflow.timeout_s,
+        )
+        blob = await store.put_directory(
+            folder, expected_sha256=expected_sha256, max_bytes=settings.library.max_upload_bytes
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    acquired = await _materialise(store, settings, blob, kind="mlflow", uri=uri, filename=ref.name)
+    acquired.details = {**registered.provenance(tracking_uri), "artifact_sha256": blob.sha256}
+    return acquired
+
+
 def _tmp(settings: Settings) -> Path:
     path = settings.data_dir / "tmp"
     path.mkdir(parents=True, exist_ok=True)
@@ -239,6 +278,10 @@ async def from_uri(
                 expected_sha256=expected_sha256,
                 insecure=(options or {}).get("insecure"),
             )
+        if scheme == "mlflow":
+            return await from_mlflow(
+                store, settings, uri, expected_sha256=expected_sha256, options=options or {}
+            )
     except ArtifactTooLarge as exc:
         raise Unprocessable(
             f"The artifact at {uri} exceeds {exc.limit} bytes (library.max_upload_bytes); nothing was registered"
@@ -250,4 +293,6 @@ async def from_uri(
             raise Forbidden("Registering a path on the server's disk is for admins; upload the file instead")
         path = await asyncio.to_thread(server_path, uri, settings)
         return await from_path(store, settings, path, expected_sha256=expected_sha256)
-    raise BadRequest(f"Unsupported URI scheme '{scheme}': use s3://, oci:// or an absolute server path")
+    raise BadRequest(
+        f"Unsupported URI scheme '{scheme}': use s3://, oci://, mlflow:// or an absolute server path"
+    )

@@ -163,7 +163,8 @@ async def _admit(state: StateDep, principal: Principal, model_id: uuid.UUID, ver
 async def register_version(
     model_id: uuid.UUID, body: VersionRegister, principal: DetachedPrincipalDep, state: StateDep
 ) -> VersionRead:
-    """Register a version from a URI: `s3://`, `oci://`, or (admins) a path on the server."""
+    """Register a version from a URI: `s3://`, `oci://`, `mlflow://models/NAME/VERSION`, or (admins)
+    a path on the server."""
     source = await _admit(state, principal, model_id, body.version, body.uri)
     try:
         acquired = await acquire.from_uri(
@@ -181,6 +182,7 @@ async def register_version(
         "uri": body.uri,
         "known": source is not None,
         "name": source[0] if source else None,
+        **acquired.details,
     }
     return await _record(
         state, principal, model_id=model_id, version=body.version, acquired=acquired, provenance=provenance

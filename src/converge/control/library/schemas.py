@@ -62,7 +62,8 @@ class ModelRead(Output):
 class VersionRegister(Input):
     version: VersionName
     uri: Annotated[str, StringConstraints(min_length=1, max_length=2048)] = Field(
-        description="s3://bucket/key, oci://registry/repo:tag, or a path on the server (admins only)"
+        description="s3://bucket/key, oci://registry/repo:tag, mlflow://models/NAME/VERSION, "
+        "or a path on the server (admins only)"
     )
     sha256: Sha256 | None = Field(default=None, description="Expected digest of the artifact")
 

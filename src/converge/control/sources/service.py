@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from converge.config import Settings
 from converge.control.events.service import record
+from converge.control.experiments import registry
 from converge.control.library import acquire
 from converge.control.library import repository as library_repo
 from converge.control.library import service as library
@@ -110,6 +111,12 @@ async def delete(session: AsyncSession, principal: Principal, *, source_id: uuid
 
 
 async def list_remote(source: Source, settings: Settings) -> list[RemoteItem]:
+    if source.kind == "mlflow":  # the registered model's ready versions, by number
+        registered = registry.ModelRef.parse(source.uri)
+        versions = await registry.list_versions(
+            source.options["tracking_uri"], registered.name, timeout_s=settings.mlflow.timeout_s
+        )
+        return [RemoteItem(key=f"{v.name}/{v.version}", digest=v.digest, uri=v.ref.uri) for v in versions]
     if source.kind == "oci":
         client = OciClient(insecure=source.options.get("insecure"))
         ref = OciRef.parse(source.uri)
@@ -216,7 +223,14 @@ async def _register(
         store, settings, item.uri, expected_sha256=None, may_read_server_paths=False, options=source.options
     )
     name = await _free_version_name(session, model.id, item, source.kind)
-    provenance = {"kind": "sync", "uri": item.uri, "known": True, "name": source.name, "digest": item.digest}
+    provenance = {
+        "kind": "sync",
+        "uri": item.uri,
+        "known": True,
+        "name": source.name,
+        "digest": item.digest,
+        **acquired.details,
+    }
     version = await library.register_version(
         session,
         None,

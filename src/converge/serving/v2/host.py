@@ -23,7 +23,7 @@ from starlette.types import ASGIApp
 from converge.kit.net import free_port
 from converge.serving.common import ModelHost
 from converge.serving.v2 import restricted
-from converge.serving.v2.formats import find_mlserver_venv
+from converge.serving.v2.formats import find_mlserver_venv, mlflow_code_problem, mlflow_sklearn
 from converge.serving.v2.mlserver import (
     IMPLEMENTATIONS,
     SUPPORT_DIR,
@@ -37,6 +37,28 @@ from converge.serving.v2.protocol import KIND, infer_path
 from converge.serving.v2.proxy import MLServerProxy
 
 log = logging.getLogger("converge.serving.v2")
+
+
+def _mlflow_plan(folder: Path) -> tuple[Path, str, list[dict[str, Any]]]:
+    """How to serve an MLflow folder: (what to load, the runtime, declared inputs).
+
+    The scikit-learn flavour goes to the restricted scikit-learn runtime with its model file,
+    exactly as a pickle we registered ourselves (and its signature, if any, declares the inputs).
+    Any other flavour goes to MLflow's runtime (pickle functions restricted while it loads),
+    unless the folder would make MLflow import code of its own.
+    """
+    sklearn = mlflow_sklearn(folder)
+    if sklearn is not None:
+        log.info(
+            "MLflow scikit-learn model (%s): served restricted from %s",
+            sklearn.serialization,
+            sklearn.model_file.name,
+        )
+        return sklearn.model_file, "pickle", sklearn.inputs
+    problem = mlflow_code_problem(folder)
+    if problem is not None:
+        raise RuntimeError(f"refused to serve the MLflow model: {problem}")
+    return folder, "mlflow", []
 
 
 class MLServerHost(ModelHost):
@@ -76,22 +98,26 @@ class MLServerHost(ModelHost):
         env = mlserver_env(venv, support=support)
         model_path = Path(args.model_path).resolve()
         inputs: list[dict[str, Any]] = []
-        if self.fmt == "pickle":
-            try:
+        runtime, exact_datatype = self.fmt, self.fmt == "mlflow"
+        try:
+            if self.fmt == "mlflow":
+                model_path, runtime, inputs = _mlflow_plan(model_path)
+                exact_datatype = runtime == "mlflow" or bool(inputs)  # a signature's dtypes are the contract
+            if runtime == "pickle":
                 facts = probe_sklearn(
                     venv / "bin" / "python", model_path, env=env, timeout=args.ready_timeout, support=support
                 )
-            except BaseException:
-                shutil.rmtree(root, ignore_errors=True)
-                raise
-            inputs = declared_sklearn_inputs(facts)
-            log.info("scikit-learn model: %s, inputs %s", facts["type"], inputs or "undeclared")
+                inputs = inputs or declared_sklearn_inputs(facts)
+                log.info("scikit-learn model: %s, inputs %s", facts["type"], inputs or "undeclared")
+        except BaseException:
+            shutil.rmtree(root, ignore_errors=True)
+            raise
         http_port, grpc_port = free_port(), free_port()
         folder = write_mlserver_config(
             root,
             model_name=args.model_name,
             model_path=model_path,
-            implementation=IMPLEMENTATIONS[self.fmt],
+            implementation=IMPLEMENTATIONS[runtime],
             http_port=http_port,
             grpc_port=grpc_port,
             inputs=inputs,
@@ -106,7 +132,7 @@ class MLServerHost(ModelHost):
             model_name=args.model_name,
             declared=declared,
             # MLflow enforces its signature's dtypes; scikit-learn converts any numbers.
-            exact_datatype=self.fmt == "mlflow",
+            exact_datatype=exact_datatype,
         )
         return self.proxy
 

@@ -13,7 +13,10 @@ mlserver only where MLServer runs it; nothing else in this package may be import
   (compressed or not, inline numpy arrays included), with `find_class` restricted. joblib's
   pre-0.10 format, whose arrays live in side files it opens by names taken from the pickle, is
   refused.
-- `RestrictedSKLearnModel`: mlserver_sklearn's runtime, loading through the function above.
+- `restricted_skops_load(path)`: a skops file (MLflow's default for scikit-learn), trusting
+  only the types the allow-list allows, never the list the model's MLmodel declares.
+- `RestrictedSKLearnModel`: mlserver_sklearn's runtime, loading through the functions above
+  (it also serves MLflow scikit-learn models: see `formats.mlflow_sklearn`).
 - `RestrictedMLflowRuntime`: mlserver_mlflow's runtime, with `pickle.load`/`loads` (and
   cloudpickle's, which are the same functions) restricted while MLflow loads the model. MLflow
   has no unpickler hook of its own; the swap is process-wide but only lasts for the load, which
@@ -60,6 +63,29 @@ def restricted_joblib_load(path: str | Path) -> Any:
             return unpickler.load()
 
 
+def restricted_skops_load(path: str | Path) -> Any:
+    """A skops file, trusting only the types our allow-list allows.
+
+    skops refuses types outside its own safe set unless the caller trusts them; MLflow trusts
+    the list written in the model's own MLmodel, which the model's author controls. Here the
+    types skops would refuse are trusted only when the pickle allow-list allows each of them.
+    """
+    import skops.io  # type: ignore[import-not-found]  # MLServer's environment has it; ours need not
+
+    untrusted = skops.io.get_untrusted_types(file=str(path))
+    for dotted in untrusted:
+        module, _, name = dotted.rpartition(".")
+        allowlist.find_allowed(module, name)  # raises UnpicklingError naming the refused type
+    return skops.io.load(str(path), trusted=untrusted)
+
+
+def restricted_load(path: str | Path) -> Any:
+    """A scikit-learn model file: skops by its suffix (what MLflow writes), else joblib/pickle."""
+    if str(path).endswith(".skops"):
+        return restricted_skops_load(path)
+    return restricted_joblib_load(path)
+
+
 def _load(file: Any, **options: Any) -> Any:
     return allowlist.RestrictedUnpickler(file, **options).load()
 
@@ -96,7 +122,7 @@ def _sklearn_runtime() -> Any:
 
         async def load(self) -> bool:
             model_uri = await get_model_uri(self._settings, wellknown_filenames=WELLKNOWN_MODEL_FILENAMES)
-            self._model = restricted_joblib_load(model_uri)
+            self._model = restricted_load(model_uri)
             return True
 
     return RestrictedSKLearnModel
@@ -134,8 +160,8 @@ def __getattr__(name: str) -> Any:
 PROBE = """
 import json, sys
 sys.path.insert(0, sys.argv[2])
-from converge_v2_restricted import restricted_joblib_load
-model = restricted_joblib_load(sys.argv[1])
+from converge_v2_restricted import restricted_load
+model = restricted_load(sys.argv[1])
 n = getattr(model, "n_features_in_", None)
 print(json.dumps({
     "type": type(model).__module__ + "." + type(model).__qualname__,
