@@ -3,6 +3,7 @@ idle deployments, each with the numbers (checked here against the estimate and b
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -13,7 +14,7 @@ from support import ADMIN, make_key, make_project
 from test_estimate_api import LLAMA2_7B_F16, deployment, library_version
 from test_report import CPU_2_4, TODAY, replica_time, usage
 
-from converge.models import DeploymentRevision
+from converge.models import Artifact, DeploymentRevision, ModelVersion
 
 
 async def recommendations(client: Any, project: dict[str, Any], headers: dict[str, str] = ADMIN) -> Any:
@@ -86,3 +87,76 @@ async def test_another_projects_recommendations_are_invisible(app, client):
     developer = await make_key(client, mine["id"], "developer")
     assert (await recommendations(client, theirs, developer)).status_code == 404
     assert (await recommendations(client, mine, developer)).status_code == 200
+
+
+async def add_version(
+    app, model_id: str, *, version: str, inspection: dict[str, Any], state: str = "approved"
+) -> str:
+    """Another version of the same library model (a quantised build of it, say)."""
+    sha = hashlib.sha256(uuid.uuid4().bytes).hexdigest()
+    async with app.state.converge.session_factory() as session, session.begin():
+        session.add(
+            Artifact(sha256=sha, size_bytes=int(inspection.get("memory_bytes") or 1), filename="m.gguf")
+        )
+        row = ModelVersion(model_id=uuid.UUID(model_id), version=version, state=state, format="gguf",
+                           artifact_sha256=sha, inspection=inspection, submitted_by="test")  # fmt: skip
+        session.add(row)
+        await session.flush()
+        return str(row.id)
+
+
+Q8_0 = {**LLAMA2_7B_F16, "quantization": "Q8_0", "memory_bytes": 7_161_089_728}
+
+
+async def test_an_approved_quantised_version_that_fits_a_cheaper_gpu_is_advised(app, client):
+    project = await make_project(client)
+    version = await library_version(app, inspection=LLAMA2_7B_F16)
+    d = await deployment(app, project=project, version_id=version["version_id"], gpus=1, gpu_type="H100")
+    pending = await add_version(
+        app, version["model_id"], version="v3-pending", inspection=Q8_0, state="pending"
+    )
+    body = (await recommendations(client, project)).json()
+    assert [r for r in body["data"] if r["kind"] == "quantised_variant"] == []  # not approved: not offered
+    async with app.state.converge.session_factory() as session, session.begin():
+        row = await session.get(ModelVersion, uuid.UUID(pending))
+        assert row is not None
+        row.state, row.version = "approved", "v2"
+    body = (await recommendations(client, project)).json()
+    (advice,) = [r for r in body["data"] if r["kind"] == "quantised_variant"]
+    assert advice["deployment_id"] == d and advice["numbers"]["proposed_version"] == "v2"
+    assert (
+        advice["numbers"]["quantization"] == "Q8_0" and advice["proposed_hourly"] < advice["current_hourly"]
+    )
+    # The same memory fit the estimate shows for the quantised version at the in-flight target.
+    q8 = (await client.post("/cost/estimate", json={"model": f"{version['model']}:v2", "concurrency": 4},
+                            headers=ADMIN)).json()  # fmt: skip
+    f16 = (await client.post("/cost/estimate", json={"model": f"{version['model']}:v1", "concurrency": 4},
+                             headers=ADMIN)).json()  # fmt: skip
+    assert advice["numbers"]["need_bytes"] == q8["memory"]["need_bytes"] < f16["memory"]["need_bytes"]
+    hours = (await client.get("/cost/prices", headers=ADMIN)).json()["catalogue"]["hours_per_month"]
+    saving = (advice["current_hourly"] - advice["proposed_hourly"]) * hours
+    assert advice["monthly_savings"] == pytest.approx(saving, abs=0.01)
+    assert "Q8_0" in advice["why"] and advice["numbers"]["proposed_device"] in advice["why"]
+
+
+async def test_small_models_each_on_a_whole_gpu_are_advised_to_share_one(app, client):
+    project = await make_project(client)
+    small = {**LLAMA2_7B_F16, "parameter_count": 1_100_000_000, "memory_bytes": 2_200_000_000,
+             "context_length": 2048, "extra": {"block_count": 22, "head_count": 32, "head_count_kv": 4,
+                                               "embedding_length": 2048}}  # fmt: skip
+    names = []
+    for _ in range(2):
+        v = await library_version(app, inspection=small)
+        names.append(
+            await deployment(app, project=project, version_id=v["version_id"], gpus=1, gpu_type="H100")
+        )
+    body = (await recommendations(client, project)).json()
+    (advice,) = [r for r in body["data"] if r["kind"] == "consolidate"]
+    n = advice["numbers"]
+    assert (n["replicas"], n["gpus_now"], n["gpus_shared"]) == (2, 2, 1)
+    assert n["need_bytes"] <= n["gpu_memory_bytes"]  # both fit in one GPU's memory
+    prices = (await client.get("/cost/prices", headers=ADMIN)).json()["catalogue"]
+    one_gpu = advice["current_hourly"] / 2
+    assert advice["proposed_hourly"] == pytest.approx(one_gpu)
+    assert advice["monthly_savings"] == pytest.approx(one_gpu * prices["hours_per_month"], abs=0.01)
+    assert advice["deployment_id"] in names and "H100" in advice["why"]

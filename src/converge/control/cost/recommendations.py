@@ -5,6 +5,11 @@ the numbers.
   in-flight target + overhead) holds in a cheaper GPU or MIG profile than the one deployed.
 - scale_to_zero: replicas ran all day but requests came in few of those hours (from metering),
   and the deployment never scales to zero.
+- quantised_variant: another approved version of the same library model stores fewer bytes
+  per weight (Q4/Q8/int8 where the deployment runs F16, say), and its memory fit needs a
+  cheaper GPU, MIG profile or, on CPUs, less memory.
+- consolidate: replicas that each hold a whole GPU of one type in one zone, whose memory fits
+  together would fill fewer of them (first-fit decreasing): shared as MIG slices or time-sliced.
 
 Savings are per month from the measured replica-hours of the last `WINDOW_DAYS` days (a
 deployment with none measured is counted at its current replicas, all month).
@@ -136,6 +141,173 @@ def _scale_to_zero(
     )
 
 
+def _smaller_variants(
+    version: ModelVersion, shape: costs.ModelShape, *, variants: list[ModelVersion]
+) -> list[tuple[ModelVersion, costs.ModelShape]]:
+    out = []
+    for v in variants:
+        if v.id == version.id:
+            continue
+        found = costs.model_shape(v.inspection or {})
+        if isinstance(found, costs.ModelShape) and found.bytes_per_weight < shape.bytes_per_weight:
+            out.append((v, found))
+    return out
+
+
+def _quantised_variant(  # noqa: PLR0913 - the deployment's whole context
+    catalogue: PriceCatalogue,
+    *,
+    version_number: int,
+    deployment: Deployment,
+    spec: dict[str, Any],
+    version: ModelVersion,
+    variants: list[ModelVersion],
+    current: measured.ReplicaPrice,
+    replica_hours_month: float,
+) -> RecommendationRead | None:
+    shape = costs.model_shape(version.inspection or {})
+    if not isinstance(shape, costs.ModelShape):
+        return None
+    resources = spec.get("resources") or {}
+    gpu = bool(resources.get("gpus") or resources.get("mig_profile"))
+    concurrency = math.ceil((spec.get("autoscaling") or {}).get("target_in_flight", 1))
+    cpu = float(resources.get("cpu") or costs.DEFAULT_CPU)
+    best: tuple[float, ModelVersion, costs.Estimate, str] | None = None
+    for variant, vshape in _smaller_variants(version, shape, variants=variants):
+        if gpu:
+            ask = Ask(zone=current.zone, concurrency=concurrency, cpu=cpu,
+                      memory_bytes=int(resources.get("memory_bytes") or costs.DEFAULT_MEMORY_BYTES))  # fmt: skip
+        else:
+            ask = Ask(zone=current.zone, concurrency=concurrency, cpu=cpu, cpu_only=True)
+        try:
+            result = costs.estimate(catalogue, ask=ask, shape=vshape)
+        except (costs.UnknownName, costs.NeedsFacts, costs.DoesNotFit):
+            continue
+        if gpu:
+            assert result.gpu is not None
+            cheapest = min([result.gpu, *result.alternatives], key=lambda f: (f.hourly, f.count))
+            hourly = result.hourly - result.gpu.hourly + cheapest.hourly
+            device = f"{cheapest.count} x {cheapest.device.name}"
+        else:
+            smaller = {
+                **resources,
+                "memory_bytes": min(
+                    result.memory_bytes, int(resources.get("memory_bytes") or 0) or result.memory_bytes
+                ),
+            }
+            hourly = measured.replica_hourly(
+                catalogue, version=version_number, zone=current.zone, resources=smaller
+            ).hourly
+            device = f"{smaller['memory_bytes'] / costs.GIB:g} GiB of memory"
+        if best is None or hourly < best[0]:
+            best = (hourly, variant, result, device)
+    if best is None or best[0] >= current.hourly * (1 - MIN_SAVING):
+        return None
+    hourly, variant, result, device = best
+    assert result.need is not None
+    quantisation = (variant.inspection or {}).get("quantization") or "fewer bytes per weight"
+    why = (
+        f"Version {variant.version} of this model is approved and stores {quantisation}; it needs"
+        f" {result.need.total_bytes / GB:,.2f} GB a replica (weights {result.need.weights_bytes / GB:,.2f} GB"
+        f" + KV cache {result.need.kv_bytes / GB:,.2f} GB for {result.context:,} tokens x {concurrency} in flight"
+        f" + overhead), which {device} holds: {hourly:.4f} an hour a replica instead of {current.hourly:.4f}"
+        f" for version {version.version} on {_device(resources) if gpu else 'its current memory'}"
+    )
+    return RecommendationRead(
+        kind="quantised_variant",
+        project_id=deployment.project_id,
+        deployment_id=deployment.id,
+        deployment=deployment.name,
+        why=why,
+        current_hourly=round(current.hourly, 6),
+        proposed_hourly=round(hourly, 6),
+        monthly_savings=round((current.hourly - hourly) * replica_hours_month, 2),
+        numbers={
+            "current_version": version.version,
+            "proposed_version": variant.version,
+            "proposed_version_id": str(variant.id),
+            "quantization": str(quantisation),
+            "need_bytes": result.need.total_bytes,
+            "proposed_device": device,
+            "replica_hours_per_month": round(replica_hours_month, 2),
+        },
+    )
+
+
+def _consolidate(
+    catalogue: PriceCatalogue,
+    *,
+    version_number: int,
+    placed: list[tuple[Deployment, dict[str, Any], int, str]],
+) -> list[RecommendationRead]:
+    """`placed`: (deployment, spec, memory need of one replica, price zone) for replicas on whole GPUs."""
+    groups: dict[tuple[str, str], list[tuple[Deployment, dict[str, Any], int]]] = {}
+    for d, spec, need, zone in placed:
+        resources = spec.get("resources") or {}
+        groups.setdefault((zone, str(resources.get("gpu_type") or "")), []).append((d, spec, need))
+    out = []
+    for (zone, gpu_type), members in groups.items():
+        try:
+            (device,) = [x for x in costs.devices(catalogue, zone=zone, pricing="on_demand", gpu_type=gpu_type or None)
+                         if x.mig_profile is None]  # fmt: skip
+        except (costs.UnknownName, ValueError):
+            continue
+        replicas = [(need, d) for d, spec, need in members for _ in range(max(1, d.desired_replicas))
+                    if int((spec.get("resources") or {}).get("gpus") or 0) == 1 and need <= device.memory_bytes]  # fmt: skip
+        if len(replicas) < 2:
+            continue
+        bins: list[int] = []  # memory used on each shared GPU
+        for need, _ in sorted(replicas, key=lambda r: -r[0]):
+            for i, used in enumerate(bins):
+                if used + need <= device.memory_bytes:
+                    bins[i] += need
+                    break
+            else:
+                bins.append(need)
+        if len(bins) >= len(replicas):
+            continue
+        saved_gpus = len(replicas) - len(bins)
+        saving = saved_gpus * device.gpu_hourly * catalogue.hours_per_month
+        names = sorted({d.name for _, d in replicas})
+        host = max(members, key=lambda m: m[2])[0]
+        why = (
+            f"{len(replicas)} replicas ({', '.join(names)}) each hold a whole {gpu_type} in zone {zone} but need"
+            f" {sum(n for n, _ in replicas) / GB:,.2f} GB together: {len(bins)} {gpu_type}"
+            f" ({device.memory_bytes / GB:g} GB each) hold them all, shared as MIG slices or time-sliced,"
+            f" {saved_gpus} GPU{'s' if saved_gpus > 1 else ''} fewer at {device.gpu_hourly:.4f} an hour each"
+        )
+        out.append(
+            RecommendationRead(
+                kind="consolidate",
+                project_id=host.project_id,
+                deployment_id=host.id,
+                deployment=host.name,
+                why=why,
+                current_hourly=round(len(replicas) * device.gpu_hourly, 6),
+                proposed_hourly=round(len(bins) * device.gpu_hourly, 6),
+                monthly_savings=round(saving, 2),
+                numbers={
+                    "deployments": ", ".join(names),
+                    "replicas": len(replicas),
+                    "gpus_now": len(replicas),
+                    "gpus_shared": len(bins),
+                    "need_bytes": sum(n for n, _ in replicas),
+                    "gpu_memory_bytes": device.memory_bytes,
+                    "catalogue_version": version_number,
+                },
+            )
+        )
+    return out
+
+
+def _need_one_replica(spec: dict[str, Any], version: ModelVersion) -> int | None:
+    shape = costs.model_shape(version.inspection or {})
+    if not isinstance(shape, costs.ModelShape) or not shape.context_length:
+        return None
+    concurrency = math.ceil((spec.get("autoscaling") or {}).get("target_in_flight", 1))
+    return costs.memory_need(shape, context=shape.context_length, concurrency=concurrency).total_bytes
+
+
 async def recommend(
     session: AsyncSession, principal: Principal, *, project_ref: str | None, today: date | None = None
 ) -> RecommendationsRead:
@@ -154,7 +326,10 @@ async def recommend(
     )
     data: list[RecommendationRead] = []
     not_checked = ["spot: no project setting marks a project as development, so none is advised spot"]
-    for deployment, spec, version in await repository.project_deployments(session, project_id):
+    rows = await repository.project_deployments(session, project_id)
+    variants = await repository.servable_versions(session, {v.model_id for _, _, v in rows})
+    on_whole_gpus: list[tuple[Deployment, dict[str, Any], int, str]] = []
+    for deployment, spec, version in rows:
         resources = spec.get("resources") or {}
         zone = next(iter(spec.get("zones") or ["local"]))
         current = measured.replica_hourly(catalogue, version=version_number, zone=zone, resources=resources)
@@ -178,6 +353,22 @@ async def recommend(
                 not_checked.append(found)
             elif found is not None:
                 data.append(found)
+        variant = _quantised_variant(
+            catalogue,
+            version_number=version_number,
+            deployment=deployment,
+            spec=spec,
+            version=version,
+            variants=variants.get(version.model_id, []),
+            current=current,
+            replica_hours_month=per_month,
+        )
+        if variant is not None:
+            data.append(variant)
+        if resources.get("gpus") and not resources.get("mig_profile"):
+            need = _need_one_replica(spec, version)
+            if need is not None:
+                on_whole_gpus.append((deployment, spec, need, current.zone))
         idle = _scale_to_zero(
             deployment=deployment,
             spec=spec,
@@ -187,6 +378,7 @@ async def recommend(
         )
         if idle is not None:
             data.append(idle)
+    data += _consolidate(catalogue, version_number=version_number, placed=on_whole_gpus)
     data.sort(key=lambda r: -r.monthly_savings)
     return RecommendationsRead(
         project_id=project_id,

@@ -13,6 +13,7 @@ from sqlalchemy import Date, case, cast, delete, func, literal, literal_column, 
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from converge.core.lifecycle import SERVABLE
 from converge.models import (
     Artifact,
     Deployment,
@@ -311,6 +312,19 @@ async def project_deployments(
     if project_id is not None:
         q = q.where(Deployment.project_id == project_id)
     return [(d, dict(spec), v) for d, spec, v in (await session.execute(q)).all()]
+
+
+async def servable_versions(
+    session: AsyncSession, model_ids: set[uuid.UUID]
+) -> dict[uuid.UUID, list[ModelVersion]]:
+    """The approved (or deprecated, still servable) versions of these library models."""
+    if not model_ids:
+        return {}
+    q = select(ModelVersion).where(ModelVersion.model_id.in_(model_ids), ModelVersion.state.in_(SERVABLE))
+    out: dict[uuid.UUID, list[ModelVersion]] = {}
+    for v in (await session.scalars(q.order_by(ModelVersion.created_at))).all():
+        out.setdefault(v.model_id, []).append(v)
+    return out
 
 
 async def active_hours(

@@ -273,13 +273,15 @@ class BudgetRead(Output):
 
 
 class RecommendationRead(Output):
-    kind: Literal["right_size", "scale_to_zero"]
+    kind: Literal["right_size", "scale_to_zero", "quantised_variant", "consolidate"]
     project_id: uuid.UUID
     deployment_id: uuid.UUID
     deployment: str
     why: str = Field(description="The reason, with the numbers")
     current_hourly: float = Field(description="What one replica costs an hour now")
-    proposed_hourly: float | None = Field(description="What one replica would cost (right_size)")
+    proposed_hourly: float | None = Field(
+        description="What one replica would cost (right_size, quantised_variant; consolidate: all the GPUs shared)"
+    )
     monthly_savings: float = Field(description="Estimated saving per month, in `currency`")
     numbers: dict[str, float | int | str | None] = Field(description="The figures the advice rests on")
 
