@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query
@@ -71,6 +71,15 @@ def _int_cursor(raw: str | None, name: str) -> int | None:
     return value
 
 
+def _since(value: datetime | None) -> datetime | None:
+    """UTC unless an offset is given; within the years PostgreSQL and Python both hold."""
+    if value is None:
+        return None
+    if not 1970 <= value.year <= 9998:
+        raise BadRequest("since must be a time between the years 1970 and 9998")
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
 ProjectQ = Annotated[uuid.UUID | None, Query(description="Only this project's events")]
 KindQ = Annotated[
     list[Annotated[str, StringConstraints(max_length=128)]] | None,
@@ -80,7 +89,14 @@ KindQ = Annotated[
 
 @router.get("/events", response_model=Page[EventRead], tags=["events"])
 async def list_events(
-    session: SessionDep, principal: PrincipalDep, page: PageDep, project: ProjectQ = None, kind: KindQ = None
+    session: SessionDep,
+    principal: PrincipalDep,
+    page: PageDep,
+    project: ProjectQ = None,
+    kind: KindQ = None,
+    since: Annotated[
+        datetime | None, Query(description="Only events at or after this time (e.g. the last 24 h)")
+    ] = None,
 ) -> Page[EventRead]:
     f = _filter(principal, project, kind)
     after = int_after(page) or 0
@@ -90,6 +106,7 @@ async def list_events(
         project_id=f.project_id,
         kinds=f.kinds,
         after_id=after,
+        since=_since(since),
         limit=page.limit + 1,
     )
     return page_of(rows, limit=page.limit, schema=EventRead)

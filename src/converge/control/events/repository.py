@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Collection, Sequence
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, event, or_, select, text
@@ -91,9 +92,12 @@ async def list_events(
     kinds: Sequence[str] = (),
     after_id: int = 0,
     ids: Sequence[int] | None = None,
+    since: datetime | None = None,
     limit: int = 100,
 ) -> list[Event]:
     q = select(Event).where(Event.id > after_id).order_by(Event.id).limit(limit)
+    if since is not None:
+        q = q.where(Event.at >= since)
     if (cond := _visibility(visible)) is not None:
         q = q.where(cond)
     if project_id is not None:

@@ -1,0 +1,1 @@
+"""The web console (static files) and the router that serves them."""
