@@ -21,6 +21,7 @@ from starlette.types import Receive, Scope, Send
 import converge
 from converge import __version__
 from converge.config import Settings
+from converge.console.api import mount as mount_console
 from converge.control.builds.api import router as builds_router
 from converge.control.chat.agents.api import mcp_router
 from converge.control.chat.agents.api import router as agents_router
@@ -31,8 +32,10 @@ from converge.control.chat.sessions.api import router as chat_router
 from converge.control.cost.api import router as cost_router
 from converge.control.cost.service import seed as seed_prices
 from converge.control.deployments.api import router as deployments_router
+from converge.control.drift.api import router as drift_router
 from converge.control.events.api import router as events_router
 from converge.control.events.broadcaster import Broadcaster
+from converge.control.experiments.api import router as experiments_router
 from converge.control.library.acquire import artifact_store
 from converge.control.library.api import UPLOAD_PATH_SUFFIX
 from converge.control.library.api import router as library_router
@@ -48,9 +51,17 @@ from converge.control.sources.api import router as sources_router
 from converge.control.usage.api import router as usage_router
 from converge.errors import PROBLEM_SCHEMA, install_error_handlers
 from converge.gateway.api import Gateway
-from converge.kit.observability import Metrics, RequestContextMiddleware
+from converge.gateway.drift import InputDrift
+from converge.kit.observability import (
+    Metrics,
+    RequestContextMiddleware,
+    log_path,
+    log_to_file,
+    stop_logging_to,
+)
 from converge.kit.roles import Role
 from converge.kit.schemas import storable_parameters
+from converge.observability import tracing
 from converge.observability.gpu import GpuCollector
 from converge.runtime.base import RuntimeBackend
 from converge.runtime.local.sandbox import Sandbox
@@ -114,7 +125,10 @@ def _runtime(settings: Settings, *, sandbox: Sandbox, sessions: Callable[[], Asy
     from converge.runtime.local import LocalBackend, LocalConfig
 
     config = LocalConfig(
-        state_dir=settings.data_dir / "runtime", keep_replicas_on_stop=settings.keep_replicas_on_stop
+        state_dir=settings.data_dir / "runtime",
+        keep_replicas_on_stop=settings.keep_replicas_on_stop,
+        otel_endpoint=settings.otel.endpoint,  # replicas export their spans there too
+        otel_sample_ratio=settings.otel.sample_ratio,
     )
     return LocalBackend(config, sandbox=sandbox)
 
@@ -157,6 +171,14 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        log_file = log_to_file(log_path(settings.data_dir))  # what GET /ops/logs reads
+        otel = settings.otel
+        traced = tracing.configure(
+            endpoint=otel.endpoint,
+            service_name=otel.service_name,
+            sample_ratio=otel.sample_ratio,
+            attributes={"service.version": __version__, "converge.roles": ",".join(sorted(settings.roles))},
+        )
         database = await asyncio.to_thread(start_database, settings)
         head = await asyncio.to_thread(migrate_and_bootstrap, database)
         runs_code = settings.runs(Role.CONTROLLER) or settings.runs(Role.WORKER)  # replicas, builds
@@ -202,13 +224,27 @@ def create_app(
             state.services.append(gateway)
             # RAG models and agents answer /v1 in-process (the gateway cannot import them).
             gateway.virtual_handler = ChatRuntime(state, gateway).virtual_handler
+            if settings.runs(Role.GATEWAY) and settings.gateway.drift.enabled:  # V2 input drift
+                drift = InputDrift(
+                    settings.gateway.drift,
+                    conninfo=conninfo,
+                    gateway_id=gateway.limiter.gateway_id,
+                    routes=lambda: gateway.dataplane.snapshot.by_id if gateway.dataplane else {},
+                    registry=metrics.registry,
+                )
+                await drift.start()
+                gateway.v2.drift = drift
+                state.services.append(drift)
         # The controller drives the runtime. The API reads it (zones, observed replicas, logs),
         # which only a runtime that observes from any process can answer: the Kubernetes one
         # watches the API server; the local one knows only the processes it supervises itself.
         runtime_started = settings.runs(Role.CONTROLLER) or (
             settings.runs(Role.API) and state.runtime.type == "kubernetes"
         )
-        if runtime_started:
+        # Local replicas are supervised by the leading controller only: a standby on the same
+        # machine starts the runtime (adopting the replicas) when it takes over.
+        leader_runs_runtime = settings.runs(Role.CONTROLLER) and state.runtime.type == "local"
+        if runtime_started and not leader_runs_runtime:
             await state.runtime.start()
         store = state.artifacts
         workers: list[Any] = []
@@ -227,6 +263,7 @@ def create_app(
                     conninfo=conninfo,
                     metrics=metrics,
                     meter=cost_meter.meter,
+                    owns_runtime=leader_runs_runtime,
                 ),
             ]
             workers += _cluster_workers(
@@ -276,6 +313,9 @@ def create_app(
             await http.aclose()
             await engine.dispose()
             log.info("converge_stopped")
+            if traced:
+                await asyncio.to_thread(tracing.shutdown)  # the spans still queued are sent
+            stop_logging_to(log_file)
 
     app = ConvergeApp(
         title="Converge",
@@ -297,6 +337,7 @@ def create_app(
         policies_router,
         sources_router,
         deployments_router,
+        drift_router,
         builds_router,
         rag_router,
         rag_models_router,
@@ -306,9 +347,12 @@ def create_app(
         agents_router,
         mcp_router,
         cost_router,
+        experiments_router,
     ):
         if settings.runs(Role.API):
             app.include_router(router)
+    if settings.runs(Role.API):
+        mount_console(app)  # static files at /console; every data call carries the user's key
     _complete_openapi(app)
     if not settings.server.public_docs and settings.runs(Role.API):
         _protected_openapi(app)

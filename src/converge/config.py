@@ -69,6 +69,28 @@ class LibrarySettings(BaseModel):
     s3_secret_access_key: SecretStr | None = None
 
 
+class DriftSettings(BaseModel):
+    """Input drift of V2 deployments (gateway/drift.py): per-feature histograms over windows of
+    inference inputs, compared with a reference (PSI and KS per feature)."""
+
+    enabled: bool = True
+    bins: int = Field(default=10, ge=2, le=100, description="Quantile bins of a reference taken from data")
+    # A window closes once it holds window_rows rows and is window_min_s old (a busy deployment
+    # writes a summary a minute, not one a second), or after window_max_s with min_rows rows.
+    window_rows: int = Field(default=1000, ge=10, le=1_000_000)
+    window_min_s: float = Field(default=60.0, ge=0)
+    window_max_s: float = Field(default=3600.0, gt=0)
+    min_rows: int = Field(default=100, ge=1)
+    max_features: int = Field(default=64, ge=1, le=256, description="Features tracked per deployment")
+    max_deployments: int = Field(default=128, ge=1, description="Deployments one gateway tracks")
+    max_pending_bytes: int = Field(
+        default=32 << 20, ge=0, description="Request bodies waiting; dropped beyond"
+    )
+    flush_s: float = Field(default=5.0, gt=0, description="How often bodies are counted and windows written")
+    retention_days: int = Field(default=7, ge=1, description="Window summaries older than this are deleted")
+    psi_threshold: float = Field(default=0.2, gt=0, description="A feature drifts when its PSI is above this")
+
+
 class GatewaySettings(BaseModel):
     """The data path (/v1, /v2): limits, routing, timeouts, metering. See gateway/."""
 
@@ -100,6 +122,7 @@ class GatewaySettings(BaseModel):
     queue_size: int = Field(default=512, ge=0, description="Waiting requests per deployment; 503 beyond")
     queue_timeout_s: float = 60.0
     wake_timeout_s: float = 180.0
+    drift: DriftSettings = DriftSettings()
 
 
 class RuntimeSettings(BaseModel):
@@ -155,6 +178,58 @@ class CostSettings(BaseModel):
     rollup_s: float = Field(default=300.0, gt=0, le=86400)
 
 
+class MlflowSettings(BaseModel):
+    """The MLflow tracking server experiments are read from and builds log to (see control/experiments/)."""
+
+    tracking_uri: str | None = Field(
+        default=None, description="e.g. http://127.0.0.1:5000; unset: no experiments, builds log nothing"
+    )
+    timeout_s: float = Field(default=10.0, gt=0, le=300, description="Bound on each call to the server")
+    download_timeout_s: float = Field(default=600.0, gt=0, description="Bound on a model version's download")
+
+
+class OtelSettings(BaseModel):
+    """Traces (see observability/tracing.py): off unless an OTLP/HTTP endpoint is set."""
+
+    endpoint: str | None = Field(
+        default=None,
+        description="OTLP/HTTP collector, e.g. http://127.0.0.1:4318 (spans go to <endpoint>/v1/traces); "
+        "unset: tracing is off and costs nothing",
+    )
+    service_name: str = Field(default="converge", min_length=1)
+    sample_ratio: float = Field(default=1.0, ge=0, le=1, description="Share of new traces recorded")
+
+
+class ControllerSettings(BaseModel):
+    """The deployment controller (see workers/controller.py): what wakes a reconcile, and how a
+    standby takes over (CONVERGE_CONTROLLER__RESYNC_S and so on)."""
+
+    resync_s: float = Field(
+        default=300.0, gt=0, description="Every deployment is reconciled this often, changed or not"
+    )
+    requeue_s: float = Field(
+        default=1.0, gt=0, description="A deployment in motion (rollout, drain) is looked at again this soon"
+    )
+    workers: int = Field(default=4, ge=1, le=64, description="Deployments reconciled at once")
+    retry_base_s: float = Field(default=0.5, gt=0, description="First retry of a failed reconcile; doubles")
+    retry_max_s: float = Field(default=60.0, gt=0)
+    standby_poll_s: float = Field(
+        default=1.0, gt=0, description="How often a standby tries the leader lock (bounds a takeover)"
+    )
+
+
+class RetentionSettings(BaseModel):
+    """How long the audit log and the event outbox keep records; the leading controller prunes
+    them every `prune_interval_s`. 0 keeps them for ever."""
+
+    audit_days: float = Field(default=365.0, ge=0)
+    events_days: float = Field(
+        default=7.0, ge=0, description="The SSE replay window (Last-Event-ID resumes within it)"
+    )
+    prune_interval_s: float = Field(default=3600.0, gt=0)
+    prune_batch: int = Field(default=10_000, ge=1, description="Rows deleted per statement (short locks)")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CONVERGE_", env_nested_delimiter="__", extra="ignore", frozen=True
@@ -183,8 +258,12 @@ class Settings(BaseSettings):
     rag: RagSettings = RagSettings()
     chat: ChatSettings = ChatSettings()
     cost: CostSettings = CostSettings()
+    mlflow: MlflowSettings = MlflowSettings()
     sandbox: SandboxSettings = SandboxSettings()
     runtime: RuntimeSettings = RuntimeSettings()
+    controller: ControllerSettings = ControllerSettings()
+    retention: RetentionSettings = RetentionSettings()
+    otel: OtelSettings = OtelSettings()
 
     @field_validator("roles", mode="before")
     @classmethod

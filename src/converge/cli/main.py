@@ -15,8 +15,10 @@ from converge.cli.client import Api, Profile, ProfileOpt, api, save_profile
 from converge.cli.cost import cost
 from converge.cli.db import db
 from converge.cli.deploy import builds, deploy, deployments
+from converge.cli.experiments import experiments
 from converge.cli.kb import kb
 from converge.cli.keys import keys
+from converge.cli.logs import logs
 from converge.cli.models import models
 from converge.cli.output import echo, table
 from converge.cli.policies import policies
@@ -44,8 +46,10 @@ app.add_typer(mcp_servers, name="mcp-servers")
 app.add_typer(db, name="db")
 app.add_typer(render, name="render")
 app.add_typer(cost, name="cost")
+app.add_typer(experiments, name="experiments")
 app.command("deploy")(deploy)
 app.command("chat")(chat)
+app.command("logs")(logs)
 
 
 @app.command()
