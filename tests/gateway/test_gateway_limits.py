@@ -95,6 +95,11 @@ async def test_concurrency_limit(env):
     d = await env.deploy()
     d.upstreams[0].delay_s = 0.5
     key = await _key(env, d.project["id"], concurrency=1)
+
+    async def served() -> bool:  # the new key has reached the gateway (one request at a time)
+        return (await env.client.post("/v1/chat/completions", json=CHAT, headers=key)).status_code == 200
+
+    await eventually(served)
     results = await asyncio.gather(
         *(env.client.post("/v1/chat/completions", json=CHAT, headers=key) for _ in range(2))
     )
