@@ -45,6 +45,16 @@ def _device(resources: dict[str, Any]) -> str:
     return f"{resources.get('gpus') or 0} x {resources.get('gpu_type') or '?'}"
 
 
+def _need_text(result: costs.Estimate, concurrency: int) -> str:
+    """The memory fit of one replica, term by term, as the advice quotes it."""
+    need = result.need
+    assert need is not None and result.context is not None
+    return (
+        f"{need.total_bytes / GB:,.2f} GB (weights {need.weights_bytes / GB:,.2f} GB + KV cache"
+        f" {need.kv_bytes / GB:,.2f} GB for {result.context:,} tokens x {concurrency} in flight + overhead)"
+    )
+
+
 def _right_size(
     catalogue: PriceCatalogue,
     *,
@@ -78,9 +88,7 @@ def _right_size(
     saving = (current.hourly - proposed) * replica_hours_month
     device = f"{best.count} x {best.device.name}"
     why = (
-        f"Each replica needs {result.need.total_bytes / GB:,.2f} GB (weights {result.need.weights_bytes / GB:,.2f} GB"
-        f" + KV cache {result.need.kv_bytes / GB:,.2f} GB for {result.context:,} tokens x {concurrency} in flight"
-        f" + overhead), which {device} ({best.device.memory_bytes / GB:g} GB) holds; the deployment runs on"
+        f"Each replica needs {_need_text(result, concurrency)}, which {device} ({best.device.memory_bytes / GB:g} GB) holds; the deployment runs on"
         f" {_device(resources)} at {current.hourly:.4f} an hour a replica, {device} would cost {proposed:.4f}"
     )
     return RecommendationRead(
@@ -207,10 +215,8 @@ def _quantised_variant(  # noqa: PLR0913 - the deployment's whole context
     assert result.need is not None
     quantisation = (variant.inspection or {}).get("quantization") or "fewer bytes per weight"
     why = (
-        f"Version {variant.version} of this model is approved and stores {quantisation}; it needs"
-        f" {result.need.total_bytes / GB:,.2f} GB a replica (weights {result.need.weights_bytes / GB:,.2f} GB"
-        f" + KV cache {result.need.kv_bytes / GB:,.2f} GB for {result.context:,} tokens x {concurrency} in flight"
-        f" + overhead), which {device} holds: {hourly:.4f} an hour a replica instead of {current.hourly:.4f}"
+        f"Version {variant.version} of this model is approved and stores {quantisation}; a replica needs"
+        f" {_need_text(result, concurrency)}, which {device} holds: {hourly:.4f} an hour a replica instead of {current.hourly:.4f}"
         f" for version {version.version} on {_device(resources) if gpu else 'its current memory'}"
     )
     return RecommendationRead(
