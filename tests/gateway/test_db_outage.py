@@ -225,6 +225,15 @@ async def test_usage_survives_a_database_kill_and_a_kill_9_of_converge_up(tmp_pa
             await eventually(chat)  # the route has reached the gateway
             for _ in range(20):
                 await chat()
+
+            async def in_database() -> bool:
+                resp = await client.get("/usage", params={"project": project_id}, headers=ADMIN)
+                return resp.status_code == 200 and resp.json()["totals"]["requests"] == served
+
+            # What was served before the kill is in the database first, so that the spool is
+            # known to hold exactly the requests served after it (not some of those and some
+            # earlier rows the meter still held when the flush failed).
+            await eventually(in_database, timeout=30)
             os.kill(_postmaster(tmp_path)[0], signal.SIGKILL)
             for _ in range(20):
                 await chat()
@@ -235,8 +244,7 @@ async def test_usage_survives_a_database_kill_and_a_kill_9_of_converge_up(tmp_pa
                 return spool.read_bytes().count(b"\n") if spool.exists() else 0
 
             # Every request served after the kill is in the spool (not only in the meter's memory,
-            # which a SIGKILL loses by design) before converge up is killed; rows served before it
-            # either reached the database or were flushed to the spool ahead of those.
+            # which a SIGKILL loses by design) before converge up is killed.
             await eventually(lambda: spooled() >= 20, timeout=30)
         first.kill()  # SIGKILL: no final flush, no clean stop of anything
         await asyncio.to_thread(first.wait, 10)

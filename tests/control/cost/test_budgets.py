@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 from support import ADMIN, make_key, make_project
-from test_report import TODAY, make_deployment, replica_hour, replica_time, sessions
+from test_report import make_deployment, replica_hour, replica_time, sessions, today
 
 from converge.control.cost import budgets, repository
 from converge.gateway.dataplane import load_snapshot
@@ -28,7 +28,7 @@ async def check(app: Any, project_id: str) -> list[int]:
     async with sessions(app)() as session, session.begin():
         row = await repository.budget(session, uuid.UUID(project_id), lock=True)
         assert row is not None
-        return await budgets.check(session, row, today=TODAY)
+        return await budgets.check(session, row, today=today())
 
 
 async def test_alerts_fire_once_at_80_and_once_at_100_percent(app, client):
@@ -36,7 +36,7 @@ async def test_alerts_fire_once_at_80_and_once_at_100_percent(app, client):
     d = await make_deployment(app, project)
     zone = (await client.get("/cost/prices", headers=ADMIN)).json()["catalogue"]["zones"]["default"]
     hour = replica_hour(zone)  # today's prices are the catalogue in force (no edits in this test)
-    await replica_time(app, d, day=TODAY, seconds=3600 * 85)  # 85 replica-hours
+    await replica_time(app, d, day=today(), seconds=3600 * 85)  # 85 replica-hours
     budget = 100 * hour  # the month so far: 85 % of it
     resp = await client.put(f"/cost/budgets/{project['name']}", json={"monthly": budget}, headers=ADMIN)
     assert resp.status_code == 200, resp.text
@@ -45,7 +45,7 @@ async def test_alerts_fire_once_at_80_and_once_at_100_percent(app, client):
     assert (body["alerted"], body["exceeded"], body["refusing"]) == (80, False, False)
     assert [a["threshold"] for a in await alerts(app, project["id"])] == [80]
     assert await check(app, project["id"]) == []  # checked again: nothing new to say
-    await replica_time(app, d, day=TODAY, seconds=3600 * 20)  # 105 replica-hours
+    await replica_time(app, d, day=today(), seconds=3600 * 20)  # 105 replica-hours
     assert await check(app, project["id"]) == [100]
     assert await check(app, project["id"]) == []
     fired = await alerts(app, project["id"])
@@ -58,7 +58,7 @@ async def test_alerts_fire_once_at_80_and_once_at_100_percent(app, client):
 async def test_an_enforced_spent_budget_is_refused_by_the_gateway(app, client):
     project = await make_project(client)
     d = await make_deployment(app, project)
-    await replica_time(app, d, day=TODAY, seconds=3600)
+    await replica_time(app, d, day=today(), seconds=3600)
     resp = await client.put(
         f"/cost/budgets/{project['id']}", json={"monthly": 1e-6, "enforce": True}, headers=ADMIN
     )

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import select
 from support import ADMIN, make_key, make_project
 from test_estimate_api import LLAMA2_7B_F16, deployment, library_version
-from test_report import CPU_2_4, TODAY, replica_time, usage
+from test_report import CPU_2_4, replica_time, today, usage
 
 from converge.models import Artifact, DeploymentRevision, ModelVersion
 
@@ -54,8 +54,8 @@ async def test_a_mostly_idle_deployment_is_told_to_scale_to_zero(app, client):
     )
     d = as_deployment(project, idle)
     for back in range(3):
-        await replica_time(app, d, day=TODAY - timedelta(days=back), seconds=86400, resources=CPU_2_4)
-    await usage(app, d, day=TODAY, tokens=[(10, 10, 200)])  # at 12:00: one active hour in 72
+        await replica_time(app, d, day=today() - timedelta(days=back), seconds=86400, resources=CPU_2_4)
+    await usage(app, d, day=today(), tokens=[(10, 10, 200)])  # at 12:00: one active hour in 72
     body = (await recommendations(client, project)).json()
     (advice,) = [r for r in body["data"] if r["kind"] == "scale_to_zero"]
     assert advice["numbers"]["active_hours"] == 1 and advice["numbers"]["hours_ran"] == 72
@@ -70,8 +70,8 @@ async def test_a_deployment_that_already_scales_to_zero_is_left_alone(app, clien
     version = await library_version(app, inspection={})
     quiet = await deployment(app, project=project, version_id=version["version_id"])
     d = as_deployment(project, quiet)
-    await replica_time(app, d, day=TODAY, seconds=86400)
-    await usage(app, d, day=TODAY, tokens=[(1, 1, 200)])  # one active hour of 24
+    await replica_time(app, d, day=today(), seconds=86400)
+    await usage(app, d, day=today(), tokens=[(1, 1, 200)])  # one active hour of 24
     assert [r["kind"] for r in (await recommendations(client, project)).json()["data"]] == ["scale_to_zero"]
     async with app.state.converge.session_factory() as session, session.begin():
         rev = await session.scalar(

@@ -26,7 +26,11 @@ from converge.workers.replica_meter import resources_key
 
 GIB = 2**30
 CPU_2_4 = {"cpu": 2.0, "memory_bytes": 4 * GIB, "gpus": 0, "gpu_type": None, "mig_profile": None}
-TODAY = datetime.now(UTC).date()
+
+
+def today() -> date:
+    """The UTC day now (asked per test: a module constant goes stale across midnight)."""
+    return datetime.now(UTC).date()
 
 
 def sessions(app: Any) -> Any:
@@ -129,11 +133,11 @@ async def test_a_cpu_deployment_costs_its_cores_and_memory_at_each_days_prices(a
         headers=ADMIN,
     )
     assert changed.status_code == 200, changed.text
-    yesterday = TODAY - timedelta(days=1)
+    yesterday = today() - timedelta(days=1)
     await replica_time(app, d, day=yesterday, seconds=1800)  # priced by version 1: today's came later
-    await replica_time(app, d, day=TODAY, seconds=3600)
-    await replica_time(app, d, day=TODAY, seconds=1800)  # a second flush adds to the day
-    await usage(app, d, day=TODAY, tokens=[(100, 50, 200), (200, 100, 200), (7, 0, 500)])
+    await replica_time(app, d, day=today(), seconds=3600)
+    await replica_time(app, d, day=today(), seconds=1800)  # a second flush adds to the day
+    await usage(app, d, day=today(), tokens=[(100, 50, 200), (200, 100, 200), (7, 0, 500)])
 
     old = replica_hour(first["zones"]["default"])
     new = 2 * 0.05 + 4 * 0.01  # 0.14 per replica-hour
@@ -151,15 +155,15 @@ async def test_a_cpu_deployment_costs_its_cores_and_memory_at_each_days_prices(a
     assert body["totals"]["cost"] == pytest.approx(cost, abs=1e-6) and body["currency"] == first["currency"]
 
     by_day = await report(
-        client, project=project["id"], group_by="day", since=str(yesterday), until=str(TODAY)
+        client, project=project["id"], group_by="day", since=str(yesterday), until=str(today())
     )
     days = {r["day"]: r for r in by_day["data"]}
     assert days[str(yesterday)]["cost"] == pytest.approx(0.5 * old, abs=1e-6)
     assert days[str(yesterday)]["cost_per_million_tokens"] is None  # no tokens that day
-    assert days[str(TODAY)]["price_per_hour"] == pytest.approx(new, abs=1e-9)
-    assert days[str(TODAY)]["cost_per_million_tokens"] == pytest.approx(1.5 * new / 457 * 1e6, rel=1e-6)
+    assert days[str(today())]["price_per_hour"] == pytest.approx(new, abs=1e-9)
+    assert days[str(today())]["cost_per_million_tokens"] == pytest.approx(1.5 * new / 457 * 1e6, rel=1e-6)
 
-    only_today = await report(client, project=project["id"], since=str(TODAY))
+    only_today = await report(client, project=project["id"], since=str(today()))
     assert only_today["data"][0]["replica_seconds"] == 5400
 
 
@@ -174,7 +178,7 @@ async def test_a_mig_slice_pays_its_share_of_the_gpu(app, client):
     )
     profile_name, profile = next(iter(gpu_type["mig_profiles"].items()))
     mig = {**CPU_2_4, "gpus": 1, "gpu_type": name, "mig_profile": profile_name}
-    await replica_time(app, d, day=TODAY, seconds=3600, resources=mig)
+    await replica_time(app, d, day=today(), seconds=3600, resources=mig)
     num, _, den = profile["compute"].partition("/")
     share = max(float(num) / float(den or 1), profile["memory_gb"] / gpu_type["memory_gb"])
     zone = catalogue["zones"]["default"]
@@ -187,7 +191,7 @@ async def test_a_mig_slice_pays_its_share_of_the_gpu(app, client):
 async def test_roll_ups_keep_usage_once_the_raw_records_are_pruned(app, client):
     project = await make_project(client)
     d = await make_deployment(app, project)
-    day = TODAY - timedelta(days=10)
+    day = today() - timedelta(days=10)
     await replica_time(app, d, day=day, seconds=3600)
     await usage(app, d, day=day, tokens=[(1000, 500, 200), (250, 250, 200)])
     async with sessions(app)() as session, session.begin():
@@ -209,7 +213,7 @@ async def test_roll_ups_keep_usage_once_the_raw_records_are_pruned(app, client):
 async def test_another_projects_cost_is_invisible(app, client):
     mine, theirs = await make_project(client), await make_project(client)
     d = await make_deployment(app, theirs)
-    await replica_time(app, d, day=TODAY, seconds=60)
+    await replica_time(app, d, day=today(), seconds=60)
     developer = await make_key(client, mine["id"], "developer")
     for ref in (theirs["id"], theirs["name"]):
         resp = await client.get("/cost/report", params={"project": ref}, headers=developer)
@@ -220,7 +224,7 @@ async def test_another_projects_cost_is_invisible(app, client):
     everyone = await report(client)  # an admin may leave the project out
     assert str(d["id"]) in {r["deployment_id"] for r in everyone["data"]}
     bad = await report(
-        client, status=422, project=mine["id"], since=str(TODAY), until=str(TODAY - timedelta(days=1))
+        client, status=422, project=mine["id"], since=str(today()), until=str(today() - timedelta(days=1))
     )
     assert "since" in bad["detail"]
 
@@ -248,7 +252,7 @@ async def test_deployment_replica_time_reaches_the_report_through_the_controller
         ).model_dump(mode="json")
         spec |= {"server": "llama-cpp", "model_name": row.name}
         session.add(DeploymentRevision(deployment_id=row.id, revision=1, spec=spec, created_by="test"))
-    now = [datetime.combine(TODAY, time(6), tzinfo=UTC).timestamp()]
+    now = [datetime.combine(today(), time(6), tzinfo=UTC).timestamp()]
     meter = CostMeter(sessions=state.session_factory, clock=lambda: now[0])
     backend = FakeBackend()
     controller = Controller(

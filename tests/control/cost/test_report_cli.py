@@ -8,7 +8,7 @@ import uuid
 from support import make_project
 from test_cost_cli import cost_cli, row
 from test_estimate_api import deployment, library_version
-from test_report import TODAY, make_deployment, replica_time, usage
+from test_report import make_deployment, replica_time, today, usage
 
 __all__ = ["cost_cli"]  # the fixture, used by name
 
@@ -16,8 +16,8 @@ __all__ = ["cost_cli"]  # the fixture, used by name
 async def test_report_prints_cost_and_cost_per_million_tokens(app, client, cost_cli):
     project = await make_project(client)
     d = await make_deployment(app, project)
-    await replica_time(app, d, day=TODAY, seconds=7200)
-    await usage(app, d, day=TODAY, tokens=[(600_000, 400_000, 200)])
+    await replica_time(app, d, day=today(), seconds=7200)
+    await usage(app, d, day=today(), tokens=[(600_000, 400_000, 200)])
     raw = await cost_cli("report", "--project", project["name"], "--json")
     assert raw.exit_code == 0, raw.output
     body = json.loads(raw.stdout)
@@ -30,7 +30,7 @@ async def test_report_prints_cost_and_cost_per_million_tokens(app, client, cost_
     assert row(result.stdout, d["name"], "2.00 h")
     assert row(result.stdout, "1", "1,000,000", shown)
     by_day = await cost_cli("report", "--project", project["id"], "--by", "day")
-    assert by_day.exit_code == 0 and row(by_day.stdout, str(TODAY), d["name"], "2.00 h"), by_day.output
+    assert by_day.exit_code == 0 and row(by_day.stdout, str(today()), d["name"], "2.00 h"), by_day.output
 
 
 async def test_budget_sets_and_shows_the_month(app, client, cost_cli):
@@ -48,7 +48,7 @@ async def test_recommendations_print_the_advice_and_what_was_not_checked(app, cl
     version = await library_version(app, inspection={})
     quiet = await deployment(app, project=project, version_id=version["version_id"])
     d = {"id": uuid.UUID(quiet), "project_id": uuid.UUID(project["id"]), "name": "quiet"}
-    await replica_time(app, d, day=TODAY, seconds=86400)
+    await replica_time(app, d, day=today(), seconds=86400)
     result = await cost_cli("recommendations", "--project", project["name"])
     assert result.exit_code == 0, result.output
     assert row(result.stdout, "scale to zero") and "0 of the 24 hours" in result.stdout
