@@ -58,6 +58,20 @@ async def test_projects_create_then_list_shows_the_project(cli: Cli) -> None:
     assert project["id"] in listed.stdout
     assert project["quotas"]["cpu"] == 4
     assert project["quotas"]["memory_bytes"] == 8 * 2**30
+    assert project["environment"] == "production"
+
+
+async def test_projects_update_marks_a_project_for_development(cli: Cli) -> None:
+    name = unique("cli-env")
+    ok(await cli("projects", "create", name, "--environment", "staging"))
+    assert (await project_by_name(cli, name))["environment"] == "staging"
+    updated = ok(await cli("projects", "update", name, "--environment", "development"))
+    assert f"Updated project {name} (development)" in updated.stdout
+    assert (await project_by_name(cli, name))["environment"] == "development"
+    wrong = await cli("projects", "update", name, "--environment", "dev")
+    assert wrong.exit_code != 0 and "development" in wrong.output  # the choices are listed
+    nothing = await cli("projects", "update", name)
+    assert nothing.exit_code != 0 and "nothing to change" in nothing.output
 
 
 async def test_keys_create_prints_a_working_token_and_revoke_disables_it(cli: Cli) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Annotated
 
 import typer
@@ -13,10 +14,22 @@ projects = typer.Typer(help="Projects (tenants).", no_args_is_help=True)
 members = typer.Typer(help="Project members and their roles.", no_args_is_help=True)
 
 
+class Environment(StrEnum):
+    production = "production"
+    staging = "staging"
+    development = "development"
+
+
+EnvironmentOpt = Annotated[
+    Environment | None,
+    typer.Option(help="What the project is for (a development project is advised spot capacity)"),
+]
+
+
 @projects.command("list")
 def projects_list(profile: ProfileOpt = None) -> None:
     rows = list(api(profile).paged("/projects"))
-    table(rows, ["id", "name", "your_role", "description", "created_at"], title="Projects")
+    table(rows, ["id", "name", "environment", "your_role", "description", "created_at"], title="Projects")
 
 
 @projects.command("create")
@@ -26,12 +39,33 @@ def projects_create(
     cpu: Annotated[float | None, typer.Option(help="CPU quota (cores)")] = None,
     memory_gb: Annotated[float | None, typer.Option(help="Memory quota (GiB)")] = None,
     gpus: Annotated[int | None, typer.Option(help="GPU quota")] = None,
+    environment: EnvironmentOpt = None,
     profile: ProfileOpt = None,
 ) -> None:
     quotas = {"cpu": cpu, "memory_bytes": int(memory_gb * 2**30) if memory_gb else None, "gpus": gpus}
     body = {"name": name, "description": description, "quotas": quotas}
+    if environment is not None:
+        body["environment"] = environment.value
     p = api(profile).call("POST", "/projects", json=body)
-    echo(f"Created project [bold]{p['name']}[/] ({p['id']})")
+    echo(f"Created project [bold]{p['name']}[/] ({p['id']}, {p['environment']})")
+
+
+@projects.command("update")
+def projects_update(
+    project: str,
+    description: Annotated[str | None, typer.Option(help="Free text")] = None,
+    environment: EnvironmentOpt = None,
+    profile: ProfileOpt = None,
+) -> None:
+    """Change a project's description or environment (quotas and limits: the API's PATCH)."""
+    body = {
+        k: v for k, v in {"description": description, "environment": environment}.items() if v is not None
+    }
+    if not body:
+        raise typer.BadParameter("nothing to change: give --description and/or --environment")
+    client = api(profile)
+    p = client.call("PATCH", f"/projects/{client.project_id(project)}", json=body)
+    echo(f"Updated project [bold]{p['name']}[/] ({p['environment']})")
 
 
 @projects.command("show")

@@ -15,6 +15,8 @@ class Project(UUIDPk, Timestamped, Base):
 
     name: Mapped[str] = mapped_column(String(63), unique=True)
     description: Mapped[str] = mapped_column(String(1000), default="")
+    # production | staging | development: what the project is for (development may run on spot)
+    environment: Mapped[str] = mapped_column(String(16), default="production", server_default="production")
     # {"cpu": cores, "memory_bytes": n, "gpus": n}; absent key = unlimited
     quotas: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
     # Gateway limits {"rpm", "tpm", "concurrency", "monthly_tokens"}; absent key = unlimited

@@ -61,6 +61,7 @@ from converge.workers.builds import (
     claim,
     failure_reason,
     load_target,
+    log_to_mlflow,
     record,
     say,
     say_outcome,
@@ -350,6 +351,16 @@ class KubeBuildRunner(Service):
                 await self._copy_logs(out, pod)
             if results is not None:
                 say(out, f"benchmark: {results}")
+                if state == BuildState.SUCCEEDED:  # as a local build: the run in MLflow, if configured
+                    target = await load_target(self._sessions, build_id)
+                    logged = await log_to_mlflow(
+                        self._settings,
+                        target,
+                        figures=results,
+                        out=out,
+                        resources=_pod_resources(pod, target),
+                    )
+                    results = results | logged
             say_outcome(out, state, reason)
         if await record(
             self._sessions,
@@ -362,6 +373,14 @@ class KubeBuildRunner(Service):
         ):
             log.info("kube_build_finished", build_id=str(build_id), state=state.value, reason=reason)
         self._tracked.pop(build_id, None)
+
+
+def _pod_resources(pod: Manifest | None, target: BuildTarget) -> dict[str, Any]:
+    """What the smoke-loaded server of a Kubernetes build had: its container's requests and limits."""
+    spec: Mapping[str, Any] = (pod or {}).get("spec", {})
+    containers: list[Mapping[str, Any]] = [*spec.get("initContainers", []), *spec.get("containers", [])]
+    server = next((c for c in containers if c.get("name") == "smoke-load"), {})
+    return {"runner": "kubernetes", "profile": target.profile, **server.get("resources", {})}
 
 
 def _build_id(obj: Mapping[str, Any]) -> str | None:

@@ -62,7 +62,34 @@ async def test_a_mostly_idle_deployment_is_told_to_scale_to_zero(app, client):
     cost = advice["numbers"]["cost"]
     assert cost == pytest.approx(3 * 24 * advice["current_hourly"], rel=1e-6)
     assert advice["monthly_savings"] == pytest.approx(cost * (1 - 1 / 72) * 30 / 3, abs=0.01)
-    assert any("spot" in line for line in body["not_checked"])
+    assert not [r for r in body["data"] if r["kind"] == "spot"]  # a production project
+
+
+async def test_a_development_projects_deployment_is_advised_spot_with_the_prices_by_hand(app, client):
+    dev, prod = await make_project(client), await make_project(client)
+    marked = await client.patch(f"/projects/{dev['id']}", json={"environment": "development"}, headers=ADMIN)
+    assert marked.status_code == 200 and marked.json()["environment"] == "development", marked.text
+    assert prod["environment"] == "production"  # the default
+    version = await library_version(app, inspection={})
+    on_dev = await deployment(app, project=dev, version_id=version["version_id"], cpu=2, memory_bytes=4 << 30)
+    await deployment(app, project=prod, version_id=version["version_id"], cpu=2, memory_bytes=4 << 30)
+
+    catalogue = (await client.get("/cost/prices", headers=ADMIN)).json()["catalogue"]
+    zone = catalogue["zones"][catalogue["default_zone"]]
+    on_demand = 2 * zone["cpu_core_hour"]["on_demand"] + 4 * zone["memory_gib_hour"]["on_demand"]
+    spot = 2 * zone["cpu_core_hour"]["spot"] + 4 * zone["memory_gib_hour"]["spot"]
+    (advice,) = [r for r in (await recommendations(client, dev)).json()["data"] if r["kind"] == "spot"]
+    assert advice["deployment_id"] == on_dev
+    assert advice["current_hourly"] == pytest.approx(on_demand, abs=1e-6)
+    assert advice["proposed_hourly"] == pytest.approx(spot, abs=1e-6)
+    # No replica time measured yet: its one replica, all month.
+    saving = (on_demand - spot) * catalogue["hours_per_month"]
+    assert advice["monthly_savings"] == pytest.approx(saving, abs=0.01)
+    assert "development" in advice["why"] and f"{spot:.4f}" in advice["why"]
+    assert not [r for r in (await recommendations(client, prod)).json()["data"] if r["kind"] == "spot"]
+
+    bad = await client.patch(f"/projects/{dev['id']}", json={"environment": "dev"}, headers=ADMIN)
+    assert bad.status_code == 422 and "environment" in bad.text
 
 
 async def test_a_deployment_that_already_scales_to_zero_is_left_alone(app, client):

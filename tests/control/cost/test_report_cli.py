@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 
-from support import make_project
+from support import ADMIN, make_project
 from test_cost_cli import cost_cli, row
 from test_estimate_api import deployment, library_version
 from test_report import make_deployment, replica_time, today, usage
@@ -45,11 +45,18 @@ async def test_budget_sets_and_shows_the_month(app, client, cost_cli):
 
 async def test_recommendations_print_the_advice_and_what_was_not_checked(app, client, cost_cli):
     project = await make_project(client)
+    marked = await client.patch(
+        f"/projects/{project['id']}", json={"environment": "development"}, headers=ADMIN
+    )
+    assert marked.status_code == 200, marked.text
     version = await library_version(app, inspection={})
     quiet = await deployment(app, project=project, version_id=version["version_id"])
+    await deployment(app, project=project, version_id=version["version_id"], gpus=1, gpu_type="L4")
     d = {"id": uuid.UUID(quiet), "project_id": uuid.UUID(project["id"]), "name": "quiet"}
     await replica_time(app, d, day=today(), seconds=86400)
     result = await cost_cli("recommendations", "--project", project["name"])
     assert result.exit_code == 0, result.output
     assert row(result.stdout, "scale to zero") and "0 of the 24 hours" in result.stdout
-    assert "not checked: spot" in result.output
+    assert row(result.stdout, "spot") and "development project" in result.stdout
+    # The GPU deployment's library record has no facts for the memory fit: said, not guessed.
+    assert "not checked:" in result.output and "right-size not checked" in result.output

@@ -8,6 +8,7 @@ would otherwise claim them first."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import uuid
@@ -16,10 +17,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import psycopg
 import pytest
 from fake_api import FakeKubeApi
 from kube_support import SHA, Cluster, fast_config
+from mlflow_support import mlflow_server, with_mlflow
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from support import eventually, make_settings
@@ -32,6 +35,7 @@ from converge.storage.db import Database, make_engine, make_sessionmaker, migrat
 from converge.workers.kube_builds import KubeBuildRunner
 
 Obj = dict[str, Any]
+__all__ = ["mlflow_server"]  # the fixture, registered by importing it
 FIGURES = {"ttft_ms": 80.5, "tokens_per_s": 41.2, "latency_ms_p50": 900.0, "latency_ms_p95": 950.0}
 
 
@@ -95,7 +99,16 @@ async def build_row(sessions: async_sessionmaker[AsyncSession], build_id: uuid.U
 async def runner(
     sessions: async_sessionmaker[AsyncSession], fake_api: FakeKubeApi, kube: KubeClient, tmp_path: Path
 ) -> AsyncIterator[KubeBuildRunner]:
-    settings = make_settings("postgresql://unused/x", tmp_path)
+    async with started_runner(
+        sessions, fake_api, kube, make_settings("postgresql://unused/x", tmp_path)
+    ) as r:
+        yield r
+
+
+@contextlib.asynccontextmanager
+async def started_runner(
+    sessions: async_sessionmaker[AsyncSession], fake_api: FakeKubeApi, kube: KubeClient, settings: Any
+) -> AsyncIterator[KubeBuildRunner]:
     service = KubeBuildRunner(
         sessions=sessions,
         settings=settings,
@@ -185,6 +198,53 @@ async def test_a_build_job_that_completes_records_its_figures_as_a_local_build_d
     log = log_path(runner._settings.data_dir, build_id).read_text()
     assert "[fetch] fetched 1234 bytes" in log and "benchmark: done" in log
     assert log.rstrip().endswith("build succeeded")
+
+
+async def succeed(fake_api: FakeKubeApi, job: Obj) -> None:
+    async with Cluster(fake_api) as cluster:
+        message = step_line("benchmark", ok=True, results=FIGURES)
+        states = {**DONE, "smoke-load": {"running": {}}, "benchmark": terminated(0, message)}
+        await run_pod(cluster, job, states=states)
+        await cluster.controllers.set_status(
+            job, {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}
+        )
+
+
+@pytest.mark.xdist_group("mlflow")  # one MLflow server per run: one worker
+async def test_a_kubernetes_build_logs_its_benchmark_as_an_mlflow_run_with_its_pods_resources(
+    sessions: async_sessionmaker[AsyncSession],
+    fake_api: FakeKubeApi,
+    kube: KubeClient,
+    mlflow_server: str,
+    tmp_path: Path,
+) -> None:
+    settings = with_mlflow(make_settings("postgresql://unused/x", tmp_path), mlflow_server)
+    async with started_runner(sessions, fake_api, kube, settings):
+        build_id, namespace = await queued_build(sessions)
+        job = await applied_job(fake_api, build_id, namespace)
+        await succeed(fake_api, job)
+
+        async def finished() -> Build | None:
+            row = await build_row(sessions, build_id)
+            return row if row.state != "running" else None
+
+        build = await eventually(finished, timeout=30)
+    assert build.state == "succeeded", build.reason
+    assert build.results is not None and build.results.items() >= FIGURES.items()
+    run_id = build.results["mlflow_run_id"]
+    async with httpx.AsyncClient(base_url=mlflow_server) as mlflow:
+        run = (await mlflow.get("/api/2.0/mlflow/runs/get", params={"run_id": run_id})).json()["run"]
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+    assert metrics == FIGURES
+    assert params["build_id"] == str(build_id) and params["profile"] == "cpu"
+    resources = json.loads(params["resources"])
+    # What the Job's smoke-loaded server was given, read from its pod.
+    smoke = next(c for c in job["spec"]["template"]["spec"]["initContainers"] if c["name"] == "smoke-load")
+    assert resources == {"runner": "kubernetes", "profile": "cpu", **smoke["resources"]}
+    assert run["info"]["status"] == "FINISHED"
+    log = log_path(settings.data_dir, build_id).read_text()
+    assert f"mlflow: run {run_id}" in log
 
 
 async def test_a_step_that_fails_fails_the_build_with_its_message(

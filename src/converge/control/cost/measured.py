@@ -34,9 +34,10 @@ class ReplicaPrice:
 
 
 def replica_hourly(
-    catalogue: PriceCatalogue, *, version: int, zone: str, resources: dict[str, Any]
+    catalogue: PriceCatalogue, *, version: int, zone: str, resources: dict[str, Any], spot: bool = False
 ) -> ReplicaPrice:
-    """What one replica with `resources`, running in runtime zone `zone`, costs an hour.
+    """What one replica with `resources`, running in runtime zone `zone`, costs an hour (on
+    demand, or on spot capacity).
 
     A runtime zone without prices of its own ("local") is priced at the catalogue's default
     zone; a GPU type the catalogue does not know is left out, and said so, rather than guessed."""
@@ -56,6 +57,7 @@ def replica_hourly(
         gpus=gpus,
         cpu=float(resources.get("cpu") or costs.DEFAULT_CPU),
         memory_bytes=int(resources.get("memory_bytes") or costs.DEFAULT_MEMORY_BYTES),
+        spot=spot,
     )
     try:
         result = costs.estimate(catalogue, ask=ask, shape=None)

@@ -10,6 +10,8 @@ the numbers.
   cheaper GPU, MIG profile or, on CPUs, less memory.
 - consolidate: replicas that each hold a whole GPU of one type in one zone, whose memory fits
   together would fill fewer of them (first-fit decreasing): shared as MIG slices or time-sliced.
+- spot: a deployment of a project marked `development` runs at on-demand prices where the same
+  resources on spot capacity cost less (interruptions are what development can afford).
 
 Savings are per month from the measured replica-hours of the last `WINDOW_DAYS` days (a
 deployment with none measured is counted at its current replicas, all month).
@@ -30,7 +32,7 @@ from converge.control.cost.schemas import RecommendationRead, RecommendationsRea
 from converge.control.projects.principal import Principal
 from converge.core import costs
 from converge.core.costs import GB, Ask, PriceCatalogue
-from converge.models import Deployment, ModelVersion
+from converge.models import Deployment, ModelVersion, Project
 
 WINDOW_DAYS = 7
 IDLE_SHARE = 0.25  # requests in at most this share of the hours it ran: mostly idle
@@ -306,6 +308,49 @@ def _consolidate(
     return out
 
 
+def _spot(  # noqa: PLR0913 - the deployment's whole context
+    catalogue: PriceCatalogue,
+    *,
+    project: Project,
+    deployment: Deployment,
+    resources: dict[str, Any],
+    current: measured.ReplicaPrice,
+    zone: str,
+    replica_hours_month: float,
+) -> RecommendationRead | None:
+    if project.environment != "development":
+        return None
+    spot = measured.replica_hourly(
+        catalogue, version=current.catalogue_version, zone=zone, resources=resources, spot=True
+    )
+    if spot.hourly >= current.hourly * (1 - MIN_SAVING):
+        return None
+    saving = (current.hourly - spot.hourly) * replica_hours_month
+    why = (
+        f"Project '{project.name}' is a development project, so interruptions are acceptable; its replicas"
+        f" ({_device(resources) if resources.get('gpus') or resources.get('mig_profile') else 'CPU only'})"
+        f" cost {current.hourly:.4f} an hour each on demand in zone {current.zone} and {spot.hourly:.4f} on spot"
+        f" capacity, for {replica_hours_month:,.1f} replica-hours a month"
+    )
+    return RecommendationRead(
+        kind="spot",
+        project_id=deployment.project_id,
+        deployment_id=deployment.id,
+        deployment=deployment.name,
+        why=why,
+        current_hourly=round(current.hourly, 6),
+        proposed_hourly=round(spot.hourly, 6),
+        monthly_savings=round(saving, 2),
+        numbers={
+            "environment": project.environment,
+            "zone": current.zone,
+            "on_demand_hourly": round(current.hourly, 6),
+            "spot_hourly": round(spot.hourly, 6),
+            "replica_hours_per_month": round(replica_hours_month, 2),
+        },
+    )
+
+
 def _need_one_replica(spec: dict[str, Any], version: ModelVersion) -> int | None:
     shape = costs.model_shape(version.inspection or {})
     if not isinstance(shape, costs.ModelShape) or not shape.context_length:
@@ -331,8 +376,9 @@ async def recommend(
         session, project_id=project_id, since=datetime.combine(since, time.min, tzinfo=UTC)
     )
     data: list[RecommendationRead] = []
-    not_checked = ["spot: no project setting marks a project as development, so none is advised spot"]
+    not_checked: list[str] = []
     rows = await repository.project_deployments(session, project_id)
+    projects = await repository.projects_by_id(session, {d.project_id for d, _, _ in rows})
     variants = await repository.servable_versions(session, {v.model_id for _, _, v in rows})
     on_whole_gpus: list[tuple[Deployment, dict[str, Any], int, str]] = []
     for deployment, spec, version in rows:
@@ -384,6 +430,17 @@ async def recommend(
         )
         if idle is not None:
             data.append(idle)
+        spot = _spot(
+            catalogue,
+            project=projects[deployment.project_id],
+            deployment=deployment,
+            resources=resources,
+            current=current,
+            zone=zone,
+            replica_hours_month=per_month,
+        )
+        if spot is not None:
+            data.append(spot)
     data += _consolidate(catalogue, version_number=version_number, placed=on_whole_gpus)
     data.sort(key=lambda r: -r.monthly_savings)
     return RecommendationsRead(

@@ -314,6 +314,12 @@ async def project_deployments(
     return [(d, dict(spec), v) for d, spec, v in (await session.execute(q)).all()]
 
 
+async def projects_by_id(session: AsyncSession, ids: set[uuid.UUID]) -> dict[uuid.UUID, Project]:
+    if not ids:
+        return {}
+    return {p.id: p for p in (await session.scalars(select(Project).where(Project.id.in_(ids)))).all()}
+
+
 async def servable_versions(
     session: AsyncSession, model_ids: set[uuid.UUID]
 ) -> dict[uuid.UUID, list[ModelVersion]]:

@@ -273,7 +273,7 @@ class BudgetRead(Output):
 
 
 class RecommendationRead(Output):
-    kind: Literal["right_size", "scale_to_zero", "quantised_variant", "consolidate"]
+    kind: Literal["right_size", "scale_to_zero", "quantised_variant", "consolidate", "spot"]
     project_id: uuid.UUID
     deployment_id: uuid.UUID
     deployment: str

@@ -41,15 +41,21 @@ class Limits(Input):
         return self.model_dump(exclude_none=True)
 
 
+Environment = Literal["production", "staging", "development"]
+ENVIRONMENT_HELP = "What the project is for; a development project is advised spot capacity"
+
+
 class ProjectCreate(Input):
     name: ProjectName
     description: str = Field(default="", max_length=1000)
+    environment: Environment = Field(default="production", description=ENVIRONMENT_HELP)
     quotas: Quotas = Quotas()
     limits: Limits = Limits()
 
 
 class ProjectUpdate(Input):
     description: str | None = Field(default=None, max_length=1000)
+    environment: Environment | None = Field(default=None, description=ENVIRONMENT_HELP)
     quotas: Quotas | None = None
     limits: Limits | None = Field(default=None, description="Replaces every limit; {} = unlimited")
 
@@ -58,6 +64,7 @@ class ProjectRead(Output):
     id: uuid.UUID
     name: str
     description: str
+    environment: Environment
     quotas: dict[str, float | int | None]
     limits: dict[str, int] = Field(description="Gateway limits that are set; an absent one is unlimited")
     created_at: datetime

@@ -44,6 +44,7 @@ async def create_project(
     project = Project(
         name=body.name,
         description=body.description,
+        environment=body.environment,
         quotas=body.quotas.model_dump(),
         limits=body.limits.stored(),
     )
@@ -59,7 +60,12 @@ async def create_project(
         project_id=project.id,
         object_type="project",
         object_id=project.id,
-        changes={"name": project.name, "quotas": project.quotas, "limits": project.limits},
+        changes={
+            "name": project.name,
+            "environment": project.environment,
+            "quotas": project.quotas,
+            "limits": project.limits,
+        },
     )
     return project
 
@@ -71,6 +77,8 @@ async def update_project(
     changes: dict[str, object] = {}
     if "description" in body.model_fields_set and body.description is not None:
         project.description = changes["description"] = body.description
+    if "environment" in body.model_fields_set and body.environment is not None:
+        project.environment = changes["environment"] = body.environment
     if "quotas" in body.model_fields_set and body.quotas is not None:
         project.quotas = changes["quotas"] = body.quotas.model_dump()
     if "limits" in body.model_fields_set and body.limits is not None:
