@@ -61,7 +61,8 @@ class ReplicaMeter:
     def __init__(self, *, clock: Callable[[], float] = time.time, max_gap_s: float = 60.0) -> None:
         self._clock, self._max_gap = clock, max_gap_s
         self._last: dict[uuid.UUID, float] = {}
-        self._revisions: dict[tuple[uuid.UUID, int], dict[str, Any]] = {}
+        # (deployment, revision) -> its resources' key and priced fields, digested once
+        self._revisions: dict[tuple[uuid.UUID, int], tuple[str, dict[str, Any]]] = {}
         self._pending: dict[tuple[uuid.UUID, date, str, str], _Pending] = {}
 
     def observe(
@@ -80,7 +81,9 @@ class ReplicaMeter:
         deployment_id = observed.deployment_id
         last = self._last.get(deployment_id)
         self._last[deployment_id] = now
-        self._revisions[(deployment_id, revision)] = resources
+        current = self._revisions.get((deployment_id, revision))
+        if current is None or current[1] != {name: resources.get(name) for name in RESOURCE_FIELDS}:
+            current = self._revisions[(deployment_id, revision)] = resources_key(resources)
         if last is None:
             return  # the first sight: counting starts here
         elapsed = min(max(0.0, now - last), self._max_gap)
@@ -90,7 +93,7 @@ class ReplicaMeter:
         for replica in observed.replicas:
             if replica.phase not in COUNTED:
                 continue
-            key, kept = resources_key(self._revisions.get((deployment_id, replica.revision), resources))
+            key, kept = self._revisions.get((deployment_id, replica.revision), current)
             slot = (deployment_id, day, replica.zone, key)
             pending = self._pending.setdefault(slot, _Pending(project_id, kept))
             pending.seconds += elapsed

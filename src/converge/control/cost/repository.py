@@ -3,13 +3,14 @@ replica-seconds, the daily usage roll-ups and project budgets."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
-from sqlalchemy import Date, case, cast, delete, func, literal, literal_column, select, update
+from sqlalchemy import Date, case, cast, delete, func, literal, literal_column, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -120,34 +121,42 @@ class ReplicaSeconds:
     seconds: float
 
 
+# One statement whatever the batch's size: the rows travel as seven arrays, so neither the SQL
+# nor its parameters grow with the number of deployments (a VALUES list of 1,000 rows costs the
+# leader ~0.3 s of CPU to build and bind on every flush; the arrays, a few milliseconds).
+_ADD_REPLICA_SECONDS = text(
+    """
+    INSERT INTO replica_usage_daily
+        (deployment_id, project_id, day, zone, resources_key, resources, replica_seconds, updated_at)
+    SELECT d, p, day, zone, k, r::jsonb, s, now()
+    FROM unnest(
+        CAST(:deployments AS uuid[]), CAST(:projects AS uuid[]), CAST(:days AS date[]),
+        CAST(:zones AS text[]), CAST(:keys AS text[]), CAST(:resources AS text[]),
+        CAST(:seconds AS float8[])
+    ) AS t(d, p, day, zone, k, r, s)
+    ON CONFLICT (deployment_id, day, zone, resources_key) DO UPDATE
+    SET replica_seconds = replica_usage_daily.replica_seconds + excluded.replica_seconds,
+        updated_at = now()
+    """
+)
+
+
 async def add_replica_seconds(session: AsyncSession, rows: Sequence[ReplicaSeconds]) -> None:
     """Add each row's seconds to its day's total (one statement for the batch)."""
     if not rows:
         return
-    table = ReplicaUsageDaily.__table__
-    q = insert(ReplicaUsageDaily).values(
-        [
-            {
-                "deployment_id": r.deployment_id,
-                "project_id": r.project_id,
-                "day": r.day,
-                "zone": r.zone,
-                "resources_key": r.resources_key,
-                "resources": r.resources,
-                "replica_seconds": r.seconds,
-                "updated_at": func.now(),
-            }
-            for r in rows
-        ]
-    )
-    q = q.on_conflict_do_update(
-        index_elements=["deployment_id", "day", "zone", "resources_key"],
-        set_={
-            "replica_seconds": table.c.replica_seconds + q.excluded.replica_seconds,
-            "updated_at": func.now(),
+    await session.execute(
+        _ADD_REPLICA_SECONDS,
+        {
+            "deployments": [r.deployment_id for r in rows],
+            "projects": [r.project_id for r in rows],
+            "days": [r.day for r in rows],
+            "zones": [r.zone for r in rows],
+            "keys": [r.resources_key for r in rows],
+            "resources": [json.dumps(r.resources, sort_keys=True) for r in rows],
+            "seconds": [float(r.seconds) for r in rows],
         },
     )
-    await session.execute(q)
 
 
 def _day_bounds(day: date) -> tuple[datetime, datetime]:
