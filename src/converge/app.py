@@ -250,7 +250,10 @@ def create_app(
         workers: list[Any] = []
         if settings.runs(Role.CONTROLLER):
             cost_meter = CostMeter(
-                sessions=sessions, flush_s=settings.cost.meter_flush_s, rollup_s=settings.cost.rollup_s
+                sessions=sessions,
+                flush_s=settings.cost.meter_flush_s,
+                rollup_s=settings.cost.rollup_s,
+                metrics=metrics,
             )
             workers += [
                 cost_meter,  # started before the controller, stopped after it: the last sums are written

@@ -250,6 +250,14 @@ class Metrics:
             ["scope", "policy"],
             registry=self.registry,
         )
+        self.budget_used = Gauge(
+            "converge_project_budget_used_ratio",
+            "Measured cost this month over the project's monthly budget in money (1 = spent), by"
+            " project; set by the cost meter's budget check (every cost.rollup_s)",
+            ["project"],
+            registry=self.registry,
+        )
+        self._budgets: set[str] = set()
         self._phases: dict[str, tuple[str, ...]] = {}  # deployment -> the phases it has series for
         self._checks: set[str] = set()  # the readiness checks with a series
 
@@ -284,6 +292,14 @@ class Metrics:
         """No longer leading: the replica counts are the next leader's to report."""
         self.replicas.clear()
         self._phases.clear()
+
+    def observe_budgets(self, used: Mapping[str, float]) -> None:
+        """Every project budget's use (a budget removed since loses its series)."""
+        for project, ratio in used.items():
+            self.budget_used.labels(project).set(ratio)
+        for gone in self._budgets - set(used):
+            self.budget_used.remove(gone)
+        self._budgets = set(used)
 
     def observe_build(self, *, server: str, outcome: str, seconds: float) -> None:
         self.build_duration.labels(server, outcome).observe(max(0.0, seconds))

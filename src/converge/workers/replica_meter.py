@@ -12,7 +12,8 @@ sums for the next flush, so nothing is counted twice. A gap between two observat
 `max_gap_s` (a stalled or new leader) counts only `max_gap_s`: time nobody saw is not billed.
 
 Every `rollup_s` (5 min) it recomputes the usage roll-ups of today and yesterday from the
-gateway's records (idempotent), then checks every project budget (see control/cost/budgets.py).
+gateway's records (idempotent), then checks every project budget (see control/cost/budgets.py)
+and sets `converge_project_budget_used_ratio` per project from what it found.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from converge.control.cost import budgets, repository
 from converge.control.cost.repository import ReplicaSeconds
+from converge.kit.observability import Metrics
 from converge.kit.service import Service
 from converge.runtime.base import Observation, ReplicaPhase
 from converge.storage.db import transaction
@@ -132,9 +134,11 @@ class CostMeter(Service):
         flush_s: float = 10.0,
         rollup_s: float = 300.0,
         clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
     ) -> None:
         super().__init__()
         self._sessions, self._flush_s, self._rollup_s = sessions, flush_s, rollup_s
+        self._metrics = metrics
         self.meter = ReplicaMeter(clock=clock)
         self._clock = clock
 
@@ -175,4 +179,6 @@ class CostMeter(Service):
             async with transaction(self._sessions) as session:
                 await repository.recompute_usage_day(session, day)
         async with transaction(self._sessions) as session:
-            await budgets.check_all(session, today=today)
+            used = await budgets.check_all(session, today=today)
+        if self._metrics is not None:
+            self._metrics.observe_budgets(used)

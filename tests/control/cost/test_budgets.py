@@ -15,7 +15,9 @@ from test_report import make_deployment, replica_hour, replica_time, sessions, t
 from converge.control.cost import budgets, repository
 from converge.gateway.dataplane import load_snapshot
 from converge.gateway.limits import Limiter, Rejection, month_of
+from converge.kit.observability import Metrics
 from converge.models import Event
+from converge.workers.replica_meter import CostMeter
 
 
 async def alerts(app: Any, project_id: str) -> list[dict[str, Any]]:
@@ -100,3 +102,29 @@ async def test_who_may_set_see_and_remove_a_budget(app, client):
     assert (await client.get(url, headers=outsider)).status_code == 404
     assert (await client.delete(url, headers=owner)).status_code == 204
     assert (await client.get(url, headers=viewer)).status_code == 404
+
+
+async def test_the_budget_check_sets_each_projects_used_ratio_that_the_alert_rules_read(app, client):
+    project = await make_project(client)
+    d = await make_deployment(app, project)
+    zone = (await client.get("/cost/prices", headers=ADMIN)).json()["catalogue"]["zones"]["default"]
+    await replica_time(app, d, day=today(), seconds=3600 * 85)
+    budget = 100 * replica_hour(zone)
+    put = await client.put(f"/cost/budgets/{project['name']}", json={"monthly": budget}, headers=ADMIN)
+    assert put.status_code == 200, put.text
+    metrics = Metrics()
+    meter = CostMeter(sessions=sessions(app), metrics=metrics)
+
+    def used() -> float | None:
+        sample = {"project": project["name"]}
+        return metrics.registry.get_sample_value("converge_project_budget_used_ratio", sample)
+
+    await meter.rollup()
+    assert used() == pytest.approx(0.85, rel=1e-5)  # ConvergeBudgetAt80Percent fires on this
+    await replica_time(app, d, day=today(), seconds=3600 * 20)
+    await meter.rollup()
+    assert used() == pytest.approx(1.05, rel=1e-5)  # and ConvergeBudgetSpent on this
+    gone = await client.delete(f"/cost/budgets/{project['name']}", headers=ADMIN)
+    assert gone.status_code == 204
+    await meter.rollup()
+    assert used() is None  # no budget, no series (not a stale ratio)

@@ -93,15 +93,21 @@ async def _alert(
     )
 
 
-async def check_all(session: AsyncSession, *, today: date) -> None:
+async def check_all(session: AsyncSession, *, today: date) -> dict[str, float]:
+    """Check every budget; what each project's budget is used to (spent / monthly), by name."""
     rows = await repository.budgets(session)
     if not rows:
-        return
+        return {}
     prices = await measured.catalogues(session)
+    names = await repository.projects_by_id(session, {row.project_id for row in rows})
+    used: dict[str, float] = {}
     for row in rows:
         locked = await repository.budget(session, row.project_id, lock=True)
         if locked is not None:
             await check(session, locked, today=today, prices=prices)
+            if (project := names.get(locked.project_id)) is not None and locked.monthly > 0:
+                used[project.name] = locked.spent / locked.monthly
+    return used
 
 
 def budget_read(row: ProjectBudget, *, currency: str) -> BudgetRead:
