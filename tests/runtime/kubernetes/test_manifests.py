@@ -857,6 +857,38 @@ def test_the_deployments_own_args_and_environment_are_kept() -> None:
     assert env == {"HOME": "/tmp/h", "HF_HUB_OFFLINE": "1", "LOG_LEVEL": "debug", "OMP_NUM_THREADS": "2"}
 
 
+@pytest.mark.usefixtures("cached_schemas")
+def test_a_cluster_with_a_collector_gives_model_servers_its_address_and_a_way_out() -> None:
+    from converge.runtime.kubernetes.config import KubernetesConfig
+
+    config = KubernetesConfig(
+        otel_endpoint="http://otel-collector.observability:4318/", otel_egress_cidr="10.0.0.0/8"
+    )
+    cluster = config.cluster_profile(kserve=False)
+    workload = cpu_llama()
+    (server,) = _pod(workload, cluster)["containers"]
+    env = {e["name"]: e["value"] for e in server["env"]}
+    assert env["CONVERGE_OTEL__ENDPOINT"] == "http://otel-collector.observability:4318"
+    assert env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] == "http://otel-collector.observability:4318/v1/traces"
+    assert env["OTEL_SERVICE_NAME"] == f"converge-replica-{workload.deployment.name}"
+    assert env["OTEL_RESOURCE_ATTRIBUTES"] == f"converge.deployment.id={workload.deployment.deployment_id}"
+    bundle = render_project(PROJECT, quota=QUOTA, cluster=cluster)
+    (policy,) = [p for p in bundle if p["metadata"]["name"] == "converge-allow-otel-collector"]
+    assert policy["spec"]["egress"] == [
+        {"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}], "ports": [{"protocol": "TCP", "port": 4318}]}
+    ]
+    for obj in [policy, *render_workload(workload, cluster=cluster)]:
+        kubernetes_validate.validate(obj, K8S_VERSIONS[-1], strict=True)
+
+    # No collector: no tracing environment and no way out for it.
+    (plain,) = _pod(workload)["containers"]
+    assert not [e for e in plain["env"] if "OTEL" in e["name"]]
+    names = {p["metadata"]["name"] for p in render_project(PROJECT, quota=QUOTA, cluster=CLUSTER)}
+    assert "converge-allow-otel-collector" not in names
+    with pytest.raises(ValueError, match="OTLP/HTTP collector"):
+        KubernetesConfig(otel_endpoint="otel-collector:4318")
+
+
 def test_a_redeploy_changes_the_pod_template() -> None:
     base = cpu_llama()
     again = dataclasses.replace(base, deployment=base.deployment.model_copy(update={"restart_generation": 1}))

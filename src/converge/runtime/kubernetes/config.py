@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from converge.runtime.kubernetes.specs import ArtifactCache, ClusterProfile, RuntimeImages
+from converge.runtime.kubernetes.specs import ArtifactCache, ClusterProfile, EgressRule, RuntimeImages
 
 
 class KServeMode(StrEnum):
@@ -83,6 +84,35 @@ class KubernetesConfig(BaseModel):
         default=None, description="A Secret in each project namespace with the artifact store's credentials"
     )
 
+    otel_endpoint: str | None = Field(
+        default=None,
+        description="OTLP/HTTP collector the model server pods export spans to, e.g. "
+        "http://otel-collector.observability:4318 (the platform's own is CONVERGE_OTEL__ENDPOINT); "
+        "None: pods trace nothing",
+    )
+    otel_sample_ratio: float = Field(default=1.0, ge=0, le=1)
+    otel_egress_cidr: str = Field(
+        default="0.0.0.0/0", description="Where the collector is: pods may reach this CIDR on its port"
+    )
+
+    @field_validator("otel_endpoint")
+    @classmethod
+    def _an_http_url(cls, value: str | None) -> str | None:
+        if value is not None and (
+            urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).hostname
+        ):
+            raise ValueError(
+                "an http(s) URL of an OTLP/HTTP collector, e.g. http://otel-collector.observability:4318"
+            )
+        return value.rstrip("/") if value else value
+
+    def otel_egress(self) -> tuple[EgressRule, ...]:
+        if not self.otel_endpoint:
+            return ()
+        url = urlsplit(self.otel_endpoint)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        return (EgressRule(cidr=self.otel_egress_cidr, ports=(port,)),)
+
     def cluster_profile(self, *, kserve: bool) -> ClusterProfile:
         return ClusterProfile(
             kserve=kserve,
@@ -95,4 +125,7 @@ class KubernetesConfig(BaseModel):
                 claim_size=self.cache_claim_size,
             ),
             artifact_store_secret=self.artifact_store_secret,
+            otel_endpoint=self.otel_endpoint,
+            otel_sample_ratio=self.otel_sample_ratio,
+            otel_egress=self.otel_egress(),
         )

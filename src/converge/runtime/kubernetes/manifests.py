@@ -223,7 +223,16 @@ def _server_container(workload: InferenceWorkload, *, cluster: ClusterProfile, k
         args = [*runtime_args, *args]
     container |= {
         "args": args,
-        "env": pods.server_env(kind, template.env, resources=template.resources),
+        "env": pods.server_env(
+            kind,
+            template.env,
+            resources=template.resources,
+            tracing=pods.otel_env(
+                cluster,
+                service=f"converge-replica-{workload.deployment.name}",
+                attributes={"converge.deployment.id": str(workload.deployment.deployment_id)},
+            ),
+        ),
         **({} if kserve else {"ports": pods.server_ports()}),
         "resources": pods.replica_resources(template.resources, gpu=workload.gpu, cluster=cluster),
         **pods.probes(kind),

@@ -193,6 +193,20 @@ def render_network_policies(
                 "egress": [_egress(rule) for rule in cluster.artifact_store_egress],
             },
         ),
+        *(
+            [
+                policy(
+                    "converge-allow-otel-collector",  # the model servers' spans (cluster.otel_endpoint)
+                    {
+                        "podSelector": {},
+                        "policyTypes": ["Egress"],
+                        "egress": [_egress(rule) for rule in cluster.otel_egress],
+                    },
+                )
+            ]
+            if cluster.otel_egress
+            else []
+        ),
     ]
 
 

@@ -322,13 +322,31 @@ def workload_args(
     return [*args, *extra]
 
 
+def otel_env(cluster: ClusterProfile, *, service: str, attributes: Mapping[str, str]) -> dict[str, str]:
+    """Where a model server exports its spans and who it says it is (the OpenTelemetry SDK reads
+    OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES); nothing when the cluster has no collector."""
+    if not cluster.otel_endpoint:
+        return {}
+    return {
+        "CONVERGE_OTEL__ENDPOINT": cluster.otel_endpoint,  # Converge's servers
+        "CONVERGE_OTEL__SAMPLE_RATIO": str(cluster.otel_sample_ratio),
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{cluster.otel_endpoint}/v1/traces",  # other servers' SDKs
+        "OTEL_SERVICE_NAME": service,
+        "OTEL_RESOURCE_ATTRIBUTES": ",".join(f"{k}={v}" for k, v in sorted(attributes.items())),
+    }
+
+
 def server_env(
-    runtime: ServingRuntimeKind, extra: Mapping[str, str], *, resources: Resources
+    runtime: ServingRuntimeKind,
+    extra: Mapping[str, str],
+    *,
+    resources: Resources,
+    tracing: Mapping[str, str] | None = None,
 ) -> list[Manifest]:
     # Nothing is fetched from a model hub at run time; the root filesystem is read-only, so
     # caches go to /tmp. A CPU server runs the threads it was granted (it would count the
     # node's CPUs). The deployment's own environment comes last and wins.
-    base = {"HOME": TMP_DIR, "HF_HUB_OFFLINE": "1"}
+    base = {"HOME": TMP_DIR, "HF_HUB_OFFLINE": "1", **(tracing or {})}
     if runtime is ServingRuntimeKind.VLLM:
         base |= {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
     else:

@@ -308,6 +308,12 @@ class ClusterProfile:
     artifact_store_secret: str | None = None
     images: RuntimeImages = RuntimeImages()
     cache: ArtifactCache = ArtifactCache()
+    # An OTLP/HTTP collector the model servers export their spans to (reachable from project
+    # namespaces, e.g. http://otel-collector.observability:4318), and where pods may reach it;
+    # None: the servers trace nothing.
+    otel_endpoint: str | None = None
+    otel_sample_ratio: float = 1.0
+    otel_egress: tuple[EgressRule, ...] = ()
     run_as_user: int = 1000
     run_as_group: int = 1000
     gpu_resource: str = "nvidia.com/gpu"
