@@ -2,7 +2,8 @@
 approves, builds and deploys SmolLM2 (llama.cpp) and all-MiniLM-L6-v2 (sentence-transformers)
 on its own; the SDK, given the gateway's base URL and a project key, lists the models, chats
 (streaming and not, with max_completion_tokens and a usage chunk) and embeds, and
-langchain-openai's max_tokens caps a real answer. Slow by nature (builds benchmark the
+langchain-openai's max_tokens caps a real answer; then `converge cost report` shows SmolLM2's
+cost per million tokens from those metered tokens and its metered replica-seconds. Slow by nature (builds benchmark the
 models): a few minutes.
 """
 
@@ -20,9 +21,13 @@ import httpx
 import psutil
 import psycopg
 import pytest
-from support import ADMIN, LiveServer, free_port, make_settings, require_llama_server
+from rich.console import Console
+from support import ADMIN, BOOTSTRAP, LiveServer, eventually, free_port, make_settings, require_llama_server
+from typer.testing import CliRunner
 
 from converge.app import create_app
+from converge.cli import output
+from converge.cli.main import app as cli_app
 from converge.control.library.catalogue import smollm2_path
 from converge.runtime.local import LocalBackend, LocalConfig
 
@@ -41,7 +46,13 @@ async def converge(pg_url: str, tmp_path) -> AsyncIterator[tuple[str, httpx.Asyn
         conn.execute(f"CREATE DATABASE {name}")
     url = urlsplit(pg_url)._replace(path=f"/{name}").geturl()
     backend = LocalBackend(LocalConfig(state_dir=tmp_path / "runtime", health_interval_s=0.2))
-    settings = make_settings(url, tmp_path, library={"seed_catalogue": True}, deploy_defaults=True)
+    settings = make_settings(
+        url,
+        tmp_path,
+        library={"seed_catalogue": True},
+        deploy_defaults=True,
+        cost={"meter_flush_s": 1.0, "rollup_s": 2.0},  # measured cost within seconds, not minutes
+    )
     app = create_app(settings, on_first_key=None, runtime=backend)
     try:
         async with app.router.lifespan_context(app), LiveServer(app, free_port()) as server:
@@ -69,7 +80,7 @@ async def _defaults_ready(client: httpx.AsyncClient, timeout: float) -> dict[str
         await asyncio.sleep(1.0)
 
 
-async def test_openai_sdk_lists_chats_streams_and_embeds(converge):
+async def test_openai_sdk_lists_chats_streams_and_embeds(converge, tmp_path, monkeypatch):
     url, client = converge
     deployments = await _defaults_ready(client, timeout=600)
     project_id = deployments["smollm2"]["project_id"]
@@ -139,3 +150,30 @@ async def test_openai_sdk_lists_chats_streams_and_embeds(converge):
     )
     rows = {r["deployment"]: r for r in gateway_usage.json()["data"]}
     assert rows["smollm2"]["requests"] >= 2 and rows["minilm"]["requests"] == 1
+
+    # Measured cost from that real load: the replica-seconds the controller metered for smollm2's
+    # replica, priced by the catalogue, over the tokens the gateway metered, as `converge cost
+    # report` prints it.
+    async def costed() -> dict[str, Any] | None:
+        report = (await client.get("/cost/report", params={"project": project_id}, headers=ADMIN)).json()
+        row = {r["deployment"]: r for r in report["data"]}.get("smollm2")
+        ok = row and row["replica_seconds"] > 0 and row["total_tokens"]
+        return {**row, "currency": report["currency"]} if ok else None
+
+    cost = await eventually(costed, timeout=60, interval=1)
+    usage_rows = {r["deployment"]: r for r in (await client.get(
+        "/usage", params={"project": project_id, "group_by": "deployment"}, headers=ADMIN
+    )).json()["data"]}  # fmt: skip
+    assert cost["total_tokens"] == usage_rows["smollm2"]["total_tokens"] and cost["cost"] > 0
+    assert cost["cost_per_million_tokens"] == pytest.approx(
+        cost["cost"] / cost["total_tokens"] * 1e6, rel=1e-3
+    )
+    monkeypatch.setattr(output, "console", Console(width=250))  # rich folds no cell
+    env = {"CONVERGE_URL": url, "CONVERGE_API_KEY": BOOTSTRAP, "NO_COLOR": "1"}
+    env["CONVERGE_CLI_CONFIG"] = str(tmp_path / "cli.json")
+    args = ["cost", "report", "--project", project_id]
+    printed = await asyncio.to_thread(CliRunner().invoke, cli_app, args, env=env)
+    assert printed.exit_code == 0, printed.output
+    (line,) = [ln for ln in printed.stdout.splitlines() if "smollm2" in ln]
+    # (its figures have grown since: the replica keeps running, so only the shape is compared)
+    assert "per 1M tokens" in printed.stdout and line.count(cost["currency"]) >= 2, printed.stdout

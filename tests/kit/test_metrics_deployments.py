@@ -1,5 +1,6 @@
 """The deployment metrics move when the thing happens: the controller's replicas by phase, restarts,
-reconcile duration and errors (against the in-memory runtime), and a deny policy's denials."""
+engine slots and KV cache, reconcile duration and errors (against the in-memory runtime), and a
+deny policy's denials."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from support import ADMIN, make_project
 from converge.control.builds.schemas import BuildState
 from converge.kit.observability import Metrics
 from converge.models import Build
+from converge.runtime.base import EngineStats
 from converge.runtime.fake import FakeBackend
 from converge.workers.controller import Controller
 
@@ -110,6 +112,55 @@ async def test_replicas_by_phase_and_restarts_follow_what_the_runtime_observes(a
     await ctl.reconcile(uuid.UUID(d["id"]))  # deleted: its series go with it
     assert sample(metrics, "converge_replicas", deployment=label, phase="ready") is None
     assert sample(metrics, "converge_replica_restarts_total", deployment=label) is None
+
+
+async def test_engine_slots_and_kv_cache_are_series_where_the_engine_reports_them(app, client):
+    project, version = await deployable_version(app, client)
+    made = await client.post(
+        "/deployments",
+        params={"project": project["id"]},
+        json=spec(version["id"], replicas={"min": 2, "max": 2}),
+        headers=ADMIN,
+    )
+    d = made.json()
+    label = f"{project['name']}/{d['name']}"
+    backend, metrics = FakeBackend(), Metrics()
+    ctl = controller(app, backend, metrics)
+    await ctl.reconcile(uuid.UUID(d["id"]))
+    await ctl.reconcile(uuid.UUID(d["id"]))
+    # Nothing reported yet (an engine without slots, e.g. the embeddings server): absent, not 0.
+    assert sample(metrics, "converge_engine_slots", deployment=label, state="total") is None
+    assert sample(metrics, "converge_engine_kv_cache_usage_ratio", deployment=label) is None
+
+    first, second = (await client.get(f"/deployments/{d['id']}", headers=ADMIN)).json()["status"]["replicas"]
+    backend.set_load(
+        first["id"], in_flight=3, engine=EngineStats(slots_busy=3, slots_total=4, kv_cache_usage_ratio=0.5)
+    )
+    backend.set_load(
+        second["id"], in_flight=1, engine=EngineStats(slots_busy=1, slots_total=4, kv_cache_usage_ratio=0.125)
+    )
+    await ctl.reconcile(uuid.UUID(d["id"]))
+    assert sample(metrics, "converge_engine_slots", deployment=label, state="busy") == 4
+    assert sample(metrics, "converge_engine_slots", deployment=label, state="total") == 8
+    assert sample(metrics, "converge_engine_kv_cache_usage_ratio", deployment=label) == 0.5  # the fullest
+
+    assert (await client.delete(f"/deployments/{d['id']}", headers=ADMIN)).status_code in (200, 202, 204)
+    await ctl.reconcile(uuid.UUID(d["id"]))
+    assert sample(metrics, "converge_engine_slots", deployment=label, state="busy") is None
+
+
+def test_engine_stats_take_only_the_figures_an_engine_really_reports() -> None:
+    llama = {
+        "in_flight": 2,
+        "slots_busy": 2,
+        "slots_total": 4,
+        "kv_cache_usage_ratio": 0.25,
+        "kv_cache_tokens": 9,
+    }
+    assert EngineStats.of(llama) == EngineStats(slots_busy=2, slots_total=4, kv_cache_usage_ratio=0.25)
+    assert EngineStats.of({"in_flight": 0, "queue_depth": 0}) is None  # the embeddings server
+    odd = {"slots_busy": "2", "slots_total": True, "kv_cache_usage_ratio": -1}
+    assert EngineStats.of(odd) is None  # nothing a broken replica says is taken as a figure
 
 
 class _Unreachable(FakeBackend):

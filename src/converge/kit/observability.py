@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMappin
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -178,6 +178,12 @@ RECONCILE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
 JOB_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 
 
+class EngineFigures(Protocol):
+    slots_busy: int | None
+    slots_total: int | None
+    kv_cache_usage_ratio: float | None
+
+
 class Metrics:
     """One registry per app instance, so two apps in one process (tests) never collide."""
 
@@ -250,6 +256,20 @@ class Metrics:
             ["scope", "policy"],
             registry=self.registry,
         )
+        self.engine_slots = Gauge(
+            "converge_engine_slots",
+            "Inference slots of a deployment's ready replicas, by deployment (<project>/<name>) and"
+            " state (busy, total), where the engine reports them (llama.cpp); the leader's view",
+            ["deployment", "state"],
+            registry=self.registry,
+        )
+        self.engine_kv_cache = Gauge(
+            "converge_engine_kv_cache_usage_ratio",
+            "The fullest KV cache among a deployment's ready replicas (0-1), where the engine reports it",
+            ["deployment"],
+            registry=self.registry,
+        )
+        self._engines: set[str] = set()
         self.budget_used = Gauge(
             "converge_project_budget_used_ratio",
             "Measured cost this month over the project's monthly budget in money (1 = spent), by"
@@ -277,6 +297,29 @@ class Metrics:
         self._phases[deployment] = tuple(phases)
         self.replica_restarts.labels(deployment)
 
+    def observe_engine(self, deployment: str, engines: Iterable[EngineFigures]) -> None:
+        """Slots and KV cache of the deployment's ready replicas whose engine reports them
+        (`runtime.base.EngineStats`); a deployment whose replicas report nothing has no series
+        (absent, not zero)."""
+        engines = list(engines)
+        busy = [e.slots_busy for e in engines if e.slots_busy is not None]
+        total = [e.slots_total for e in engines if e.slots_total is not None]
+        kv = [e.kv_cache_usage_ratio for e in engines if e.kv_cache_usage_ratio is not None]
+        if not (busy or total or kv):
+            self._forget_engine(deployment)
+            return
+        self.engine_slots.labels(deployment, "busy").set(sum(busy))
+        self.engine_slots.labels(deployment, "total").set(sum(total))
+        self.engine_kv_cache.labels(deployment).set(max(kv, default=0.0))
+        self._engines.add(deployment)
+
+    def _forget_engine(self, deployment: str) -> None:
+        if deployment in self._engines:
+            self._engines.discard(deployment)
+            for state in ("busy", "total"):
+                self.engine_slots.remove(deployment, state)
+            self.engine_kv_cache.remove(deployment)
+
     def count_restarts(self, deployment: str, restarts: int) -> None:
         if restarts > 0:
             self.replica_restarts.labels(deployment).inc(restarts)
@@ -285,6 +328,7 @@ class Metrics:
         """A deleted deployment's series go with it (the label set stays that of live ones)."""
         for phase in self._phases.pop(deployment, ()):
             self.replicas.remove(deployment, phase)
+        self._forget_engine(deployment)
         with contextlib.suppress(KeyError):
             self.replica_restarts.remove(deployment)
 
@@ -292,6 +336,9 @@ class Metrics:
         """No longer leading: the replica counts are the next leader's to report."""
         self.replicas.clear()
         self._phases.clear()
+        self.engine_slots.clear()
+        self.engine_kv_cache.clear()
+        self._engines.clear()
 
     def observe_budgets(self, used: Mapping[str, float]) -> None:
         """Every project budget's use (a budget removed since loses its series)."""

@@ -12,10 +12,10 @@ import builtins
 import math
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import datetime
 from enum import StrEnum
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -85,6 +85,24 @@ class ReplicaPhase(StrEnum):
     FAILED = "failed"
 
 
+class EngineStats(BaseModel):
+    """What an inference engine says of itself on `/converge/stats`, where it says it (llama.cpp's
+    server: its slots and KV cache); None where the engine reports nothing of the kind."""
+
+    slots_busy: int | None = None
+    slots_total: int | None = None
+    kv_cache_usage_ratio: float | None = None
+
+    @classmethod
+    def of(cls, stats: Mapping[str, Any]) -> EngineStats | None:
+        values: dict[str, Any] = {}
+        for name, kind in (("slots_busy", int), ("slots_total", int), ("kv_cache_usage_ratio", float)):
+            value = stats.get(name)
+            if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+                values[name] = kind(value)
+        return cls(**values) if values else None
+
+
 class Replica(BaseModel):
     id: str
     deployment_id: uuid.UUID
@@ -97,6 +115,7 @@ class Replica(BaseModel):
     restarts: int = 0
     in_flight: int = 0
     queue_depth: int = 0
+    engine: EngineStats | None = None  # its engine's slots and KV cache, where it reports them
     started_at: datetime | None = None
     last_exit: str | None = None
 

@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 from converge.runtime.base import (
     Condition,
     DeploymentSpec,
+    EngineStats,
     Observation,
     Replica,
     ReplicaPhase,
@@ -53,6 +54,7 @@ class _Replica:
     restarts: int = 0
     in_flight: int = 0
     queue_depth: int = 0
+    engine: EngineStats | None = None
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     last_exit: str | None = None
 
@@ -74,6 +76,7 @@ class _Replica:
             restarts=self.restarts,
             in_flight=self.in_flight,
             queue_depth=self.queue_depth,
+            engine=self.engine,
             started_at=self.started_at,
             last_exit=self.last_exit,
         )
@@ -180,12 +183,19 @@ class FakeBackend(RuntimeBackend):
         self.changed(r.deployment_id)
 
     def set_load(
-        self, replica_id: str, *, in_flight: int | None = None, queue_depth: int | None = None
+        self,
+        replica_id: str,
+        *,
+        in_flight: int | None = None,
+        queue_depth: int | None = None,
+        engine: EngineStats | None = None,
     ) -> None:
-        """A draining replica with in_flight or queue_depth > 0 does not stop."""
+        """A draining replica with in_flight or queue_depth > 0 does not stop. `engine`: what
+        its engine reports of its slots and KV cache (as llama.cpp's server does)."""
         r = self._replica(replica_id)
         r.in_flight = r.in_flight if in_flight is None else in_flight
         r.queue_depth = r.queue_depth if queue_depth is None else queue_depth
+        r.engine = r.engine if engine is None else engine
         self.changed(r.deployment_id)
 
     def fail_revision(

@@ -404,6 +404,10 @@ class Controller(Service):
         self._metrics.observe_replicas(
             self._labels[deployment.id], {p.value: phases.count(p) for p in ReplicaPhase}
         )
+        self._metrics.observe_engine(
+            self._labels[deployment.id],
+            (r.engine for r in observed.replicas if r.phase == ReplicaPhase.READY and r.engine is not None),
+        )
         phase = await self._write_status(
             deployment, observed, target=target, servable=servable, version_state=version.state, denied=denied
         )

@@ -14,7 +14,7 @@ from fake_api import FakeKubeApi
 from kube_support import NAMESPACE, Cluster, Placements, fast_config, make_spec, node
 from support import eventually, free_port
 
-from converge.runtime.base import Condition, DeploymentSpec, Observation, ReplicaPhase, Zone
+from converge.runtime.base import Condition, DeploymentSpec, EngineStats, Observation, ReplicaPhase, Zone
 from converge.runtime.kubernetes import observed as observed_mod
 from converge.runtime.kubernetes.backend import KubernetesBackend
 from converge.runtime.kubernetes.config import KServeMode
@@ -129,8 +129,13 @@ async def test_the_controllers_reports_become_replicas_and_conditions(
 async def test_ready_replicas_report_their_load_from_converge_stats(
     backend: KubernetesBackend, cluster: Cluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The autoscaler's input: each ready pod's in-flight requests and queue, from its server."""
-    load = {"127.0.0.2": {"in_flight": 3, "queue_depth": 1}, "127.0.0.3": {"in_flight": 0, "queue_depth": 0}}
+    """The autoscaler's input: each ready pod's in-flight requests and queue, from its server, and
+    its engine's slots and KV cache where it reports them (llama.cpp does, others do not)."""
+    engine = {"slots_busy": 3, "slots_total": 4, "kv_cache_usage_ratio": 0.5}
+    load = {
+        "127.0.0.2": {"in_flight": 3, "queue_depth": 1, **engine},
+        "127.0.0.3": {"in_flight": 0, "queue_depth": 0},
+    }
 
     async def stats(request: web.Request) -> web.Response:
         return web.json_response(load[request.host.split(":")[0]])
@@ -150,6 +155,8 @@ async def test_ready_replicas_report_their_load_from_converge_stats(
         await cluster.roll_out()
         obs = await eventually(observed(backend, spec, lambda o: len(o.ready) == 2))
         assert sorted((r.in_flight, r.queue_depth) for r in obs.replicas) == [(0, 0), (3, 1)]
+        engines = {r.in_flight: r.engine for r in obs.replicas}
+        assert engines == {3: EngineStats(**engine), 0: None}
         load["127.0.0.2"] = {"in_flight": 5, "queue_depth": 2}
         obs = await eventually(observed(backend, spec, lambda o: max(r.in_flight for r in o.replicas) == 5))
         assert max(r.queue_depth for r in obs.replicas) == 2

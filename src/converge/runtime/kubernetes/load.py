@@ -16,14 +16,16 @@ from time import monotonic
 
 import httpx
 
-from converge.runtime.base import Replica, ReplicaPhase
+from converge.runtime.base import EngineStats, Replica, ReplicaPhase
+
+_Reading = tuple[float, int, int, EngineStats | None]  # (when, in flight, queued, the engine's own)
 
 
 class PodLoad:
     def __init__(self, *, timeout_s: float = 0.5, max_age_s: float = 1.0) -> None:
         self._timeout_s, self._max_age_s = timeout_s, max_age_s
         self._client: httpx.AsyncClient | None = None
-        self._read: dict[str, tuple[float, int, int]] = {}  # endpoint -> (when, in flight, queued)
+        self._read: dict[str, _Reading] = {}  # endpoint -> its last reading
 
     async def close(self) -> None:
         if self._client is not None:
@@ -38,7 +40,7 @@ class PodLoad:
             for r in replicas
             if r.phase == ReplicaPhase.READY
             and r.endpoint
-            and now - self._read.get(r.endpoint, (float("-inf"), 0, 0))[0] >= self._max_age_s
+            and now - self._read.get(r.endpoint, (float("-inf"), 0, 0, None))[0] >= self._max_age_s
         }
         if stale:
             await asyncio.gather(*(self._fetch(endpoint, now) for endpoint in stale))
@@ -50,7 +52,9 @@ class PodLoad:
             out.append(
                 r
                 if reading is None
-                else r.model_copy(update={"in_flight": reading[1], "queue_depth": reading[2]})
+                else r.model_copy(
+                    update={"in_flight": reading[1], "queue_depth": reading[2], "engine": reading[3]}
+                )
             )
         return out
 
@@ -59,6 +63,7 @@ class PodLoad:
             self._client = httpx.AsyncClient(timeout=self._timeout_s, trust_env=False)
         try:
             data = (await self._client.get(f"{endpoint}/converge/stats")).raise_for_status().json()
-            self._read[endpoint] = (now, int(data["in_flight"]), int(data.get("queue_depth", 0)))
-        except (httpx.HTTPError, ValueError, KeyError, TypeError):
-            self._read[endpoint] = (now, 0, 0)  # asked again after max_age_s, not on every pass
+            in_flight, queued = int(data["in_flight"]), int(data.get("queue_depth", 0))
+            self._read[endpoint] = (now, in_flight, queued, EngineStats.of(data))
+        except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
+            self._read[endpoint] = (now, 0, 0, None)  # asked again after max_age_s, not on every pass

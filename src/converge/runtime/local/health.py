@@ -7,12 +7,15 @@ from dataclasses import dataclass
 import httpx
 import psutil
 
+from converge.runtime.base import EngineStats
+
 
 @dataclass(frozen=True)
 class Probe:
     ready: bool  # GET /health/ready answered 200
     in_flight: int | None = None  # None: /converge/stats not asked or not answered
     queue_depth: int | None = None
+    engine: EngineStats | None = None
 
 
 async def probe(client: httpx.AsyncClient, endpoint: str, *, stats: bool) -> Probe:
@@ -26,7 +29,10 @@ async def probe(client: httpx.AsyncClient, endpoint: str, *, stats: bool) -> Pro
     try:
         data = (await client.get(f"{endpoint}/converge/stats")).raise_for_status().json()
         return Probe(
-            ready=ready, in_flight=int(data["in_flight"]), queue_depth=int(data.get("queue_depth", 0))
+            ready=ready,
+            in_flight=int(data["in_flight"]),
+            queue_depth=int(data.get("queue_depth", 0)),
+            engine=EngineStats.of(data),
         )
     except (httpx.HTTPError, ValueError, KeyError, TypeError):
         return Probe(ready=ready)

@@ -10,7 +10,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from converge.runtime.base import Condition, DeploymentSpec, Replica, ReplicaPhase, ReplicaTemplate
+from converge.runtime.base import (
+    Condition,
+    DeploymentSpec,
+    EngineStats,
+    Replica,
+    ReplicaPhase,
+    ReplicaTemplate,
+)
 from converge.runtime.local.config import LocalConfig
 from converge.runtime.local.process import Identity, ProcessHandle
 from converge.runtime.local.state import ReplicaRecord
@@ -40,6 +47,7 @@ class ReplicaState:
     in_flight: int = 0
     queue_depth: int = 0
     load_at: float = float("-inf")  # when in_flight/queue_depth were last read
+    engine: EngineStats | None = None  # the engine's slots and KV cache, read with the load
     since: float = 0.0  # when the current process started, or it last stopped being ready
     verified: bool = False  # checked that our process owns the port it answers on
     probe_failures: int = 0
@@ -89,6 +97,7 @@ class ReplicaState:
         self.failures += 1
         self.phase, self.last_exit, self.retry_at = ReplicaPhase.BACKOFF, reason, now + delay
         self.in_flight = self.queue_depth = 0
+        self.engine = None
         return delay
 
     def drain_signal(self, now: float, config: LocalConfig) -> signal.Signals | None:
@@ -124,6 +133,7 @@ class ReplicaState:
             restarts=self.restarts,
             in_flight=self.in_flight,
             queue_depth=self.queue_depth,
+            engine=self.engine,
             started_at=self.started_at,
             last_exit=self.last_exit,
         )

@@ -264,6 +264,7 @@ class LocalBackend(RuntimeBackend):
     def _observed(self, dep: DeploymentState, r: ReplicaState, result: health.Probe, now: float) -> None:
         if result.in_flight is not None:
             r.in_flight, r.queue_depth, r.load_at = result.in_flight, result.queue_depth or 0, now
+            r.engine = result.engine
         if r.phase == P.STARTING and result.ready:
             assert r.handle is not None and r.port is not None
             if not r.verified and not health.listens_on(r.handle.pid, r.port):
