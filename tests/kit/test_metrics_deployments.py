@@ -133,16 +133,34 @@ async def test_engine_slots_and_kv_cache_are_series_where_the_engine_reports_the
     assert sample(metrics, "converge_engine_kv_cache_usage_ratio", deployment=label) is None
 
     first, second = (await client.get(f"/deployments/{d['id']}", headers=ADMIN)).json()["status"]["replicas"]
-    backend.set_load(
-        first["id"], in_flight=3, engine=EngineStats(slots_busy=3, slots_total=4, kv_cache_usage_ratio=0.5)
-    )
-    backend.set_load(
-        second["id"], in_flight=1, engine=EngineStats(slots_busy=1, slots_total=4, kv_cache_usage_ratio=0.125)
-    )
+
+    def engine(busy: int, kv: float, generated: int, cached: int) -> EngineStats:
+        return EngineStats(
+            slots_busy=busy,
+            slots_total=4,
+            kv_cache_usage_ratio=kv,
+            tokens_generated_total=generated,
+            prompt_tokens_total=2 * generated,
+            prompt_tokens_cached_total=cached,
+        )
+
+    backend.set_load(first["id"], in_flight=3, engine=engine(3, 0.5, generated=100, cached=10))
+    backend.set_load(second["id"], in_flight=1, engine=engine(1, 0.125, generated=40, cached=0))
     await ctl.reconcile(uuid.UUID(d["id"]))
     assert sample(metrics, "converge_engine_slots", deployment=label, state="busy") == 4
     assert sample(metrics, "converge_engine_slots", deployment=label, state="total") == 8
     assert sample(metrics, "converge_engine_kv_cache_usage_ratio", deployment=label) == 0.5  # the fullest
+
+    def tokens(kind: str) -> float | None:
+        return sample(metrics, "converge_engine_tokens_total", deployment=label, kind=kind)
+
+    assert tokens("generated") == 0  # first sight: the baseline, not a spike of what came before
+    backend.set_load(first["id"], engine=engine(2, 0.5, generated=164, cached=30))
+    backend.set_load(second["id"], engine=engine(0, 0.0, generated=8, cached=4))  # restarted: from 0
+    await ctl.reconcile(uuid.UUID(d["id"]))
+    assert tokens("generated") == 64 + 8
+    assert tokens("prompt") == 128 + 16
+    assert tokens("prompt_cached") == 20 + 4
 
     assert (await client.delete(f"/deployments/{d['id']}", headers=ADMIN)).status_code in (200, 202, 204)
     await ctl.reconcile(uuid.UUID(d["id"]))

@@ -182,6 +182,16 @@ class EngineFigures(Protocol):
     slots_busy: int | None
     slots_total: int | None
     kv_cache_usage_ratio: float | None
+    tokens_generated_total: int | None
+    prompt_tokens_total: int | None
+    prompt_tokens_cached_total: int | None
+
+
+ENGINE_TOKENS = {  # converge_engine_tokens_total{kind}: the engine's own counter of each
+    "generated": "tokens_generated_total",
+    "prompt": "prompt_tokens_total",
+    "prompt_cached": "prompt_tokens_cached_total",
+}
 
 
 class Metrics:
@@ -269,7 +279,17 @@ class Metrics:
             ["deployment"],
             registry=self.registry,
         )
+        self.engine_tokens = Counter(
+            "converge_engine_tokens_total",
+            "Tokens the engines of a deployment's replicas counted, by kind (generated, prompt,"
+            " prompt_cached: prompt tokens served from the KV cache), where the engine reports them",
+            ["deployment", "kind"],
+            registry=self.registry,
+        )
         self._engines: set[str] = set()
+        self._engine_counts: dict[
+            tuple[str, str], dict[str, int]
+        ] = {}  # (deployment, replica) -> last counts
         self.budget_used = Gauge(
             "converge_project_budget_used_ratio",
             "Measured cost this month over the project's monthly budget in money (1 = spent), by"
@@ -297,11 +317,25 @@ class Metrics:
         self._phases[deployment] = tuple(phases)
         self.replica_restarts.labels(deployment)
 
-    def observe_engine(self, deployment: str, engines: Iterable[EngineFigures]) -> None:
-        """Slots and KV cache of the deployment's ready replicas whose engine reports them
-        (`runtime.base.EngineStats`); a deployment whose replicas report nothing has no series
-        (absent, not zero)."""
-        engines = list(engines)
+    def observe_engine(self, deployment: str, replicas: Iterable[tuple[str, EngineFigures]]) -> None:
+        """Slots, KV cache and token counters of the deployment's ready replicas whose engine
+        reports them ((replica id, `runtime.base.EngineStats`)); a deployment whose replicas
+        report nothing has no series (absent, not zero). Each replica's counters add what they
+        grew by since the last look (all of it after a restart, when they start again from 0);
+        what a replica had counted before this process first saw it is not added."""
+        pairs = list(replicas)
+        for replica_id, engine in pairs:
+            last = self._engine_counts.setdefault((deployment, replica_id), {})
+            for kind, name in ENGINE_TOKENS.items():
+                now = getattr(engine, name)
+                if now is None:
+                    continue
+                before = last.get(kind)
+                series = self.engine_tokens.labels(deployment, kind)
+                if before is not None:  # the first sight only sets the baseline
+                    series.inc(now if now < before else now - before)  # below: restarted from 0
+                last[kind] = now
+        engines = [engine for _, engine in pairs]
         busy = [e.slots_busy for e in engines if e.slots_busy is not None]
         total = [e.slots_total for e in engines if e.slots_total is not None]
         kv = [e.kv_cache_usage_ratio for e in engines if e.kv_cache_usage_ratio is not None]
@@ -319,6 +353,11 @@ class Metrics:
             for state in ("busy", "total"):
                 self.engine_slots.remove(deployment, state)
             self.engine_kv_cache.remove(deployment)
+        for kind in ENGINE_TOKENS:
+            with contextlib.suppress(KeyError):
+                self.engine_tokens.remove(deployment, kind)
+        for key in [k for k in self._engine_counts if k[0] == deployment]:
+            del self._engine_counts[key]
 
     def count_restarts(self, deployment: str, restarts: int) -> None:
         if restarts > 0:
@@ -339,6 +378,7 @@ class Metrics:
         self.engine_slots.clear()
         self.engine_kv_cache.clear()
         self._engines.clear()
+        self._engine_counts.clear()  # counters stay: a counter never goes back
 
     def observe_budgets(self, used: Mapping[str, float]) -> None:
         """Every project budget's use (a budget removed since loses its series)."""

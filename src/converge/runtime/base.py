@@ -92,11 +92,23 @@ class EngineStats(BaseModel):
     slots_busy: int | None = None
     slots_total: int | None = None
     kv_cache_usage_ratio: float | None = None
+    # Counters since the engine started (a restarted replica starts again from 0)
+    tokens_generated_total: int | None = None
+    prompt_tokens_total: int | None = None
+    prompt_tokens_cached_total: int | None = None  # prompt tokens served from the KV cache
 
     @classmethod
     def of(cls, stats: Mapping[str, Any]) -> EngineStats | None:
         values: dict[str, Any] = {}
-        for name, kind in (("slots_busy", int), ("slots_total", int), ("kv_cache_usage_ratio", float)):
+        fields = (
+            ("slots_busy", int),
+            ("slots_total", int),
+            ("kv_cache_usage_ratio", float),
+            ("tokens_generated_total", int),
+            ("prompt_tokens_total", int),
+            ("prompt_tokens_cached_total", int),
+        )
+        for name, kind in fields:
             value = stats.get(name)
             if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
                 values[name] = kind(value)

@@ -406,7 +406,11 @@ class Controller(Service):
         )
         self._metrics.observe_engine(
             self._labels[deployment.id],
-            (r.engine for r in observed.replicas if r.phase == ReplicaPhase.READY and r.engine is not None),
+            (
+                (r.id, r.engine)
+                for r in observed.replicas
+                if r.phase == ReplicaPhase.READY and r.engine is not None
+            ),
         )
         phase = await self._write_status(
             deployment, observed, target=target, servable=servable, version_state=version.state, denied=denied
