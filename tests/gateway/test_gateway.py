@@ -75,6 +75,11 @@ async def test_streaming_forwards_every_chunk(env):
     async with env.state.sessions() as session:
         row = await session.scalar(select(UsageRecord).where(UsageRecord.deployment_id == uuid.UUID(d.id)))
     assert row.stream is True and row.completion_tokens == 4 and row.ttft_ms is not None
+    # One inter-token latency per stream of two or more tokens: the mean gap after the first.
+    text = (await env.client.get("/metrics")).text
+    label = f'deployment="{d.project["name"]}/chat"'
+    assert f"converge_gateway_inter_token_latency_seconds_count{{{label}}} 1.0" in text
+    assert f"converge_gateway_time_to_first_token_seconds_count{{{label}}} 1.0" in text
 
 
 async def test_embeddings_and_completions_routes(env):

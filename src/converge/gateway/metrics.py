@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from converge.gateway.routing import Pool
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1)
 
 
 class GatewayMetrics:
@@ -46,6 +47,14 @@ class GatewayMetrics:
             "Streaming: time from request to the first chunk",
             ["deployment"],
             buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.inter_token = Histogram(
+            "converge_gateway_inter_token_latency_seconds",
+            "Streaming: the mean time between tokens after the first, one observation per stream"
+            " of two or more completion tokens",
+            ["deployment"],
+            buckets=ITL_BUCKETS,
             registry=registry,
         )
         self.upstream_errors = Counter(
@@ -98,6 +107,7 @@ class Series:
         "prompt",
         "completion",
         "ttft",
+        "inter_token",
     )
 
     def __init__(self, metrics: GatewayMetrics, deployment: str, endpoint: str) -> None:
@@ -107,6 +117,7 @@ class Series:
         self.prompt = metrics.tokens.labels(deployment, "prompt")
         self.completion = metrics.tokens.labels(deployment, "completion")
         self.ttft = metrics.ttft.labels(deployment)
+        self.inter_token = metrics.inter_token.labels(deployment)
 
     def requests(self, status: int) -> Any:
         child = self._requests.get(status)

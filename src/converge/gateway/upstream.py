@@ -188,6 +188,8 @@ class Forwarder:
                 series.prompt.inc(prompt)
             if completion:
                 series.completion.inc(completion)
+                if ttft is not None and completion > 1 and status == 200:
+                    series.inter_token.observe((elapsed - ttft) / (completion - 1))
             self.meter.record(
                 started=started,
                 project_id=caller.project.id,
