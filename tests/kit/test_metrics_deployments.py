@@ -5,10 +5,13 @@ deny policy's denials."""
 from __future__ import annotations
 
 import os
+import time
 import uuid
+from datetime import datetime
 from typing import Any
 
 import httpx
+import pytest
 from support import ADMIN, make_project
 
 from converge.control.builds.schemas import BuildState
@@ -165,6 +168,30 @@ async def test_engine_slots_and_kv_cache_are_series_where_the_engine_reports_the
     assert (await client.delete(f"/deployments/{d['id']}", headers=ADMIN)).status_code in (200, 202, 204)
     await ctl.reconcile(uuid.UUID(d["id"]))
     assert sample(metrics, "converge_engine_slots", deployment=label, state="busy") is None
+
+
+async def test_the_soonest_live_key_expiry_of_each_project_is_a_series_for_the_expiry_alert(app, client):
+    project = await make_project(client)
+    keys = f"/projects/{project['id']}/keys"
+    soon = (await client.post(keys, json={"name": "soon", "expires_in_days": 3}, headers=ADMIN)).json()
+    await client.post(keys, json={"name": "later", "expires_in_days": 30}, headers=ADMIN)
+    await client.post(keys, json={"name": "never", "expires_in_days": None}, headers=ADMIN)
+    metrics = Metrics()
+    ctl = controller(app, FakeBackend(), metrics)
+
+    def expiry() -> float | None:
+        return sample(metrics, "converge_api_key_next_expiry_timestamp_seconds", project=project["name"])
+
+    await ctl.key_expiry()
+    assert expiry() == pytest.approx(datetime.fromisoformat(soon["expires_at"]).timestamp(), abs=1e-3)
+    revoked = await client.delete(f"{keys}/{soon['id']}", headers=ADMIN)
+    assert revoked.status_code in (200, 204), revoked.text
+    await ctl.key_expiry()
+    assert expiry() == pytest.approx(time.time() + 30 * 86400, abs=120)  # a revoked key is no warning
+    for key in (await client.get(keys, headers=ADMIN)).json()["items"]:
+        await client.delete(f"{keys}/{key['id']}", headers=ADMIN)
+    await ctl.key_expiry()
+    assert expiry() is None  # nothing live left to expire: no series
 
 
 def test_engine_stats_take_only_the_figures_an_engine_really_reports() -> None:

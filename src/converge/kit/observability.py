@@ -298,6 +298,14 @@ class Metrics:
             registry=self.registry,
         )
         self._budgets: set[str] = set()
+        self.key_expiry = Gauge(
+            "converge_api_key_next_expiry_timestamp_seconds",
+            "When the soonest-expiring live API key of a project (or `organisation`) expires, in"
+            " Unix seconds; the leading controller's check (every few minutes)",
+            ["project"],
+            registry=self.registry,
+        )
+        self._expiring: set[str] = set()
         self._phases: dict[str, tuple[str, ...]] = {}  # deployment -> the phases it has series for
         self._checks: set[str] = set()  # the readiness checks with a series
 
@@ -375,6 +383,7 @@ class Metrics:
         """No longer leading: the replica counts are the next leader's to report."""
         self.replicas.clear()
         self._phases.clear()
+        self.observe_key_expiry({})  # the next leader's to report
         self.engine_slots.clear()
         self.engine_kv_cache.clear()
         self._engines.clear()
@@ -387,6 +396,14 @@ class Metrics:
         for gone in self._budgets - set(used):
             self.budget_used.remove(gone)
         self._budgets = set(used)
+
+    def observe_key_expiry(self, next_expiry: Mapping[str, float]) -> None:
+        """The soonest live key expiry per project (a project with none left loses its series)."""
+        for project, at in next_expiry.items():
+            self.key_expiry.labels(project).set(at)
+        for gone in self._expiring - set(next_expiry):
+            self.key_expiry.remove(gone)
+        self._expiring = set(next_expiry)
 
     def observe_build(self, *, server: str, outcome: str, seconds: float) -> None:
         self.build_duration.labels(server, outcome).observe(max(0.0, seconds))

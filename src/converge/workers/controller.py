@@ -75,6 +75,7 @@ PING_S = 2.0  # the lock's connection is checked this often while waiting for no
 # Replica time of deployments at rest is metered from their last observation this often (the
 # meter bills at most max_gap_s, 60 s, between two observations of one deployment).
 METER_TICK_S = 30.0
+KEY_EXPIRY_S = 300.0  # the soonest key expiry per project, for the alert (a week's warning)
 
 
 class Controller(Service):
@@ -148,10 +149,13 @@ class Controller(Service):
         self._lease, self.queue, self.epoch, self.is_leader = held, queue, held.epoch, True
         log.info("controller_leading", epoch=held.epoch, holder=held.holder)
         await self.resync()  # whatever happened while nobody led
+        with contextlib.suppress(Exception):  # a gauge: the next round tries again
+            await self.key_expiry()
         tasks = [
             asyncio.create_task(self._listen(held), name="controller-listen"),
             asyncio.create_task(self._every(cfg.resync_s, self.resync), name="controller-resync"),
             asyncio.create_task(self._every(METER_TICK_S, self.meter_tick), name="controller-meter"),
+            asyncio.create_task(self._every(KEY_EXPIRY_S, self.key_expiry), name="controller-key-expiry"),
             asyncio.create_task(self._prune_loop(), name="controller-prune"),
             *(asyncio.create_task(self._work(queue), name="controller-work") for _ in range(cfg.workers)),
         ]
@@ -257,6 +261,12 @@ class Controller(Service):
                 self.meter.observe(
                     project_id=project_id, revision=revision, resources=resources, observed=observed
                 )
+
+    async def key_expiry(self) -> None:
+        """`converge_api_key_next_expiry_timestamp_seconds`: what the key-expiry alert reads."""
+        async with self._sessions() as session:
+            found = await projects_repo.next_key_expiries(session, datetime.now(UTC))
+        self._metrics.observe_key_expiry({name: at.timestamp() for name, at in found.items()})
 
     async def _prune_loop(self) -> None:
         settings = self._settings.retention

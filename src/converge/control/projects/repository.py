@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Collection
 from datetime import datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from converge.models import ApiKey, Member, Project
@@ -85,3 +85,17 @@ async def touch_key(session: AsyncSession, key_id: uuid.UUID, at: datetime) -> N
 async def has_org_admin_key(session: AsyncSession) -> bool:
     q = select(ApiKey.id).where(ApiKey.project_id.is_(None), ApiKey.revoked_at.is_(None)).limit(1)
     return (await session.scalar(q)) is not None
+
+
+async def next_key_expiries(session: AsyncSession, now: datetime) -> dict[str, datetime]:
+    """The soonest expiry of a live key (not revoked, not yet expired) per project name, and
+    `organisation` for the organisation keys; projects whose keys never expire are absent."""
+    owner = func.coalesce(Project.name, "organisation")
+    q = (
+        select(owner, func.min(ApiKey.expires_at))
+        .select_from(ApiKey)
+        .outerjoin(Project, Project.id == ApiKey.project_id)
+        .where(ApiKey.revoked_at.is_(None), ApiKey.expires_at > now)
+        .group_by(owner)
+    )
+    return {name: at for name, at in (await session.execute(q)).all() if at is not None}
