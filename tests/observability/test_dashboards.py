@@ -36,7 +36,7 @@ def test_render_dashboards_writes_the_same_files(tmp_path: Path) -> None:
         assert (tmp_path / name).read_text() == dump(dashboard)
 
 
-def test_dashboards_have_unique_uids_and_the_five_views() -> None:
+def test_dashboards_have_unique_uids_and_the_six_views() -> None:
     boards = all_dashboards().values()
     assert len({b.uid for b in boards}) == len(boards)
     assert {b.title for b in boards} == {
@@ -45,6 +45,7 @@ def test_dashboards_have_unique_uids_and_the_five_views() -> None:
         "Converge / Gateway",
         "Converge / Library and governance",
         "Converge / Controller and workers",
+        "Converge / Cost and engines",
     }
 
 

@@ -178,6 +178,15 @@ RECONCILE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
 JOB_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 
 
+def _set_all(gauge: Gauge, values: Mapping[str, float], *, had: set[str]) -> set[str]:
+    """A one-label gauge set to exactly `values`: the labels no longer there lose their series."""
+    for label, value in values.items():
+        gauge.labels(label).set(value)
+    for gone in had - set(values):
+        gauge.remove(gone)
+    return set(values)
+
+
 class EngineFigures(Protocol):
     slots_busy: int | None
     slots_total: int | None
@@ -298,6 +307,14 @@ class Metrics:
             registry=self.registry,
         )
         self._budgets: set[str] = set()
+        self.cost_today = Gauge(
+            "converge_deployment_cost_today",
+            "Measured cost of a deployment's replicas today (UTC) so far, in the price catalogue's"
+            " currency (replica-seconds x prices), by deployment; the cost meter's, every cost.rollup_s",
+            ["deployment"],
+            registry=self.registry,
+        )
+        self._costed: set[str] = set()
         self.key_expiry = Gauge(
             "converge_api_key_next_expiry_timestamp_seconds",
             "When the soonest-expiring live API key of a project (or `organisation`) expires, in"
@@ -391,19 +408,14 @@ class Metrics:
 
     def observe_budgets(self, used: Mapping[str, float]) -> None:
         """Every project budget's use (a budget removed since loses its series)."""
-        for project, ratio in used.items():
-            self.budget_used.labels(project).set(ratio)
-        for gone in self._budgets - set(used):
-            self.budget_used.remove(gone)
-        self._budgets = set(used)
+        self._budgets = _set_all(self.budget_used, used, had=self._budgets)
+
+    def observe_cost_today(self, spent: Mapping[str, float]) -> None:
+        self._costed = _set_all(self.cost_today, spent, had=self._costed)
 
     def observe_key_expiry(self, next_expiry: Mapping[str, float]) -> None:
         """The soonest live key expiry per project (a project with none left loses its series)."""
-        for project, at in next_expiry.items():
-            self.key_expiry.labels(project).set(at)
-        for gone in self._expiring - set(next_expiry):
-            self.key_expiry.remove(gone)
-        self._expiring = set(next_expiry)
+        self._expiring = _set_all(self.key_expiry, next_expiry, had=self._expiring)
 
     def observe_build(self, *, server: str, outcome: str, seconds: float) -> None:
         self.build_duration.labels(server, outcome).observe(max(0.0, seconds))

@@ -1,12 +1,13 @@
 """Converge's Grafana dashboards: the platform overview, one deployment, the gateway, the
-library and governance, and the controller and workers (GPUs included). `converge render
+library and governance, the controller and workers (GPUs included), and cost and engines. `converge render
 dashboards --dir deploy/grafana` writes them; a test regenerates them and compares with the
 checked-in JSON, and another fails when a query selects a metric that `/metrics` does not expose.
 
 Queries only use what `/metrics` exposes. Ratios and filtered series fall back to 0 where the
 numerator has no series yet (`... or <denominator> * 0`), so a panel says 0, not "No data". The
 GPU panels are the exception by design: without a GPU there are no GPU series, and they say so.
-Per-replica engine figures (tokens/s, KV cache, slots; issue 12) get panels when replicas report them.
+The engine figures (slots, KV cache, token counters) exist only where the engine reports them
+(llama.cpp), so their panels are empty for other servers.
 """
 
 from __future__ import annotations
@@ -586,6 +587,83 @@ def workers() -> Dashboard:
     )
 
 
+def cost() -> Dashboard:
+    """Money and capacity per deployment: measured cost, budgets, what the engines hold."""
+    spent = f"converge_deployment_cost_today{{{J}, {D}}}"
+    tokens_today = f"sum by (deployment) (increase(converge_gateway_tokens_total{{{J}, {D}}}[1d]))"
+    money = Row(
+        "Cost",
+        (
+            line(
+                "Measured cost today by deployment",
+                Target(f"max by (deployment) ({spent})", "{{deployment}}"),
+                description="Replica-seconds today (UTC) x the price catalogue, in its currency; the cost meter's",
+                stacked=True,
+            ),
+            line(
+                "Cost per million tokens, last 24 h",
+                Target(f"max by (deployment) ({spent}) / ({tokens_today} > 0) * 1e6", "{{deployment}}"),
+                description="Today's measured cost over the tokens the gateway metered in the last day",
+            ),
+            line(
+                "Monthly budget used by project",
+                Target("max by (project) (converge_project_budget_used_ratio{" + J + "})", "{{project}}"),
+                description="Measured cost this month over the budget; alerts at 80% and 100%",
+                unit=Unit.RATIO,
+                thresholds=(Threshold(None, "green"), Threshold(0.8, "orange"), Threshold(1, "red")),
+                width=24,
+            ),
+        ),
+    )
+    engines = Row(
+        "Engines (where they report it: llama.cpp)",
+        (
+            line(
+                "Slots busy and total",
+                Target(
+                    f"sum by (deployment, state) (converge_engine_slots{{{J}, {D}}})",
+                    "{{deployment}} {{state}}",
+                ),
+                description="Parallel sequences of the ready replicas: busy ones decode, the rest wait for work",
+            ),
+            line(
+                "KV cache use (fullest replica)",
+                Target(
+                    f"max by (deployment) (converge_engine_kv_cache_usage_ratio{{{J}, {D}}})",
+                    "{{deployment}}",
+                ),
+                unit=Unit.RATIO,
+                thresholds=(Threshold(None, "green"), Threshold(0.9, "orange")),
+            ),
+            line(
+                "Engine tokens per second",
+                Target(
+                    rate("converge_engine_tokens_total", J, D, by="deployment, kind"),
+                    "{{deployment}} {{kind}}",
+                ),
+                description="Generated, prompt and prompt served from the KV cache, as the engines count them",
+                unit=Unit.PER_SECOND,
+            ),
+            line(
+                "Inter-token latency (streaming)",
+                *(
+                    Target(quantile(q, "converge_gateway_inter_token_latency_seconds", J, D), f"p{q * 100:g}")
+                    for q in (0.5, 0.95)
+                ),
+                description="The mean gap between tokens after the first, one observation per stream",
+                unit=Unit.SECONDS,
+            ),
+        ),
+    )
+    return Dashboard(
+        uid="converge-cost",
+        title="Converge / Cost and engines",
+        description="Measured cost per deployment, budgets, and what the inference engines hold",
+        variables=(JOB, DEPLOYMENT),
+        rows=(money, engines),
+    )
+
+
 def all_dashboards() -> dict[str, Dashboard]:
     """File name (under deploy/grafana/) to dashboard."""
     return {
@@ -594,4 +672,5 @@ def all_dashboards() -> dict[str, Dashboard]:
         "gateway.json": gateway(),
         "governance.json": governance(),
         "workers.json": workers(),
+        "cost.json": cost(),
     }

@@ -13,7 +13,8 @@ sums for the next flush, so nothing is counted twice. A gap between two observat
 
 Every `rollup_s` (5 min) it recomputes the usage roll-ups of today and yesterday from the
 gateway's records (idempotent), then checks every project budget (see control/cost/budgets.py)
-and sets `converge_project_budget_used_ratio` per project from what it found.
+and sets `converge_project_budget_used_ratio` per project from what it found, and
+`converge_deployment_cost_today` per deployment.
 """
 
 from __future__ import annotations
@@ -180,5 +181,7 @@ class CostMeter(Service):
                 await repository.recompute_usage_day(session, day)
         async with transaction(self._sessions) as session:
             used = await budgets.check_all(session, today=today)
+            spent = await budgets.cost_today(session, today=today) if self._metrics is not None else {}
         if self._metrics is not None:
             self._metrics.observe_budgets(used)
+            self._metrics.observe_cost_today(spent)

@@ -104,7 +104,9 @@ async def test_who_may_set_see_and_remove_a_budget(app, client):
     assert (await client.get(url, headers=viewer)).status_code == 404
 
 
-async def test_the_budget_check_sets_each_projects_used_ratio_that_the_alert_rules_read(app, client):
+async def test_the_budget_check_sets_each_projects_used_ratio_and_todays_cost_for_alerts_and_dashboards(
+    app, client
+):
     project = await make_project(client)
     d = await make_deployment(app, project)
     zone = (await client.get("/cost/prices", headers=ADMIN)).json()["catalogue"]["zones"]["default"]
@@ -121,6 +123,10 @@ async def test_the_budget_check_sets_each_projects_used_ratio_that_the_alert_rul
 
     await meter.rollup()
     assert used() == pytest.approx(0.85, rel=1e-5)  # ConvergeBudgetAt80Percent fires on this
+    # Today's measured cost per deployment, for the cost dashboard: 85 replica-hours at its price.
+    label = {"deployment": f"{project['name']}/{d['name']}"}
+    today_cost = metrics.registry.get_sample_value("converge_deployment_cost_today", label)
+    assert today_cost == pytest.approx(85 * replica_hour(zone), rel=1e-5)
     await replica_time(app, d, day=today(), seconds=3600 * 20)
     await meter.rollup()
     assert used() == pytest.approx(1.05, rel=1e-5)  # and ConvergeBudgetSpent on this

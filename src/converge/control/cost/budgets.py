@@ -110,6 +110,14 @@ async def check_all(session: AsyncSession, *, today: date) -> dict[str, float]:
     return used
 
 
+async def cost_today(session: AsyncSession, *, today: date) -> dict[str, float]:
+    """Each live deployment's measured cost today so far, by its `<project>/<name>` label."""
+    f = repository.CostFilter(since=today, until=today + timedelta(days=1))
+    days = await measured.measure(session, f, today=today)
+    labels = await repository.deployment_labels(session, {d.deployment_id for d in days})
+    return {labels[d.deployment_id]: d.cost for d in days if d.deployment_id in labels}
+
+
 def budget_read(row: ProjectBudget, *, currency: str) -> BudgetRead:
     return BudgetRead(
         project_id=row.project_id,

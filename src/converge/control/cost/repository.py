@@ -323,6 +323,18 @@ async def project_deployments(
     return [(d, dict(spec), v) for d, spec, v in (await session.execute(q)).all()]
 
 
+async def deployment_labels(session: AsyncSession, ids: set[uuid.UUID]) -> dict[uuid.UUID, str]:
+    """`<project>/<deployment>` of each live deployment, as the metrics label them."""
+    if not ids:
+        return {}
+    q = (
+        select(Deployment.id, Project.name, Deployment.name)
+        .join(Project, Project.id == Deployment.project_id)
+        .where(Deployment.id.in_(ids))
+    )
+    return {d: f"{project}/{name}" for d, project, name in (await session.execute(q)).all()}
+
+
 async def projects_by_id(session: AsyncSession, ids: set[uuid.UUID]) -> dict[uuid.UUID, Project]:
     if not ids:
         return {}
