@@ -82,7 +82,11 @@ def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
     return metrics.registry.get_sample_value(name, labels)
 
 
-async def test_replicas_by_phase_and_restarts_follow_what_the_runtime_observes(app, client):
+async def two_replicas(
+    app: Any, client: httpx.AsyncClient
+) -> tuple[dict[str, Any], str, FakeBackend, Metrics, Controller]:
+    """A deployment of two replicas and a controller of its own on the in-memory runtime:
+    (deployment, its metrics label as the gateway labels it, runtime, metrics, controller)."""
     project, version = await deployable_version(app, client)
     created = await client.post(
         "/deployments",
@@ -91,9 +95,12 @@ async def test_replicas_by_phase_and_restarts_follow_what_the_runtime_observes(a
         headers=ADMIN,
     )
     d = created.json()
-    label = f"{project['name']}/{d['name']}"  # as the gateway labels it
     backend, metrics = FakeBackend(), Metrics()
-    ctl = controller(app, backend, metrics)
+    return d, f"{project['name']}/{d['name']}", backend, metrics, controller(app, backend, metrics)
+
+
+async def test_replicas_by_phase_and_restarts_follow_what_the_runtime_observes(app, client):
+    d, label, backend, metrics, ctl = await two_replicas(app, client)
     await ctl.reconcile(uuid.UUID(d["id"]))
     await ctl.reconcile(uuid.UUID(d["id"]))
     assert sample(metrics, "converge_replicas", deployment=label, phase="ready") == 2
@@ -118,17 +125,7 @@ async def test_replicas_by_phase_and_restarts_follow_what_the_runtime_observes(a
 
 
 async def test_engine_slots_and_kv_cache_are_series_where_the_engine_reports_them(app, client):
-    project, version = await deployable_version(app, client)
-    made = await client.post(
-        "/deployments",
-        params={"project": project["id"]},
-        json=spec(version["id"], replicas={"min": 2, "max": 2}),
-        headers=ADMIN,
-    )
-    d = made.json()
-    label = f"{project['name']}/{d['name']}"
-    backend, metrics = FakeBackend(), Metrics()
-    ctl = controller(app, backend, metrics)
+    d, label, backend, metrics, ctl = await two_replicas(app, client)
     await ctl.reconcile(uuid.UUID(d["id"]))
     await ctl.reconcile(uuid.UUID(d["id"]))
     # Nothing reported yet (an engine without slots, e.g. the embeddings server): absent, not 0.

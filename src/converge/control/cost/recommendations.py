@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from converge.control.cost import measured, repository
 from converge.control.cost.report import project_of
-from converge.control.cost.schemas import RecommendationRead, RecommendationsRead
+from converge.control.cost.schemas import AdviceKind, RecommendationRead, RecommendationsRead
 from converge.control.projects.principal import Principal
 from converge.core import costs
 from converge.core.costs import GB, Ask, PriceCatalogue
@@ -54,6 +54,30 @@ def _need_text(result: costs.Estimate, concurrency: int) -> str:
     return (
         f"{need.total_bytes / GB:,.2f} GB (weights {need.weights_bytes / GB:,.2f} GB + KV cache"
         f" {need.kv_bytes / GB:,.2f} GB for {result.context:,} tokens x {concurrency} in flight + overhead)"
+    )
+
+
+def _advice(  # noqa: PLR0913, PLR0917 - the fields of one piece of advice
+    kind: AdviceKind,
+    deployment: Deployment,
+    why: str,
+    *,
+    current_hourly: float,
+    proposed_hourly: float | None,
+    monthly_savings: float,
+    numbers: dict[str, Any],
+) -> RecommendationRead:
+    """Advice about one deployment, named as the report names it."""
+    return RecommendationRead(
+        kind=kind,
+        project_id=deployment.project_id,
+        deployment_id=deployment.id,
+        deployment=deployment.name,
+        why=why,
+        current_hourly=current_hourly,
+        proposed_hourly=proposed_hourly,
+        monthly_savings=monthly_savings,
+        numbers=numbers,
     )
 
 
@@ -93,12 +117,10 @@ def _right_size(
         f"Each replica needs {_need_text(result, concurrency)}, which {device} ({best.device.memory_bytes / GB:g} GB) holds; the deployment runs on"
         f" {_device(resources)} at {current.hourly:.4f} an hour a replica, {device} would cost {proposed:.4f}"
     )
-    return RecommendationRead(
-        kind="right_size",
-        project_id=deployment.project_id,
-        deployment_id=deployment.id,
-        deployment=deployment.name,
-        why=why,
+    return _advice(
+        "right_size",
+        deployment,
+        why,
         current_hourly=round(current.hourly, 6),
         proposed_hourly=round(proposed, 6),
         monthly_savings=round(saving, 2),
@@ -132,12 +154,10 @@ def _scale_to_zero(
         f" ({share:.0%}), while its replicas cost {cost:.4f}; with autoscaling.scale_to_zero_after_s"
         f" = {SCALE_TO_ZERO_AFTER_S} it stops when idle and wakes on the next request"
     )
-    return RecommendationRead(
-        kind="scale_to_zero",
-        project_id=deployment.project_id,
-        deployment_id=deployment.id,
-        deployment=deployment.name,
-        why=why,
+    return _advice(
+        "scale_to_zero",
+        deployment,
+        why,
         current_hourly=round(hourly, 6),
         proposed_hourly=None,
         monthly_savings=round(saving, 2),
@@ -221,12 +241,10 @@ def _quantised_variant(  # noqa: PLR0913 - the deployment's whole context
         f" {_need_text(result, concurrency)}, which {device} holds: {hourly:.4f} an hour a replica instead of {current.hourly:.4f}"
         f" for version {version.version} on {_device(resources) if gpu else 'its current memory'}"
     )
-    return RecommendationRead(
-        kind="quantised_variant",
-        project_id=deployment.project_id,
-        deployment_id=deployment.id,
-        deployment=deployment.name,
-        why=why,
+    return _advice(
+        "quantised_variant",
+        deployment,
+        why,
         current_hourly=round(current.hourly, 6),
         proposed_hourly=round(hourly, 6),
         monthly_savings=round((current.hourly - hourly) * replica_hours_month, 2),
@@ -332,12 +350,10 @@ def _spot(  # noqa: PLR0913 - the deployment's whole context
         f" cost {current.hourly:.4f} an hour each on demand in zone {current.zone} and {spot.hourly:.4f} on spot"
         f" capacity, for {replica_hours_month:,.1f} replica-hours a month"
     )
-    return RecommendationRead(
-        kind="spot",
-        project_id=deployment.project_id,
-        deployment_id=deployment.id,
-        deployment=deployment.name,
-        why=why,
+    return _advice(
+        "spot",
+        deployment,
+        why,
         current_hourly=round(current.hourly, 6),
         proposed_hourly=round(spot.hourly, 6),
         monthly_savings=round(saving, 2),

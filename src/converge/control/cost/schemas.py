@@ -272,8 +272,11 @@ class BudgetRead(Output):
     checked_at: datetime | None
 
 
+AdviceKind = Literal["right_size", "scale_to_zero", "quantised_variant", "consolidate", "spot"]
+
+
 class RecommendationRead(Output):
-    kind: Literal["right_size", "scale_to_zero", "quantised_variant", "consolidate", "spot"]
+    kind: AdviceKind
     project_id: uuid.UUID
     deployment_id: uuid.UUID
     deployment: str
