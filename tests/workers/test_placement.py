@@ -117,6 +117,26 @@ async def test_a_placement_names_the_project_its_quota_and_the_versions_artifact
     assert placement.gpu == GpuPlacement() and placement.runtime is None
 
 
+async def test_a_development_projects_pods_take_the_development_priority_tier(
+    app: Any, client: Any, deployed: tuple[dict[str, Any], dict[str, Any], dict[str, Any]]
+) -> None:
+    project, _, deployment = deployed
+    state = app.state.converge
+    tiers = {}
+    for environment in ("staging", "development", "production"):
+        marked = await client.patch(
+            f"/projects/{project['id']}", json={"environment": environment}, headers=ADMIN
+        )
+        assert marked.status_code == 200, marked.text
+        placements = DatabasePlacements(sessions=state.session_factory, settings=state.settings)  # no cache
+        tiers[environment] = (await placements(_spec(deployment))).tier
+    assert tiers == {
+        "staging": PriorityTier.PRODUCTION,
+        "development": PriorityTier.DEVELOPMENT,  # yields to production and builds, preempts nobody
+        "production": PriorityTier.PRODUCTION,
+    }
+
+
 async def test_each_revision_gets_its_own_versions_artifact(
     app: Any, client: Any, deployed: tuple[dict[str, Any], dict[str, Any], dict[str, Any]]
 ) -> None:

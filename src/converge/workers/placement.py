@@ -2,7 +2,7 @@
 
 A `DeploymentSpec` says what every replica runs; a cluster also needs the project it runs in
 (its namespace and quota), the artifact's digest, address in the object store and format, and
-the priority tier. The runtime may not read the control plane's tables (an import-linter
+the priority tier (from the project's environment). The runtime may not read the control plane's tables (an import-linter
 contract), so the control plane hands it this callable. It lives with the workers because it
 reads three domains' repositories, which only their own domain and the workers may import.
 """
@@ -33,6 +33,12 @@ from converge.runtime.kubernetes.specs import (
 # The backend asks on every controller pass (about once a second per deployment); a revision's
 # placement only changes with its project's quota, which may take this long to reach the cluster.
 CACHE_S = 30.0
+
+
+def tier_of(environment: str) -> PriorityTier:
+    """A development project's pods yield to production inference and to builds when the
+    cluster is full (and preempt nobody); production and staging serve as production."""
+    return PriorityTier.DEVELOPMENT if environment == "development" else PriorityTier.PRODUCTION
 
 
 class PlacementUnavailable(LookupError):
@@ -93,7 +99,5 @@ class DatabasePlacements:
                 # renderers read; no deployment field asks for time-slicing or a memory floor yet.
                 gpu=GpuPlacement(),
                 autoscaling=None,  # the controller's autoscaler sets spec.replicas
-                # Neither a deployment spec nor a project names an environment yet: every
-                # deployment is production inference (builds get their own tier).
-                tier=PriorityTier.PRODUCTION,
+                tier=tier_of(project.environment),
             )
