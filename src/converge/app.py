@@ -355,7 +355,7 @@ def create_app(
         if settings.runs(Role.API):
             app.include_router(router)
     if settings.runs(Role.API):
-        mount_console(app)  # static files at /console; every data call carries the user's key
+        mount_console(app, settings.auth)  # static files at /console; every data call carries the user's key
     _complete_openapi(app)
     if not settings.server.public_docs and settings.runs(Role.API):
         _protected_openapi(app)

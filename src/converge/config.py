@@ -44,6 +44,12 @@ class AuthSettings(BaseModel):
     oidc_subject_claim: str = "sub"
     oidc_admin_value: str = "admin"
     oidc_jwks_cache_s: int = 300
+    # The console's sign-in with the identity provider (authorization code + PKCE): its public
+    # client id there (no secret: the console is a browser app). Needs oidc_issuer; the provider
+    # must allow the redirect URI <origin>/console/ and issue access tokens the API accepts
+    # (audience oidc_audience).
+    oidc_console_client_id: str | None = None
+    oidc_console_scope: str = "openid profile"
 
 
 class ServerSettings(BaseModel):

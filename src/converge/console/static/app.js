@@ -1,6 +1,7 @@
 // The shell: sign-in, navigation, and a hash router (#/page/arg...) that renders one page at a time.
 import { ApiError, all, forgetKey, storeKey, storedKey, whoami } from "./api.js";
 import { button, clear, h, problem } from "./dom.js";
+import { beginSignIn, completeSignIn, ssoConfig } from "./sso.js";
 
 const PAGES = [
   ["overview", "Overview", () => import("./pages/overview.js")],
@@ -80,6 +81,24 @@ function signIn(error) {
   });
   main.append(form);
   input.focus();
+  ssoConfig().then((sso) => {
+    if (!sso.enabled || !form.isConnected) return;
+    const other = h("div", { class: "sso" }, h("p", { class: "muted" }, `Or sign in with ${sso.issuer}:`));
+    other.append(
+      button(
+        "Sign in with single sign-on",
+        async () => {
+          try {
+            await beginSignIn(sso);
+          } catch (err) {
+            other.append(problem(err));
+          }
+        },
+        { id: "sso" },
+      ),
+    );
+    form.append(other);
+  });
 }
 
 async function show() {
@@ -119,6 +138,14 @@ async function refreshProjects() {
 }
 
 async function start() {
+  try {
+    const token = await completeSignIn(); // back from the identity provider, if this load is that
+    if (token) storeKey(token);
+  } catch (err) {
+    forgetKey();
+    signIn(err);
+    return;
+  }
   if (!storedKey()) {
     signIn();
     return;

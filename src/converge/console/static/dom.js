@@ -76,8 +76,8 @@ export function link(href, text) {
   return h("a", { href }, text);
 }
 
-export function button(text, onclick, { kind = "", title, disabled } = {}) {
-  return h("button", { type: "button", class: kind, onclick, title, disabled: Boolean(disabled) }, text);
+export function button(text, onclick, { kind = "", title, disabled, id } = {}) {
+  return h("button", { type: "button", class: kind, onclick, title, id, disabled: Boolean(disabled) }, text);
 }
 
 export function section(title, ...children) {
