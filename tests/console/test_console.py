@@ -155,6 +155,21 @@ async def test_a_second_principal_approves_a_pending_version_then_deploys_it_and
     await console.screenshot("overview-with-deployment")
     await node.click()
     await console.rendered(f"#/deployments/{deployment_id}")
+
+    # Its logs, followed live: a line the replica writes now appears without a reload.
+    (replica,) = (await client.get(f"/deployments/{deployment_id}", headers=ADMIN)).json()["status"][
+        "replicas"
+    ]
+    await console.page.click("#follow-logs")
+    await expect(console.page.locator("#deployment-logs")).to_have_attribute("data-following", "true")
+    await expect(console.page.locator("#deployment-logs")).to_contain_text(
+        "ready"
+    )  # the tail came: it streams
+    line = f"served request {uuid.uuid4().hex[:8]}"
+    app.state.converge.runtime.write_log(replica["id"], line)  # what a served request logs
+    await expect(console.page.locator("#deployment-logs")).to_contain_text(line)
+    await console.page.click("#stop-logs")
+    await expect(console.page.locator("#deployment-logs")).not_to_have_attribute("data-following", "true")
     console.assert_clean()
     await client.delete(f"/deployments/{deployment_id}", headers=ADMIN)
 
@@ -291,6 +306,17 @@ async def test_a_chat_in_the_playground_streams_the_answer(console, committed_cl
         await console.page.click("#chat-send")
         await expect(answer.nth(1).locator(".answer")).to_have_text("Recorded.", timeout=10_000)
         await expect(console.page.locator("#chat-sessions li")).to_have_count(1)
+
+        # Its history, then a replay of the recorded turn against the model as it answers now.
+        await console.page.locator("#chat-sessions li a").click()
+        await expect(console.page.locator("#chat-sessions .msg.user").last).to_contain_text("Keep this one")
+        llm.reply("Replayed differently.", chunks=["Replayed ", "differently."])
+        await console.page.get_by_role("button", name="Replay").last.click()  # the recorded answer's turn
+        compared = console.page.locator("#chat-sessions .grid2")
+        await expect(compared).to_contain_text("recorded")
+        await expect(compared).to_contain_text("Recorded.")
+        await expect(compared).to_contain_text("Replayed differently.")
+        assert llm.requests[-1]["messages"][-1]["content"] == "Keep this one"  # the same turn, sent again
 
     # What the gateway metered for the two turns is drawn on the usage page.
     async def metered() -> int:

@@ -56,6 +56,20 @@ async function problemOf(resp) {
   }
 }
 
+// A plain-text stream (a followed log), appended to `box` as it arrives, until it ends or
+// `signal` aborts; a non-2xx answer throws ApiError.
+export async function followText(path, box, { query, signal } = {}) {
+  const resp = await fetch(withQuery(path, query), { headers: headers({ Accept: "text/plain" }), signal });
+  if (!resp.ok) throw new ApiError(resp.status, await problemOf(resp));
+  const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    box.append(value);
+    box.scrollTop = box.scrollHeight;
+  }
+}
+
 // JSON in, JSON out; a non-2xx answer throws ApiError with the problem+json body.
 export async function api(method, path, { query, body, extraHeaders } = {}) {
   const init = { method, headers: headers(extraHeaders) };

@@ -1,5 +1,5 @@
 // Builds: the list, and a build's page with its results (benchmark figures) and live logs.
-import { get, post, storedKey } from "../api.js";
+import { ApiError, followText, get, post } from "../api.js";
 import { act, badge, button, clear, h, kv, section, short, table, when } from "../dom.js";
 
 const REFRESH_MS = 3000;
@@ -73,19 +73,14 @@ async function detail(root, ctx, id) {
 
   async function followLogs() {
     // A plain-text stream that ends with the build; read it as it arrives.
-    const resp = await fetch(`/ai-converge/builds/${id}/logs?follow=${RUNNING.includes(build.state)}`, {
-      headers: { Authorization: `Bearer ${storedKey()}` },
-      signal: abort.signal,
-    });
-    if (!resp.ok) {
-      logs.textContent = `Logs unavailable (${resp.status})`;
+    try {
+      await followText(`/ai-converge/builds/${id}/logs`, logs, {
+        query: { follow: RUNNING.includes(build.state) },
+        signal: abort.signal,
+      });
+    } catch (err) {
+      if (err instanceof ApiError) logs.textContent = `Logs unavailable (${err.status})`;
       return;
-    }
-    const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      logs.append(value);
     }
     if (!logs.textContent) logs.textContent = "(no log lines)";
   }

@@ -185,7 +185,7 @@ export async function render(root, ctx) {
     const out = h("div");
     clear(box).append(
       h("h3", chat.title || chat.id),
-      messages.items.map((m) => {
+      ...messages.items.map((m) => {
         const replay = m.role === "assistant"
           ? button("Replay", (ev) =>
               act(ev.target, out, async () => {

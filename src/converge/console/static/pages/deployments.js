@@ -1,6 +1,6 @@
 // Deployments: the list, and a page per deployment with its replicas, conditions, revisions, a
 // live rollout view, a logs tail and the actions a developer of its project may take.
-import { all, api, get, patch, post } from "../api.js";
+import { all, api, followText, get, patch, post } from "../api.js";
 import { act, badge, button, clear, h, kv, section, short, table, when } from "../dom.js";
 
 const REFRESH_MS = 2000;
@@ -70,7 +70,13 @@ async function detail(root, ctx, id) {
     live,
     section("Actions", actions, out),
     section("Revisions", revisionsBox),
-    section("Logs (tail)", button("Show logs", () => loadLogs()), logsBox),
+    section(
+      "Logs",
+      button("Show the last 200 lines", () => loadLogs()),
+      button("Follow", () => followLogs(), { id: "follow-logs", title: "The last 200 lines, then each new line as the replica writes it" }),
+      button("Stop", () => following?.abort(), { id: "stop-logs" }),
+      logsBox,
+    ),
   );
   let d = await get(`/deployments/${id}`);
   const mayWrite = ctx.me.atLeast(d.project_id, "developer");
@@ -159,6 +165,25 @@ async function detail(root, ctx, id) {
     }
   }
 
+  let following = null;
+  async function followLogs() {
+    if (!(d.status?.replicas || []).length) {
+      logsBox.textContent = "No replica to read logs from.";
+      return;
+    }
+    following?.abort();
+    const mine = (following = new AbortController());
+    logsBox.textContent = "";
+    logsBox.dataset.following = "true";
+    try {
+      await followText(`/deployments/${id}/logs`, logsBox, { query: { tail: 200, follow: true }, signal: mine.signal });
+    } catch (err) {
+      if (!mine.signal.aborted) logsBox.append(`\n${err.message}\n`);
+    } finally {
+      if (following === mine) delete logsBox.dataset.following;
+    }
+  }
+
   function drawActions() {
     clear(actions);
     if (!mayWrite) {
@@ -196,7 +221,7 @@ async function detail(root, ctx, id) {
   drawHead();
   drawActions();
   await loadRevisions();
-  logsBox.textContent = "Press the button to read the last 200 lines of the first replica.";
+  logsBox.textContent = "Show the last 200 lines of the first replica, or follow them as it writes.";
   let busy = false;
   const timer = setInterval(async () => {
     if (busy) return;
@@ -210,5 +235,8 @@ async function detail(root, ctx, id) {
       busy = false;
     }
   }, REFRESH_MS);
-  return () => clearInterval(timer);
+  return () => {
+    clearInterval(timer);
+    following?.abort(); // leaving the page ends the followed stream
+  };
 }
