@@ -10,26 +10,20 @@ models): a few minutes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import time
-import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
-import psutil
-import psycopg
 import pytest
+from real_converge import defaults_ready, real_converge
 from rich.console import Console
-from support import ADMIN, BOOTSTRAP, LiveServer, eventually, free_port, make_settings, require_llama_server
+from support import ADMIN, BOOTSTRAP, eventually, require_llama_server
 from typer.testing import CliRunner
 
-from converge.app import create_app
 from converge.cli import output
 from converge.cli.main import app as cli_app
 from converge.control.library.catalogue import smollm2_path
-from converge.runtime.local import LocalBackend, LocalConfig
 
 openai = pytest.importorskip("openai")
 pytestmark = [pytest.mark.slow]
@@ -40,49 +34,15 @@ pytest.importorskip("sentence_transformers")
 
 
 @pytest.fixture
-async def converge(pg_url: str, tmp_path) -> AsyncIterator[tuple[str, httpx.AsyncClient]]:
-    name = f"o_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    url = urlsplit(pg_url)._replace(path=f"/{name}").geturl()
-    backend = LocalBackend(LocalConfig(state_dir=tmp_path / "runtime", health_interval_s=0.2))
-    settings = make_settings(
-        url,
-        tmp_path,
-        library={"seed_catalogue": True},
-        deploy_defaults=True,
-        cost={"meter_flush_s": 1.0, "rollup_s": 2.0},  # measured cost within seconds, not minutes
-    )
-    app = create_app(settings, on_first_key=None, runtime=backend)
-    try:
-        async with app.router.lifespan_context(app), LiveServer(app, free_port()) as server:
-            async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-                yield server.url, client
-                for d in (await client.get("/deployments", headers=ADMIN)).json()["items"]:
-                    await client.delete(f"/deployments/{d['id']}", headers=ADMIN)
-    finally:
-        for proc in psutil.Process().children(recursive=True):  # never leave a replica behind
-            with contextlib.suppress(psutil.Error):  # gone, or a zombie not yet reaped
-                if "converge.serving" in " ".join(proc.cmdline()):
-                    proc.kill()
-        with psycopg.connect(pg_url, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-
-
-async def _defaults_ready(client: httpx.AsyncClient, timeout: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        items = (await client.get("/deployments", headers=ADMIN)).json()["items"]
-        phases = {d["name"]: d["phase"] for d in items}
-        if phases.get("smollm2") == "Ready" and phases.get("minilm") == "Ready":
-            return {d["name"]: d for d in items}
-        assert time.monotonic() < deadline, f"default deployments not ready: {phases}"
-        await asyncio.sleep(1.0)
+async def converge(pg_url: str, tmp_path: Path) -> AsyncIterator[tuple[str, httpx.AsyncClient]]:
+    # Measured cost within seconds, not minutes.
+    async with real_converge(pg_url, tmp_path, cost={"meter_flush_s": 1.0, "rollup_s": 2.0}) as running:
+        yield running
 
 
 async def test_openai_sdk_lists_chats_streams_and_embeds(converge, tmp_path, monkeypatch):
     url, client = converge
-    deployments = await _defaults_ready(client, timeout=600)
+    deployments = await defaults_ready(client, timeout=600)
     project_id = deployments["smollm2"]["project_id"]
     created = await client.post(f"/projects/{project_id}/keys", json={"name": "sdk"}, headers=ADMIN)
     assert created.status_code == 201, created.text
