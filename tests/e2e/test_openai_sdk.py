@@ -77,8 +77,10 @@ async def test_openai_sdk_lists_chats_streams_and_embeds(converge, tmp_path, mon
     chunks = [c async for c in stream]
     last = chunks[-1]
     assert last.choices == [] and last.usage is not None
-    tokens = sum(1 for c in chunks if c.choices and c.choices[0].delta.content)
-    assert 0 < last.usage.completion_tokens == tokens <= 8
+    pieces = sum(1 for c in chunks if c.choices and c.choices[0].delta.content)
+    # A token may decode to no text of its own (half a character, a special token): the
+    # usage counts tokens, the stream carries the text.
+    assert 0 < pieces <= last.usage.completion_tokens <= 8
     assert last.usage.prompt_tokens > 0
     assert sum(1 for c in chunks if c.usage is not None) == 1
 

@@ -47,6 +47,8 @@ from converge.storage.upgrade import UpgradeError, upgrade_data_dir
 PG16 = Path(__file__).resolve().parents[2] / ".pg16"
 OLD_BIN = PG16 / "pgserver" / "pginstall" / "bin"
 OLD_REVISION = "0006"  # the last migration PostgreSQL 16 as pgserver shipped it can run
+# Columns of the seeded tables added by later migrations (`<table> ADD COLUMN <definition>`)
+NEWER_COLUMNS = ("projects ADD COLUMN environment varchar(16) NOT NULL DEFAULT 'production'",)
 CONVERGE = str(Path(sys.executable).parent / "converge")
 TABLES = ("projects", "api_keys", "library_models")
 PROJECTS = ["team-a", "team-b", "team-c"]
@@ -106,8 +108,17 @@ def _build(pg_dir: Path, url: str) -> OldData:
     try:
         with engine.connect() as conn:
             command.upgrade(_alembic_config(conn), OLD_REVISION)
+            # Today's ORM writes the columns added since 0006: they exist while the services
+            # seed the data, and go again, so the directory holds the 0006 schema.
+            for sql in NEWER_COLUMNS:
+                conn.exec_driver_sql(f"ALTER TABLE {sql}")
             conn.commit()
         org_key, project_key, project_id = asyncio.run(_seed(url))
+        with engine.connect() as conn:
+            for sql in NEWER_COLUMNS:
+                table, _, column = sql.partition(" ADD COLUMN ")
+                conn.exec_driver_sql(f"ALTER TABLE {table} DROP COLUMN {column.split()[0]}")
+            conn.commit()
         with engine.connect() as conn:
             rows = {t: conn.exec_driver_sql(f"SELECT count(*) FROM {t}").scalar_one() for t in TABLES}
     finally:

@@ -68,9 +68,12 @@ async def test_a_resting_deployment_wakes_for_a_patch_and_for_a_replica_that_die
     d = created.json()
     deployment_id = uuid.UUID(d["id"])
 
-    async def phase(wanted: str) -> dict[str, Any] | None:
+    async def phase(wanted: str, revision: int | None = None) -> dict[str, Any] | None:
         got = (await client.get(f"/deployments/{d['id']}", headers=ADMIN)).json()
-        return got if got["phase"] == wanted and got["status"].get("ready_replicas") == 2 else None
+        if got["phase"] != wanted or got["status"].get("ready_replicas") != 2:
+            return None
+        on = {r["revision"] for r in got["status"].get("replicas", [])}
+        return got if revision is None or on == {revision} else None  # not the rollout's start
 
     try:
         await eventually(lambda: phase("Ready"))  # the INSERT's NOTIFY queued it
@@ -83,8 +86,7 @@ async def test_a_resting_deployment_wakes_for_a_patch_and_for_a_replica_that_die
         await eventually(
             lambda: any(s.deployment_id == deployment_id and s.revision == 2 for s in runtime.applied)
         )
-        ready = await eventually(lambda: phase("Ready"))
-        assert all(r["revision"] == 2 for r in ready["status"]["replicas"])
+        ready = await eventually(lambda: phase("Ready", revision=2))  # rolled out: both replicas new
         await eventually(lambda: not controller.queue.pending(deployment_id))  # type: ignore[union-attr]
 
         victim = ready["status"]["replicas"][0]["id"]
