@@ -45,6 +45,9 @@ def _key_of(caller: Caller) -> str:
     return caller.key.prefix if caller.key is not None else "bootstrap"
 
 
+NEW_KEY_WAIT_S = 5.0  # how long a request with a key not yet in the snapshot waits for it
+
+
 def _refused(message: str, code: str | None = None) -> GatewayError:
     return GatewayError(401, message, type_="authentication_error", code=code)
 
@@ -167,13 +170,16 @@ class Auth:
             return None
         entry = self.dataplane.snapshot.keys.get(parts[0])
         if entry is None and time.monotonic() - self._misses.get(parts[0], -60.0) > 30.0:
-            # Perhaps a key created a moment ago, whose reload is on its way: wait for it (a
-            # prefix that is still unknown after that is not waited for again for a while, so
-            # made-up keys cost nothing).
-            self.dataplane.mark_dirty()
-            await self.dataplane.wait_for_change(2.0)
-            entry = self.dataplane.snapshot.keys.get(parts[0])
-            if entry is None:
+            # Perhaps a key created a moment ago, whose reload is on its way: wait for it. Only
+            # a prefix still unknown after two reloads begun since (the first may have started
+            # before the key was committed) is not waited for again for a while, so made-up keys
+            # cost nothing, and a slow reload never turns a new key into 30 s of 401s.
+            deadline, reloads = time.monotonic() + NEW_KEY_WAIT_S, 0
+            while entry is None and reloads < 2 and (left := deadline - time.monotonic()) > 0:
+                self.dataplane.mark_dirty()
+                reloads += await self.dataplane.wait_for_change(left)
+                entry = self.dataplane.snapshot.keys.get(parts[0])
+            if entry is None and reloads >= 2:
                 if len(self._misses) > 10_000:
                     self._misses.clear()
                 self._misses[parts[0]] = time.monotonic()

@@ -298,12 +298,15 @@ class DataPlane(Service):
     def mark_dirty(self) -> None:
         self._dirty.set()
 
-    async def wait_for_change(self, within_s: float) -> None:
-        """Until the next reload (or the timeout): waiters re-check the snapshot after it."""
+    async def wait_for_change(self, within_s: float) -> bool:
+        """Until the next reload (or the timeout): waiters re-check the snapshot after it.
+        True when a reload came, False when the time ran out first."""
         async with self._changed:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(within_s):  # unlike wait_for, never swallows a cancel
                     await self._changed.wait()
+                    return True
+        return False
 
     async def request_wake(self, deployment_id: uuid.UUID) -> None:
         """Ask the controller (whichever process leads) to scale a deployment up from zero."""
