@@ -17,7 +17,8 @@ from fastapi import FastAPI
 from support import ADMIN, LiveServer, free_port
 
 from converge.errors import install_error_handlers
-from converge.kit.observability import Metrics, RequestContextMiddleware
+from converge.kit.middleware import RequestContextMiddleware
+from converge.kit.observability import Metrics
 
 
 class Connection:

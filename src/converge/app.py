@@ -52,9 +52,9 @@ from converge.control.usage.api import router as usage_router
 from converge.errors import PROBLEM_SCHEMA, install_error_handlers
 from converge.gateway.api import Gateway
 from converge.gateway.drift import InputDrift
+from converge.kit.middleware import RequestContextMiddleware
 from converge.kit.observability import (
     Metrics,
-    RequestContextMiddleware,
     log_path,
     log_to_file,
     stop_logging_to,

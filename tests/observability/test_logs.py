@@ -30,9 +30,9 @@ from converge.cli import output
 from converge.cli.logs import merge
 from converge.cli.main import app as cli_app
 from converge.control.library.catalogue import minilm_path
+from converge.kit.middleware import RequestContextMiddleware
 from converge.kit.observability import (
     Metrics,
-    RequestContextMiddleware,
     line_time,
     log_to_file,
     stop_logging_to,
