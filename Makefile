@@ -20,7 +20,7 @@ PG16_DIR := .pg16
 PG16_STAMP := $(PG16_DIR)/.installed
 PG16_PACKAGES := pgserver==0.1.4
 
-.PHONY: install mlserver-venv llama-server pg16 run test lint fmt system-deps lock lock-mlserver clean
+.PHONY: install mlserver-venv vllm-venv llama-server pg16 run test lint fmt system-deps lock lock-mlserver clean
 
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
@@ -71,6 +71,17 @@ $(LLAMA_SERVER): | $(STAMP)
 	rm -rf $(LLAMA_BUILD)
 
 llama-server: $(LLAMA_SERVER)
+
+# vLLM, for GPU chat deployments (server `vllm`), on a machine with an NVIDIA GPU and its driver:
+# an environment of its own, as MLServer has, since vLLM brings its CUDA build of torch and .venv
+# keeps the CPU one. Not part of `make install`, which stays CPU-only. The same pin as the
+# `vllm` extra in pyproject.toml and the Kubernetes runtime's image.
+VLLM_VENV := .venv-vllm
+VLLM_PACKAGES := vllm==0.10.2
+
+vllm-venv:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q $(VLLM_PACKAGES)
 
 install: $(STAMP) $(MLSERVER_STAMP) $(LLAMA_SERVER)
 

@@ -9,9 +9,13 @@ One run, one after the other so they never share the CPUs:
 3. `converge up` with its workers off and its gateway routing model `bench-model` to that
    replica (`benchmarks/gateway/seed.py`: a key, high limits, metering on).
 4. Through the gateway: at concurrency 1, 4 and 8, clients each stream greedy chat completions
-   back to back for `--seconds`; total completion tokens/s (from each answer's usage), time to
-   first token p50/p95, and CPU seconds per generated token of the replica (llama-server
-   included) and of the gateway process.
+   back to back (aiohttp, as the gateway's own upstream client); after `--warmup` seconds of
+   load, a window of `--seconds` is measured: completion tokens whose events arrived in it per
+   second (each answer's usage spread over its events), time to first token p50/p95 of the
+   requests that started in it, and CPU seconds per generated token of the replica (llama-server
+   included), the gateway process and this client. Outside the window the clients ramp (all
+   start at once; at the end they stop sending one by one), which no server would see from many
+   users; `whole_run` has the same over the whole time, ramp included.
 
 Prints one JSON object; `targets` holds the verdicts of issue 16: tokens/s at c4 and c8 >=
 0.9x batched-bench's S_TG at the same batch; TTFT p50 at c4 <= 3x TTFT p50 at c1; tokens/s at
@@ -32,9 +36,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import psutil
 
@@ -105,60 +111,96 @@ def start_replica(model: str, *, threads: int, log_dir: Path) -> tuple[bench_gat
     return child, url
 
 
+@dataclass
+class Run:
+    started: float
+    tokens: int = 0  # completion tokens, from the answer's usage
+    first: float | None = None  # the first event with text
+    events: list[float] = field(default_factory=list)  # when each generated token's event came
+    ended: float = 0.0
+
+
 async def one(
-    http: httpx.AsyncClient, url: str, headers: dict[str, str], prompt: str, max_tokens: int
-) -> dict[str, float]:
+    http: aiohttp.ClientSession, url: str, headers: dict[str, str], prompt: str, max_tokens: int
+) -> Run:
+    """One streamed greedy chat completion. Only the usage event is parsed as JSON: the client
+    shares the CPUs with the server, so it does as little as it can per event."""
     body = {"model": seed.MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
-    start = time.perf_counter()
-    first = None
-    tokens = 0
-    async with http.stream("POST", url, json=body, headers=headers) as resp:
+    run = Run(started=time.perf_counter())
+    async with http.post(url, json=body, headers=headers) as resp:
         resp.raise_for_status()
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+        async for line in resp.content:
+            if not line.startswith(b"data: {"):
                 continue
-            event = json.loads(line[6:])
-            if first is None and event.get("choices") and event["choices"][0]["delta"].get("content"):
-                first = time.perf_counter()
-            if event.get("usage"):
-                tokens = int(event["usage"]["completion_tokens"])
-    end = time.perf_counter()
-    return {"tokens": tokens, "ttft_ms": ((first or end) - start) * 1e3, "seconds": end - start}
+            now = time.perf_counter()
+            if b'"content":"' in line:  # a generated token's event (its text may be empty)
+                run.events.append(now)
+                if run.first is None and b'"content":""' not in line:
+                    run.first = now
+            if b'"usage":{' in line:
+                run.tokens = int(json.loads(line[6:])["usage"]["completion_tokens"])
+    run.ended = time.perf_counter()
+    return run
 
 
-async def level(url: str, headers: dict[str, str], *, concurrency: int, seconds: float, max_tokens: int,
-                procs: dict[str, list[psutil.Process]]) -> dict[str, Any]:  # fmt: skip
-    runs: list[dict[str, float]] = []
-    async with httpx.AsyncClient(timeout=300) as http:
+async def level(url: str, headers: dict[str, str], *, concurrency: int, seconds: float, warmup: float,
+                max_tokens: int, procs: dict[str, list[psutil.Process]]) -> dict[str, Any]:  # fmt: skip
+    """`concurrency` clients stream back to back for `warmup` + `seconds`; the figures are of the
+    measured window after the warm-up: tokens whose events arrived in it (a request that spans
+    an edge counts its share), TTFT of the requests that started in it, CPU used in it. The
+    clients' own ramp (all start at once; at the end they stop sending) stays out of the window;
+    `whole_run` gives the same tokens over the whole time, ramp included, for comparison."""
+    runs: list[Run] = []
+    cpu: dict[str, float] = {}
+    timeout = aiohttp.ClientTimeout(total=300)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as http:
         await one(http, url, headers, "Hi", 4)  # warm the route and the slot
-        cpu_before = {name: sum(_cpu(p) for p in ps) for name, ps in procs.items()}
-        deadline = time.perf_counter() + seconds
+        started = time.perf_counter()
+        begin, end = started + warmup, started + warmup + seconds
 
         async def client(i: int) -> None:
             n = i
-            while time.perf_counter() < deadline:
+            while time.perf_counter() < end:
                 runs.append(await one(http, url, headers, PROMPTS[n % len(PROMPTS)], max_tokens))
                 n += 1
 
-        started = time.perf_counter()
-        await asyncio.gather(*(client(i) for i in range(concurrency)))
+        async def sample_cpu() -> None:
+            await asyncio.sleep(begin - time.perf_counter())
+            before = {name: sum(_cpu(p) for p in ps) for name, ps in procs.items()}
+            await asyncio.sleep(end - time.perf_counter())
+            cpu.update({name: sum(_cpu(p) for p in ps) - before[name] for name, ps in procs.items()})
+
+        await asyncio.gather(sample_cpu(), *(client(i) for i in range(concurrency)))
         elapsed = time.perf_counter() - started
-    cpu = {name: sum(_cpu(p) for p in ps) - cpu_before[name] for name, ps in procs.items()}
-    tokens = sum(r["tokens"] for r in runs)
-    ttft = sorted(r["ttft_ms"] for r in runs)
+    in_window = 0.0
+    for r in runs:
+        per_event = r.tokens / len(r.events) if r.events else 0.0
+        in_window += per_event * sum(1 for t in r.events if begin <= t <= end)
+    ttft = sorted(((r.first or r.ended) - r.started) * 1e3 for r in runs if begin <= r.started <= end)
+    tokens = sum(r.tokens for r in runs)
+    events = sum(len(r.events) for r in runs)
     return {
         "concurrency": concurrency,
-        "requests": len(runs),
-        "tokens": tokens,
-        "tokens_per_s": round(tokens / elapsed, 1),
+        "window_s": seconds,
+        "requests_started_in_window": len(ttft),
+        "tokens_per_s": round(in_window / seconds, 1),
         # bench_serving.py's measure: tokens after the first over the time after the first
         "gen_tokens_per_s": round(
-            sum(r["tokens"] - 1 for r in runs) / sum(r["seconds"] - r["ttft_ms"] / 1e3 for r in runs), 1
+            sum(r.tokens - 1 for r in runs) / sum(r.ended - (r.first or r.ended) for r in runs), 1
         ),
         "ttft_ms_p50": round(statistics.median(ttft), 1),
         "ttft_ms_p95": round(ttft[min(len(ttft) - 1, int(0.95 * len(ttft)))], 1),
-        "cpu_ms_per_token": {name: round(1e3 * s / tokens, 2) if tokens else None for name, s in cpu.items()},
+        "cpu_ms_per_token": {
+            name: round(1e3 * s / in_window, 2) if in_window else None for name, s in cpu.items()
+        },
+        "events_per_token": round(events / tokens, 3) if tokens else None,
+        "whole_run": {
+            "requests": len(runs),
+            "tokens": tokens,
+            "seconds": round(elapsed, 1),
+            "tokens_per_s": round(tokens / elapsed, 1),
+        },  # fmt: skip
     }
 
 
@@ -177,7 +219,10 @@ def _tree(pid: int) -> list[psutil.Process]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=20.0, help="each concurrency level's run")
+    parser.add_argument(
+        "--seconds", type=float, default=20.0, help="each concurrency level's measured window"
+    )
+    parser.add_argument("--warmup", type=float, default=5.0, help="seconds of load before each window opens")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads (the replica's CPU grant)")
     args = parser.parse_args()
@@ -198,14 +243,18 @@ def main() -> None:
     target = None
     try:
         target = bench_gateway.start_converge(replica_url, log_dir=tmp, tmp=tmp, cpus=None, extra_env={})
-        procs = {"replica": _tree(replica.proc.pid), "gateway": [psutil.Process(target.children[0].proc.pid)]}
+        tree = _tree(replica.proc.pid)
+        procs = {"replica": tree, "engine": [p for p in tree if p.name() == "llama-server"],
+                 "gateway": [psutil.Process(target.children[0].proc.pid)], "client": [psutil.Process()]}  # fmt: skip
         url = f"{target.base}/v1/chat/completions"
         out["direct_c1"] = asyncio.run(level(f"{replica_url}/v1/chat/completions", {}, concurrency=1,
-                                             seconds=args.seconds / 2, max_tokens=args.max_tokens, procs=procs))  # fmt: skip
+                                             seconds=args.seconds / 2, warmup=args.warmup, max_tokens=args.max_tokens,
+                                             procs=procs))  # fmt: skip
         out["gateway"] = {}
         for c in LEVELS:
             out["gateway"][f"c{c}"] = asyncio.run(level(url, target.headers, concurrency=c, seconds=args.seconds,
-                                                        max_tokens=args.max_tokens, procs=procs))  # fmt: skip
+                                                        warmup=args.warmup, max_tokens=args.max_tokens,
+                                                        procs=procs))  # fmt: skip
             log(f"gateway c{c}: {out['gateway'][f'c{c}']}")
         stats = httpx.get(f"{replica_url}/converge/stats").json()
         out["replica_stats_after"] = stats

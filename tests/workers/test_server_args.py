@@ -32,3 +32,10 @@ def test_the_replica_command_line_accepts_what_the_controller_adds() -> None:
     parsed = build_parser().parse_args([*argv, *server_args(spec(ServerKind.LLAMA_CPP, gpus=1))])
     assert (parsed.n_threads, parsed.n_gpu_layers) == (2, -1)
     assert build_parser().parse_args(argv).n_gpu_layers == 0
+
+
+def test_vllm_splits_the_model_over_the_replicas_gpus() -> None:
+    assert server_args(spec(ServerKind.VLLM, gpus=1)) == ()
+    assert server_args(spec(ServerKind.VLLM, gpus=4)) == ("--tensor-parallel-size", "4")
+    own = server_args(spec(ServerKind.VLLM, args=["--tensor-parallel-size", "2"], gpus=4))
+    assert own == ("--tensor-parallel-size", "2")

@@ -313,6 +313,8 @@ class Forwarder:
         `tried` are replicas that already failed this request; they are not asked again."""
         last: UpstreamError | None = None
         for attempt in range(self.config.retries + 1):
+            if tried:  # a retry: the replicas as they are now (the pool follows the route it is given)
+                route = self.dataplane.snapshot.by_id.get(route.deployment_id, route)
             if tracing.ENABLED:
                 route, pool, replica = await self._traced_acquire(route, tried, attempt)
             else:
@@ -435,7 +437,11 @@ class Forwarder:
                     self.metrics.upstream_errors.labels(route.label, str(error.status)).inc()
                     if ttft is None:  # nothing was sent yet: a proper error answer
                         raise error.answer(route) from None
-                    break  # the stream had begun: all that is left is to end it
+                    # The stream had begun: its last event says it failed (the OpenAI SDKs
+                    # raise on an `error` event), rather than an answer that just stops.
+                    failed = b"data: " + error.answer(route).body() + b"\n\n"
+                    await send({"type": "http.response.body", "body": failed, "more_body": True})
+                    break
                 if not chunk:
                     if ttft is None:
                         await send({"type": "http.response.start", "status": 200, "headers": headers})

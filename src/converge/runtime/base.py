@@ -24,6 +24,7 @@ class ServerKind(StrEnum):
     LLAMA_CPP = "llama-cpp"  # GGUF chat and completions (OpenAI-compatible)
     EMBEDDINGS = "embeddings"  # sentence-transformers, OpenAI /v1/embeddings
     V2 = "v2"  # Open Inference Protocol (MLServer: sklearn, ONNX, MLflow)
+    VLLM = "vllm"  # vLLM's OpenAI-compatible server: chat models on GPUs (safetensors folders, GGUF)
 
 
 class Resources(BaseModel):

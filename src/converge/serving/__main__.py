@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from converge.runtime.base import ServerKind
-from converge.serving import embeddings, llama, v2
+from converge.serving import embeddings, llama, v2, vllm
 from converge.serving.common import configure_logging, serve
 
 log = logging.getLogger("converge.serving")
@@ -22,6 +22,7 @@ KINDS = {
     ServerKind.LLAMA_CPP.value: llama,
     ServerKind.EMBEDDINGS.value: embeddings,
     ServerKind.V2.value: v2,
+    ServerKind.VLLM.value: vllm,
 }
 
 
@@ -59,7 +60,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not Path(args.model_path).exists():
         log.error("model path %s does not exist", args.model_path)
         return 1
-    host = KINDS[args.kind].build_host(args)
+    try:
+        host = KINDS[args.kind].build_host(args)
+    except FileNotFoundError as exc:  # the engine's program is not installed here
+        log.error("%s", exc)
+        return 1
     log.info("serving %s %r on %s:%d", args.kind, args.model_name, args.host, args.port)
     return serve(host, bind=args.host, port=args.port)
 

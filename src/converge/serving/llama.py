@@ -5,56 +5,43 @@ requests share the model instead of waiting in line. The replica starts that bin
 the llama.cpp source the pinned llama-cpp-python sdist vendors, by `make install`) as its child
 on a loopback port it picks itself (port 0, read back from its log: no race for a free port),
 behind an API key only this replica knows, and forwards the OpenAI routes to
-it unchanged (a new connection each: llama-server may close a kept-alive connection after a
-streamed answer without saying so, and Unix sockets showed the same);
-Converge's own health and stats routes stay in front. `/converge/stats` adds the server's slots
+it unchanged (`serving/child.py`, which vLLM's replicas share); Converge's own health and stats
+routes stay in front. `/converge/stats` adds the server's slots
 (busy of total), KV cache use and token counters, read from its `/slots` and `/metrics`.
 
 The child runs with an environment stripped of llama.cpp's own `LLAMA_*` settings (a stray
 `LLAMA_ARG_...` in a replica's environment would silently change the server), without its web
-UI or tools, and dies with the replica (PR_SET_PDEATHSIG) even when the replica is killed.
+UI or tools, and dies with the replica even when the replica is killed.
 """
 
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
+import json
 import logging
 import os
 import re
-import secrets
 import shutil
-import subprocess
 import sys
-import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp
 
-from converge.serving.common import ModelHost, granted_cpus, openai_error, positive_int
+from converge.serving.child import ChildEngine, prometheus_values
+from converge.serving.common import ModelHost, granted_cpus, positive_int
 
 log = logging.getLogger("converge.serving.llama")
-logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per forwarded request
 
 KIND = "llama-cpp"
 INFERENCE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 FORWARDED_PATHS = INFERENCE_PATHS | {"/v1/models"}
 BINARY_ENV = "CONVERGE_LLAMA_SERVER"
 START_TIMEOUT_S = 600.0  # a large GGUF on a slow disk; the supervisor's own start limit cuts sooner
-STOP_GRACE_S = 10.0
-# Request headers the child must not see from a client (hop-by-hop, or recomputed here).
-_DROPPED_REQUEST = frozenset(
-    {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "upgrade"}
-)
-_DROPPED_RESPONSE = frozenset({"connection", "keep-alive", "transfer-encoding", "server", "date"})
 _LISTENING = re.compile(r"listening on https?://[^\s]+:(\d+)")
-_METRIC = re.compile(r"^llamacpp:([a-z_]+)\s+([0-9.eE+-]+|nan|inf)$", re.MULTILINE)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -190,212 +177,36 @@ def child_environment(environ: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in environ.items() if not k.startswith(("LLAMA_", "LLAMA-"))}
 
 
-def with_parent_death_signal(argv: list[str]) -> list[str]:
-    """`argv` run through util-linux's `setpriv --pdeathsig KILL`: the kernel kills the server
-    when the thread that started it ends, even when the replica is SIGKILLed (no preexec_fn,
-    which is unsafe in a threaded process). Without setpriv the replica's atexit still stops it."""
-    setpriv = shutil.which("setpriv")
-    return [setpriv, "--pdeathsig", "KILL", "--", *argv] if setpriv else argv
-
-
-@dataclass
-class Child:
-    """The llama-server process. It is started, and its output logged, by one thread that
-    lives as long as the process does: PR_SET_PDEATHSIG fires when the *thread* that forked
-    the child ends, so that thread cannot be the short-lived model loader."""
-
-    argv: list[str]
-    env: dict[str, str]
-    process: subprocess.Popen[bytes] | None = None
-    started: threading.Event = field(default_factory=threading.Event)
-    error: BaseException | None = None
-    tail: list[str] = field(default_factory=list)  # its last lines, for the load error
-    port: int | None = None  # where it listens, from its "listening on" line
-    loaded: bool = False  # answered /health: from now on its exit ends the replica
-    stopping: bool = False
-
-    def start(self) -> None:
-        threading.Thread(target=self._run, name="llama-server", daemon=True).start()
-        self.started.wait()
-        if self.error is not None:
-            raise self.error
-
-    def _run(self) -> None:
-        try:
-            self.process = subprocess.Popen(  # noqa: S603 - our own argv, no shell
-                with_parent_death_signal(self.argv),
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                # Its own session: the supervisor's SIGTERM to the replica's group must let the
-                # replica finish the streams it holds, which needs the server still running.
-                start_new_session=True,
-                close_fds=True,
-            )
-        except OSError as exc:
-            self.error = exc
-            return
-        finally:
-            self.started.set()
-        assert self.process.stdout is not None
-        for raw in self.process.stdout:
-            line = raw.decode("utf-8", "replace").rstrip()
-            if line:
-                self.tail = [*self.tail[-19:], line]
-                if self.port is None and (found := _LISTENING.search(line)):
-                    self.port = int(found.group(1))
-                log.info("llama-server: %s", line)
-        code = self.process.wait()
-        if self.loaded and not self.stopping:
-            # Without its engine the replica is no use: exit at once, and the supervisor (which
-            # sees a crash, not a clean stop) restarts it.
-            log.error("llama-server exited with %s while serving; the replica exits", code)
-            logging.shutdown()
-            os._exit(1)
-        log.info("llama-server exited with %s", code)
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def stop(self) -> None:
-        self.stopping = True
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 class Engine:
-    """The child, a client on its socket, and the ASGI app that forwards to it."""
+    """llama-server as the replica's child (`child.ChildEngine`), and its figures."""
 
     def __init__(self, options: Options, *, binary: Path | None = None) -> None:
         self.options = options
-        self.binary = binary or find_binary()
-        # Only this replica may talk to its engine: the key is in the child's environment (not
-        # on a command line `ps` shows) and on every request the replica forwards.
-        self._key = secrets.token_urlsafe(24)
-        self.base_url = ""  # once it listens
-        self.child = Child(
-            argv=command(self.binary, options, port=0),
-            env=child_environment(dict(os.environ)) | {"LLAMA_API_KEY": self._key},
+        binary = binary or find_binary()
+        self.engine = ChildEngine(
+            name="llama-server",
+            argv_for=lambda port: command(binary, options, port=port),
+            env=child_environment(dict(os.environ)),
+            key_env="LLAMA_API_KEY",
+            health_path="/health",
+            forwarded_paths=FORWARDED_PATHS,
+            listening=_LISTENING,
+            start_timeout_s=START_TIMEOUT_S,
         )
-        self._auth = {"Authorization": f"Bearer {self._key}"}
-        self._client: httpx.AsyncClient | None = None
-
-    # -- loading (blocking, in the model loader's thread) -------------------------------------------
 
     def load(self) -> ASGIApp:
-        log.info("starting %s", " ".join(self.child.argv))
-        self.child.start()
-        atexit.register(self.close)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while self.child.port is None:  # its "listening on" line names the port
-            if not self.child.alive():
-                raise RuntimeError("llama-server exited while starting: " + " | ".join(self.child.tail[-5:]))
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"llama-server did not listen within {START_TIMEOUT_S:.0f} s")
-            time.sleep(0.05)
-        self.base_url = f"http://127.0.0.1:{self.child.port}"
-        with httpx.Client(base_url=self.base_url, headers=self._auth, timeout=5) as client:
-            while True:
-                if not self.child.alive():
-                    raise RuntimeError(
-                        "llama-server exited while loading: " + " | ".join(self.child.tail[-5:])
-                    )
-                with contextlib.suppress(httpx.TransportError):
-                    if client.get("/health").status_code == 200:
-                        self.child.loaded = True
-                        break
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"llama-server did not load the model in {START_TIMEOUT_S:.0f} s")
-                time.sleep(0.1)
-        return self.app
-
-    def close(self) -> None:
-        self.child.stop()
-
-    # -- serving (on the event loop) ------------------------------------------------------------------
-
-    @property
-    def client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = httpx.AsyncClient(
-                base_url=self.base_url,
-                headers=self._auth,
-                # A generation may take as long as it takes; connecting to a local socket may not.
-                timeout=httpx.Timeout(None, connect=5.0),
-                # A connection per request (see the module's docstring).
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=0),
-            )
-        return self._client
-
-    async def app(self, scope: Scope, receive: Receive, send: Send) -> None:  # noqa: PLR0917 - the ASGI signature
-        if scope["type"] != "http":
-            return
-        if scope["path"] not in FORWARDED_PATHS:
-            await openai_error(404, f"no route {scope['path']}", type_="not_found")(scope, receive, send)
-            return
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        headers = [
-            (k.decode("latin-1"), v.decode("latin-1"))
-            for k, v in scope["headers"]
-            if k.decode("latin-1").lower() not in _DROPPED_REQUEST
-        ]
-        request = self.client.build_request(
-            scope["method"],
-            scope["path"],
-            params=scope.get("query_string", b"").decode("latin-1") or None,
-            headers=headers + list(self._auth.items()),
-            content=bytes(body),
-        )
-        try:
-            response = await self.client.send(request, stream=True)
-        except httpx.TransportError as exc:
-            await openai_error(503, f"the model server is not answering: {exc}", type_="service_unavailable")(
-                scope, receive, send
-            )
-            return
-        try:
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": response.status_code,
-                    "headers": [
-                        (k.encode("latin-1"), v.encode("latin-1"))
-                        for k, v in response.headers.multi_items()
-                        if k.lower() not in _DROPPED_RESPONSE
-                    ],
-                }
-            )
-            async for chunk in response.aiter_raw():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            # A client that went away closes its stream here; llama-server frees the slot.
-            await response.aclose()
+        return self.engine.load()
 
     async def live_stats(self) -> dict[str, Any]:
         """Slots busy of total, KV cache use and the server's token counters."""
         out: dict[str, Any] = {"engine": "llama-server", "slots_total": self.options.parallel}
-        with contextlib.suppress(httpx.HTTPError, ValueError):
-            slots = (await self.client.get("/slots", timeout=2.0)).json()
+        slots_page = await self.engine.get_text("/slots")
+        with contextlib.suppress(ValueError):
+            slots = json.loads(slots_page) if slots_page else None
             if isinstance(slots, list):
                 out |= slot_figures(slots)
-        with contextlib.suppress(httpx.HTTPError):
-            out |= metric_figures((await self.client.get("/metrics", timeout=2.0)).text)
+        if (metrics := await self.engine.get_text("/metrics")) is not None:
+            out |= metric_figures(metrics)
         return out
 
 
@@ -426,11 +237,8 @@ _COUNTERS = {
 
 def metric_figures(text: str) -> dict[str, Any]:
     """The counters of llama-server's Prometheus page that `/converge/stats` passes on."""
-    out: dict[str, Any] = {}
-    for name, value in _METRIC.findall(text):
-        if name in _COUNTERS and value not in ("nan", "inf"):
-            out[_COUNTERS[name]] = int(float(value))
-    return out
+    found = prometheus_values(text, "llamacpp:")
+    return {ours: int(found[theirs]) for theirs, ours in _COUNTERS.items() if theirs in found}
 
 
 def build_host(args: argparse.Namespace) -> ModelHost:

@@ -570,13 +570,17 @@ def canary_replicas(deployment: Deployment, spec: dict[str, Any], target: int) -
 def server_args(spec: dict[str, Any]) -> tuple[str, ...]:
     """The spec's server args, plus a thread count that matches the replica's CPU allowance:
     llama.cpp threads spin while they wait, so one per granted core, never all the machine's;
-    and, for a deployment given GPUs, every layer offloaded to them (the spec's own args win)."""
+    and, for a deployment given GPUs, every layer offloaded to them, or (vLLM) the model split
+    over them (the spec's own args win)."""
     args = list(spec.get("args", []))
     if spec["server"] == ServerKind.LLAMA_CPP:
         if "--n-threads" not in args:
             args += ["--n-threads", str(max(1, int(spec["resources"]["cpu"])))]
         if "--n-gpu-layers" not in args and has_gpu(spec["resources"]):
             args += ["--n-gpu-layers", "-1"]
+    gpus = int(spec["resources"].get("gpus") or 0)
+    if spec["server"] == ServerKind.VLLM and gpus > 1 and "--tensor-parallel-size" not in args:
+        args += ["--tensor-parallel-size", str(gpus)]  # one model split over the replica's GPUs
     return tuple(args)
 
 

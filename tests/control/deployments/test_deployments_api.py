@@ -131,6 +131,8 @@ async def test_over_quota_answers_409_with_the_numbers(client, ready_version):
         ({"resources": {"cpu": 100000}}, "resources.cpu"),
         ({"zones": ["mars"]}, "zones"),
         ({"model_version_id": str(uuid.uuid4())}, "model_version_id"),
+        ({"server": "vllm"}, "resources.gpus"),  # vLLM runs on GPUs only
+        ({"server": "vllm", "resources": {"gpus": 1}}, "resources.gpus"),  # the local zone has none here
     ],
 )
 async def test_bad_specs_are_422_naming_the_field(client, ready_version, patch, field):
@@ -347,3 +349,23 @@ async def test_a_canary_holds_until_promoted(app, client, ready_version):
         ]
     ]
     assert "deployment.promoted" in kinds
+
+
+@pytest.mark.parametrize(
+    ("fmt", "server", "fits"),
+    [("gguf", "llama-cpp", True), ("gguf", "vllm", True), ("safetensors", "vllm", True),
+     ("unknown", "v2", True), ("gguf", "embeddings", False), ("pickle", "vllm", False),
+     ("sentence-transformers", "llama-cpp", False)],
+)  # fmt: skip
+def test_a_named_server_must_load_the_versions_format(fmt: str, server: str, fits: bool) -> None:
+    from converge.control.deployments.admission import server_for
+    from converge.errors import Unprocessable
+    from converge.models import ModelVersion
+    from converge.runtime.base import ServerKind
+
+    version = ModelVersion(format=fmt)
+    if fits:
+        assert server_for(version, ServerKind(server)) == ServerKind(server)
+    else:
+        with pytest.raises(Unprocessable, match=f"does not load format '{fmt}'"):
+            server_for(version, ServerKind(server))

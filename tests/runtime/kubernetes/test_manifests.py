@@ -136,12 +136,11 @@ def h100_vllm() -> InferenceWorkload:
     return _workload(
         number=2,
         name="llama-8b",
-        server=ServerKind.LLAMA_CPP,
+        server=ServerKind.VLLM,  # a deployment whose server is vllm gets the vLLM runtime
         model_name="llama-3.1-8b-instruct",
         sha256=LLAMA_SHA256,
         fmt="safetensors",
         resources=Resources(cpu=8, memory_bytes=64 * GIB, gpus=1, gpu_type="NVIDIA H100 80GB HBM3"),
-        runtime=ServingRuntimeKind.VLLM,
         autoscaling=Autoscaling(min_replicas=1, max_replicas=2),
         gpu=GpuPlacement(min_memory_mib=80_000),
     )

@@ -161,7 +161,8 @@ async def make_backend(tmp_path: Path, stub: Path) -> AsyncIterator[Callable[...
             "keep_replicas_on_stop": True,  # most tests here are about adoption
             **overrides,
         }
-        backend = LocalBackend(LocalConfig(**values))
+        devices = values.pop("gpu_devices", ())  # this machine's GPUs: none, unless a test says so
+        backend = LocalBackend(LocalConfig(**values), gpu_devices=devices)
         made.append(backend)
         return backend
 
@@ -180,6 +181,7 @@ def make_spec(
     env: dict[str, str] | None = None,
     memory_bytes: int = 512 * MiB,
     cpu: float = 1.0,
+    gpus: int = 0,
 ) -> DeploymentSpec:
     return DeploymentSpec(
         deployment_id=deployment_id,
@@ -191,7 +193,7 @@ def make_spec(
             model_name="stub",
             artifact_path="/models/stub.gguf",
             env={"STUB_REVISION": str(revision), **(env or {})},
-            resources=Resources(cpu=cpu, memory_bytes=memory_bytes),
+            resources=Resources(cpu=cpu, memory_bytes=memory_bytes, gpus=gpus),
         ),
     )
 
@@ -234,6 +236,39 @@ async def test_two_replicas_become_ready_on_distinct_ports(make_backend: Callabl
     async with httpx.AsyncClient() as client:
         for endpoint in endpoints:
             assert (await client.get(f"{endpoint}/echo")).json()["revision"] == "1"
+
+
+def visible_devices(pid: int | None) -> str | None:
+    assert pid is not None
+    return psutil.Process(pid).environ().get("CUDA_VISIBLE_DEVICES")
+
+
+async def test_gpu_replicas_get_the_least_used_devices_and_cpu_replicas_none(
+    make_backend: Callable[..., LocalBackend],
+) -> None:
+    backend = make_backend(gpu_devices=("0", "1", "2"))
+    await backend.start()
+    pair, single, cpu = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    await backend.apply(spec=make_spec(pair, replicas=1, gpus=2))
+    first = (await ready_at(backend, pair, n=1)).replicas[0]
+    await backend.apply(spec=make_spec(single, replicas=2, gpus=1))
+    await backend.apply(spec=make_spec(cpu, replicas=1))
+    singles = (await ready_at(backend, single, n=2)).replicas
+    other = (await ready_at(backend, cpu, n=1)).replicas[0]
+
+    assert visible_devices(first.pid) == "0,1"
+    # The first single-GPU replica takes the free device; the next shares the least used one.
+    assert sorted(visible_devices(r.pid) or "" for r in singles) == ["0", "2"]
+    assert visible_devices(other.pid) == ""  # a CPU replica sees no GPU
+
+    # A new supervisor adopts the replicas with their devices: a new replica avoids them.
+    await backend.stop()
+    again = make_backend(gpu_devices=("0", "1", "2"))
+    await again.start()
+    await again.apply(spec=make_spec(single, replicas=3, gpus=1))
+    grown = (await ready_at(again, single, n=3)).replicas
+    new = next(r for r in grown if r.id not in {s.id for s in singles})
+    assert visible_devices(new.pid) == "1"
 
 
 async def test_killed_replica_is_restarted_with_a_new_pid(make_backend: Callable[..., LocalBackend]) -> None:

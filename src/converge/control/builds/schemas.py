@@ -9,6 +9,7 @@ from pydantic import Field, computed_field
 
 from converge.control.deployments.schemas import Profile
 from converge.kit.schemas import Input, Output
+from converge.runtime.base import ServerKind
 
 
 class BuildState(StrEnum):
@@ -26,6 +27,7 @@ class BuildCreate(Input):
     project_id: uuid.UUID
     model_version_id: uuid.UUID
     profile: Profile = Field(default="cpu", description="Target profile the benchmark figures are for")
+    server: ServerKind | None = Field(default=None, description="Default: chosen from the artifact format")
 
 
 class BuildRead(Output):

@@ -42,7 +42,7 @@ async def create(session: AsyncSession, principal: Principal | None, *, body: Bu
         project_id=body.project_id,
         model_version_id=version.id,
         profile=body.profile,
-        server=server_for(version, None).value,
+        server=server_for(version, body.server).value,
         state=BuildState.QUEUED,
         results={},
         created_by=principal.subject if principal else "system",

@@ -29,8 +29,25 @@ SERVER_FOR_FORMAT = {
 }
 
 
+# What each server loads: a deployment or build that names its server gets it for these formats
+# (and for one the library could not tell).
+FORMATS_FOR_SERVER = {
+    ServerKind.LLAMA_CPP: frozenset({"gguf"}),
+    ServerKind.EMBEDDINGS: frozenset({"sentence-transformers"}),
+    ServerKind.V2: frozenset({"pickle", "onnx", "mlflow"}),
+    ServerKind.VLLM: frozenset({"safetensors", "hf", "gguf"}),
+}
+
+
 def server_for(version: ModelVersion, requested: ServerKind | None) -> ServerKind:
     if requested is not None:
+        # A format the library could not tell is the caller's call; a known one must fit.
+        if version.format != "unknown" and version.format not in FORMATS_FOR_SERVER[requested]:
+            loads = ", ".join(sorted(FORMATS_FOR_SERVER[requested]))
+            raise Unprocessable(
+                f"server: '{requested}' does not load format '{version.format}' (it loads {loads})",
+                extra={"field": "server"},
+            )
         return requested
     kind = SERVER_FOR_FORMAT.get(version.format)
     if kind is None:
@@ -53,6 +70,17 @@ async def load_version(
             extra={"field": "model_version_id"},
         )
     return model, version
+
+
+def check_server(server: ServerKind, spec: DeploymentSpecIn) -> None:
+    """vLLM runs on GPUs only: a deployment without one would never get Ready."""
+    res = spec.resources
+    if server is ServerKind.VLLM and res.gpus == 0 and res.mig_profile is None:
+        raise Unprocessable(
+            "resources.gpus: server 'vllm' runs on GPUs; give each replica at least one "
+            "(resources.gpus or resources.mig_profile), or serve a GGUF on 'llama-cpp' on CPUs",
+            extra={"field": "resources.gpus"},
+        )
 
 
 def check_zones(spec: DeploymentSpecIn, zones: list[Zone]) -> None:

@@ -49,6 +49,7 @@ async def _admit(
 ) -> dict[str, Any]:
     model, version = await admission.load_version(session, project, spec)
     server = admission.server_for(version, spec.server)
+    admission.check_server(server, spec)
     admission.check_zones(spec, zones)
     await admission.check_policies(
         session, principal, project=project, model=model, version=version, spec=spec, settings=settings

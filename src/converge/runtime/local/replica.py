@@ -41,6 +41,7 @@ class ReplicaState:
     phase: ReplicaPhase = ReplicaPhase.STARTING
     handle: ProcessHandle | None = None
     port: int | None = None
+    gpus: tuple[str, ...] = ()  # the devices its process sees (CUDA_VISIBLE_DEVICES)
     restarts: int = 0
     started_at: datetime | None = None
     last_exit: str | None = None
@@ -148,6 +149,7 @@ class ReplicaState:
             template=self.template,
             phase=self.phase,
             port=self.port if ident is not None else None,
+            gpus=list(self.gpus) if ident is not None else [],
             pid=ident.pid if ident is not None else None,
             create_time=ident.create_time if ident is not None else None,
             cmdline=list(ident.cmdline) if ident is not None else [],
@@ -170,7 +172,7 @@ class ReplicaState:
         )
         if rec.pid is not None and rec.create_time is not None:
             state.handle = ProcessHandle(Identity(rec.pid, rec.create_time, tuple(rec.cmdline)))
-            state.port = rec.port
+            state.port, state.gpus = rec.port, tuple(rec.gpus)
         return state
 
 

@@ -32,6 +32,7 @@ class ReplicaRecord(BaseModel):
     template: ReplicaTemplate
     phase: ReplicaPhase
     port: int | None = None
+    gpus: list[str] = []  # CUDA_VISIBLE_DEVICES of its process
     pid: int | None = None
     create_time: float | None = None
     cmdline: list[str] = []

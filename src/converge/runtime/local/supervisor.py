@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 import uuid
@@ -23,7 +24,7 @@ import structlog
 
 from converge.kit.service import cancel
 from converge.runtime.base import DeploymentSpec, Observation, ReplicaPhase, RuntimeBackend, Zone
-from converge.runtime.local import health
+from converge.runtime.local import gpus, health
 from converge.runtime.local.adoption import adopt
 from converge.runtime.local.config import LocalConfig
 from converge.runtime.local.logs import append_note, read_log
@@ -53,9 +54,16 @@ class LocalBackend(RuntimeBackend):
     type = "local"
     reports_changes = True  # each pass tells the watchers which deployments' replicas moved
 
-    def __init__(self, config: LocalConfig, *, sandbox: Sandbox | None = None) -> None:
+    def __init__(
+        self,
+        config: LocalConfig,
+        *,
+        sandbox: Sandbox | None = None,
+        gpu_devices: tuple[str, ...] | None = None,
+    ) -> None:
         self.config = config
         self.sandbox = sandbox or Sandbox()
+        self._gpu_devices = gpu_devices  # None: this machine's, counted at start()
         self._deployments: dict[uuid.UUID, DeploymentState] = {}
         self._ports = PortAllocator()
         self._state = StateFile(config.state_dir / "replicas.json")
@@ -75,6 +83,8 @@ class LocalBackend(RuntimeBackend):
             return
         self._lock = hold_lock(self.config.state_dir / ".lock")
         self._client = httpx.AsyncClient(timeout=self.config.probe_timeout_s, trust_env=False)
+        if self._gpu_devices is None:
+            self._gpu_devices = await asyncio.to_thread(gpus.machine_devices, dict(os.environ))
         try:
             self._take_over()
             await self._pass()  # adopted replicas are probed before start() returns
@@ -340,8 +350,14 @@ class LocalBackend(RuntimeBackend):
         argv = replica_argv(prefix=prefix, template=t, port=port)
         # Replicas never see the control plane's own settings (database URL, tokens, secrets):
         # their environment is an allow-list (sandbox.py), and they run as the sandbox's user.
+        r.gpus = self._pick_gpus(r)
         env = self.sandbox.environment(
-            {"OMP_NUM_THREADS": str(t.resources.threads), **self._otel_env(r), **t.env}
+            {
+                "OMP_NUM_THREADS": str(t.resources.threads),
+                gpus.ENV: ",".join(r.gpus),  # a CPU replica sees no GPU
+                **self._otel_env(r),
+                **t.env,
+            }
         )
         limit = memory_limit_bytes(t.resources, factor=self.config.memory_limit_factor)
         self._note(r, f"starting revision {r.revision} on port {port}")
@@ -358,6 +374,16 @@ class LocalBackend(RuntimeBackend):
             self._failed(r, f"could not start {argv[0]}: {exc}", now)
             return
         r.started(handle, port=port, now=now)
+
+    def _pick_gpus(self, r: ReplicaState) -> tuple[str, ...]:
+        in_use = (
+            device
+            for dep in self._deployments.values()
+            for other in dep.replicas.values()
+            if other is not r and other.handle is not None
+            for device in other.gpus
+        )
+        return gpus.choose(gpus.wanted(r.template.resources), devices=self._gpu_devices or (), in_use=in_use)
 
     def _tell_watchers(self) -> None:
         """A process that died, a probe that flipped readiness, load that moved: the controller
