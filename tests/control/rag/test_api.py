@@ -11,7 +11,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from rag_support import MiniLM, add_document, built, deploy
+from rag_support import MiniLM, add_document, built, builtin_version, deploy
 from sqlalchemy import select, text, update
 from support import ADMIN, make_key, make_project
 
@@ -96,12 +96,13 @@ async def test_create_refuses_bad_input_naming_the_field(client, minilm, body, f
 
 
 async def test_a_deployment_that_does_not_embed_or_is_not_ready_is_refused(app, client, minilm):
-    # Another server kind: named as the field, with the kind it runs.
-    await built(app, project_id=minilm.project["id"], version_id=minilm.version["id"], server="llama-cpp")
+    # Another server kind (SmolLM2 on llama-cpp): named as the field, with the kind it runs.
+    smollm2 = await builtin_version(app, client, "smollm2-135m-instruct")
+    await built(app, project_id=minilm.project["id"], version_id=smollm2["id"], server="llama-cpp")
     chat = await deploy(
         client,
         project_id=minilm.project["id"],
-        version_id=minilm.version["id"],
+        version_id=smollm2["id"],
         name="chat",
         server="llama-cpp",
     )
