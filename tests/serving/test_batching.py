@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Any
 
 import httpx
@@ -186,3 +187,21 @@ async def test_stats_report_the_requests_queued_behind_the_running_batch() -> No
     )
     assert [a["data"][0]["embedding"] for a in answers] == [[1.0], [2.0], [3.0]]
     assert [a["usage"]["prompt_tokens"] for a in answers] == [1, 2, 3]
+
+
+async def test_a_worker_goes_on_with_queued_texts_while_the_event_loop_is_busy() -> None:
+    """A pass that ends takes the next queued batch in its own thread: a busy event loop (one
+    serving many small requests) does not leave the cores idle between passes."""
+    encoder = HeldEncoder()
+    batcher = Batcher(encoder.encode, max_batch=1, max_wait_s=0)
+    tasks = [asyncio.create_task(batcher.encode([text])) for text in ("a", "bb", "ccc")]
+    await entered(encoder)
+    await queued(batcher, 2)
+    encoder.release.set()
+    deadline = time.monotonic() + HANG_GUARD_S
+    while len(encoder.batches) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)  # noqa: ASYNC251 - the point: the event loop is blocked meanwhile
+    assert encoder.batches == [["a"], ["bb"], ["ccc"]]  # all three passes ran without the loop
+    results = await asyncio.wait_for(asyncio.gather(*tasks), HANG_GUARD_S)
+    assert [r.vectors.ravel().tolist() for r in results] == [[1.0], [2.0], [3.0]]
+    assert (batcher.stats.batches, batcher.stats.running) == (3, 0)

@@ -5,7 +5,9 @@ head of the queue (the rest of a large request stays queued for the next free wo
 request of 64 texts keeps two workers busy), waits up to `max_wait_s` for more when the batch is
 not full, encodes them in a thread, and hands every request its own rows back once all of its
 texts are done. While a batch is encoding the next one gathers, so under load batches fill
-without any waiting; alone, a request only waits `max_wait_s` (0 by default: at once).
+without any waiting; alone, a request only waits `max_wait_s` (0 by default: at once). A
+worker's thread that finishes a pass takes the next queued batch itself: with many small
+requests the event loop is busy with their HTTP, and a pass must not wait for it to start.
 
 Several workers suit an engine whose passes are thread-safe and run on one thread each (ONNX
 Runtime): one pass per granted core keeps every core busy, including while another pass is
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,6 +78,8 @@ class Batcher:
         self._queued_texts = 0  # texts not yet handed to a worker
         self._arrived: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        # The queue is taken from by the workers' threads too (a pass that ends takes the next).
+        self._lock = threading.Lock()
 
     @property
     def waiting(self) -> int:
@@ -91,8 +97,9 @@ class Batcher:
                 for i in range(self.workers - len(self._tasks))
             ]
         waiting = _Waiting(texts, loop.create_future())
-        self._queue.append(waiting)
-        self._queued_texts += len(texts)
+        with self._lock:
+            self._queue.append(waiting)
+            self._queued_texts += len(texts)
         self._arrived.set()
         return await waiting.future
 
@@ -107,28 +114,60 @@ class Batcher:
 
     async def _run(self) -> None:
         assert self._arrived is not None
+        loop = asyncio.get_running_loop()
         while True:
             while not self._queue:
                 self._arrived.clear()
                 await self._arrived.wait()
             await self._gather()
-            batch = self._take()
+            with self._lock:
+                batch = self._take()
             if not batch:  # every request gathered so far was abandoned by its client
                 continue
+            self._started(len({id(s.waiting) for s in batch}))
+            await asyncio.to_thread(self._encode_while_queued, batch, loop)
+
+    def _encode_while_queued(self, batch: list[_Slice], loop: asyncio.AbstractEventLoop) -> None:
+        """Encode `batch`, then, while texts are queued, the next one, in this same thread: a
+        finished pass hands its rows back to the event loop and the next pass starts at once,
+        rather than waiting for a busy event loop to hand this worker its next batch."""
+        first = True
+        while batch:
             owners = {id(s.waiting): s.waiting for s in batch}
-            self.stats.running += len(owners)
+            if not first:  # the first was counted by the loop as it handed it over
+                loop.call_soon_threadsafe(self._started, len(owners))
+            first = False
+            texts = [t for s in batch for t in s.waiting.texts[s.start : s.end]]
+            outcome: Encoded | Exception
             try:
-                texts = [t for s in batch for t in s.waiting.texts[s.start : s.end]]
-                encoded = await asyncio.to_thread(self._encode, texts)
+                outcome = self._encode(texts)
             except Exception as exc:
-                for waiting in owners.values():
-                    if not waiting.future.done():
-                        waiting.future.set_exception(exc)
-                continue
-            finally:
-                self.stats.running -= len(owners)
-            self._record(len(texts))
-            self._hand_back(batch, encoded)
+                outcome = exc
+            with self._lock:
+                after = self._take()
+            try:
+                done = functools.partial(
+                    self._finished, batch, requests=len(owners), texts=len(texts), outcome=outcome
+                )
+                loop.call_soon_threadsafe(done)
+            except RuntimeError:  # the loop closed meanwhile: nobody waits for these any more
+                return
+            batch = after
+
+    def _started(self, requests: int) -> None:
+        self.stats.running += requests
+
+    def _finished(
+        self, batch: list[_Slice], *, requests: int, texts: int, outcome: Encoded | Exception
+    ) -> None:
+        self.stats.running -= requests
+        if isinstance(outcome, Exception):
+            for waiting in {id(s.waiting): s.waiting for s in batch}.values():
+                if not waiting.future.done():
+                    waiting.future.set_exception(outcome)
+            return
+        self._record(texts)
+        self._hand_back(batch, outcome)
 
     async def _gather(self) -> None:
         """Wait up to max_wait_s for the batch to fill (not at all when it is full already)."""
@@ -147,7 +186,7 @@ class Batcher:
 
     def _take(self) -> list[_Slice]:
         """Up to max_batch texts from the head of the queue; a request is split only when it
-        alone is larger than what is left of the batch."""
+        alone is larger than what is left of the batch. Under `_lock`."""
         batch: list[_Slice] = []
         room = self.max_batch
         while self._queue and room > 0:
