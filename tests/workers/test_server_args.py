@@ -6,7 +6,7 @@ from typing import Any
 
 from converge.runtime.base import ServerKind
 from converge.serving.__main__ import build_parser
-from converge.workers.controller import server_args
+from converge.workers.revision import server_args
 
 
 def spec(server: ServerKind, *, args: list[str] | None = None, **resources: Any) -> dict[str, Any]:

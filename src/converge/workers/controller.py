@@ -65,6 +65,7 @@ from converge.storage.leader import Fenced, Lease, fence, lease
 from converge.workers import retention
 from converge.workers.autoscaling import _Load, autoscale, autoscale_inputs, requeue_after
 from converge.workers.replica_meter import ReplicaMeter
+from converge.workers.revision import canary_replicas, server_args
 from converge.workers.workqueue import WorkQueue
 
 log = structlog.get_logger(__name__)
@@ -396,7 +397,7 @@ class Controller(Service):
                 replicas=target,
                 zones=tuple(spec.get("zones", ["local"])),
                 restart_generation=deployment.restart_generation,
-                canary_replicas=canary_replicas(deployment, spec, target),
+                canary_replicas=canary_replicas(deployment, spec, target=target),
             )
         )
         observed = await self._runtime.observe(deployment_id=deployment.id)
@@ -556,36 +557,6 @@ class Controller(Service):
         )
         memory.restarts.update({r.id: r.restarts for r in observed.replicas})
         return phase
-
-
-def canary_replicas(deployment: Deployment, spec: dict[str, Any], target: int) -> int | None:
-    """How many replicas of a canary revision run beside the old ones: the weight's share of the
-    target (at least one, or there is no canary), until the revision is promoted."""
-    weight = (spec.get("rollout") or {}).get("canary_weight")
-    if weight is None or not 0 < weight < 100 or deployment.promoted_revision == deployment.revision:
-        return None
-    return max(1, round(target * weight / 100))
-
-
-def server_args(spec: dict[str, Any]) -> tuple[str, ...]:
-    """The spec's server args, plus a thread count that matches the replica's CPU allowance:
-    llama.cpp threads spin while they wait, so one per granted core, never all the machine's;
-    and, for a deployment given GPUs, every layer offloaded to them, or (vLLM) the model split
-    over them (the spec's own args win)."""
-    args = list(spec.get("args", []))
-    if spec["server"] == ServerKind.LLAMA_CPP:
-        if "--n-threads" not in args:
-            args += ["--n-threads", str(max(1, int(spec["resources"]["cpu"])))]
-        if "--n-gpu-layers" not in args and has_gpu(spec["resources"]):
-            args += ["--n-gpu-layers", "-1"]
-    gpus = int(spec["resources"].get("gpus") or 0)
-    if spec["server"] == ServerKind.VLLM and gpus > 1 and "--tensor-parallel-size" not in args:
-        args += ["--tensor-parallel-size", str(gpus)]  # one model split over the replica's GPUs
-    return tuple(args)
-
-
-def has_gpu(resources: dict[str, Any]) -> bool:
-    return bool(resources.get("gpus")) or resources.get("mig_profile") is not None
 
 
 def _phase(conditions: list[Condition], *, target: int, servable: bool) -> str:
