@@ -64,6 +64,10 @@ PROMPTS = [
     "Explain what a compiler does, briefly, to someone who has never programmed.",
     "List three uses of a paperclip that are not holding paper together.",
     "Describe a sunrise over a mountain lake in one short paragraph, please.",
+    "Give me three tips for keeping a small vegetable garden healthy in summer.",
+    "Summarise the plot of a detective story in which the butler is innocent.",
+    "What should a beginner know before running their first half marathon?",
+    "Explain why the sky looks blue during the day and red at sunset, simply.",
 ]
 N_CTX = 2048
 LEVELS = (1, 4, 8)
@@ -179,10 +183,8 @@ async def level(url: str, headers: dict[str, str], *, concurrency: int, seconds:
         begin, end = started + warmup, started + warmup + seconds
 
         async def client(i: int) -> None:
-            n = i
             while time.perf_counter() < end:
-                runs.append(await one(http, url, headers, PROMPTS[n % len(PROMPTS)], max_tokens))
-                n += 1
+                runs.append(await one(http, url, headers, PROMPTS[i % len(PROMPTS)], max_tokens))
 
         async def sample_cpu() -> None:
             await asyncio.sleep(begin - time.perf_counter())
