@@ -12,8 +12,8 @@ One run, one thing at a time so they never share the CPUs:
    the replica gave it: no Converge hop) at concurrency c; then batched-bench again. The
    reference is the mean of the two batched-bench runs: this machine's speed drifts by tens of
    percent within minutes, so a reference measured minutes apart compares the drift.
-3. Each load: c clients stream greedy chat completions back to back (aiohttp, as the gateway's
-   own upstream client); after `--warmup` seconds of load, a window of `--seconds` is measured:
+3. Each load: c clients stream greedy chat completions back to back, each client its own prompt
+   (one user's conversation stays on its slot) (aiohttp, as the gateway's own upstream client); after `--warmup` seconds of load, a window of `--seconds` is measured:
    completion tokens whose events arrived in it per second (each answer's usage spread over its
    events), time to first token p50/p95 of the requests that started in it, and CPU seconds per
    generated token of the replica (llama-server included), of llama-server alone, the gateway
