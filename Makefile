@@ -52,7 +52,7 @@ pg16: $(PG16_STAMP)
 # that this llama-cpp-python sdist vendors (PyPI is the only place the source comes from). No web
 # UI, no HTTPS: the replica starts it on a local socket. LLAMA_CMAKE_ARGS adds backends
 # (for example -DGGML_CUDA=ON on a machine with the CUDA toolkit).
-# Without OpenMP: ggml's own thread pool stops spinning while the server's main thread samples
+# Without OpenMP: ggml's own thread pool polls briefly, then sleeps, while the server's main thread samples
 # and answers (libgomp's workers spun there: 11% of llama-server's CPU, the core its HTTP needs).
 LLAMA_CPP_SDIST := llama_cpp_python==0.3.36
 LLAMA_BUILD := build/llama.cpp
