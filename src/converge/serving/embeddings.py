@@ -14,6 +14,7 @@ import argparse
 import base64
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +36,7 @@ log = logging.getLogger("converge.serving.embeddings")
 KIND = "embeddings"
 INFERENCE_PATHS = frozenset({"/v1/embeddings"})
 MAX_INPUTS = 2048  # OpenAI's limit on inputs per request
+GIL_SWITCH_S = 0.0005  # see build_host
 
 
 class EmbeddingRequest(BaseModel):
@@ -219,6 +221,11 @@ def build_host(args: argparse.Namespace) -> ModelHost:
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # logs are plain lines, not \r bars
+    # The passes' threads hold the GIL between native calls (tokens in, pooling out) while the
+    # event loop parses the next requests: at the default 5 ms switch interval a thread that
+    # wants the GIL back waits for the holder's whole slice, and at 16 concurrent single-text
+    # requests the cores sat idle for it. 0.5 ms: 5-10% more texts/s (benchmarks/serving).
+    sys.setswitchinterval(GIL_SWITCH_S)
     loaded: list[Batcher] = []
 
     def load() -> ASGIApp:
