@@ -8,12 +8,14 @@ One run, one thing at a time so they never share the CPUs:
    (`benchmarks/gateway/seed.py`: a key, high limits, metering on).
 2. Per concurrency level c in 1, 4, 8: `llama-batched-bench` (built beside `llama-server` by
    `make install`) at batch c, generation tokens/s (S_TG; ~32-token prompts, `--max-tokens` new
-   tokens); then the gateway at concurrency c; then llama-server alone (its own port and the key
-   the replica gave it: no Converge hop) at concurrency c; then batched-bench again. The
-   reference is the mean of the two batched-bench runs: this machine's speed drifts by tens of
-   percent within minutes, so a reference measured minutes apart compares the drift.
+   tokens); then, `--rounds` times, the gateway at concurrency c, llama-server alone (its own
+   port and the key the replica gave it: no Converge hop) at concurrency c, and batched-bench
+   again. The reference is the mean of the batched-bench runs, and each load's figures are
+   summed over its rounds: this machine's speed drifts by tens of percent within minutes, so
+   figures measured minutes apart compare the drift.
 3. Each load: c clients stream greedy chat completions back to back, each client its own prompt
-   (one user's conversation stays on its slot) (aiohttp, as the gateway's own upstream client); after `--warmup` seconds of load, a window of `--seconds` is measured:
+   (one user's conversation stays on its slot) (aiohttp, as the gateway's own upstream client);
+   after `--warmup` seconds of load, a window of `--seconds` / `--rounds` is measured:
    completion tokens whose events arrived in it per second (each answer's usage spread over its
    events), time to first token p50/p95 of the requests that started in it, and CPU seconds per
    generated token of the replica (llama-server included), of llama-server alone, the gateway
@@ -29,7 +31,7 @@ reference: the engine replicas ran before). `breakdown` says where a shortfall l
 alone over batched-bench (the engine's serving work: sampling each token, a new request's
 prompt), and the gateway over llama-server alone (what Converge's two hops cost).
 
-    .venv/bin/python benchmarks/serving/bench_chat.py [--seconds 20] [--max-tokens 64] [--threads 2]
+    .venv/bin/python benchmarks/serving/bench_chat.py [--seconds 21] [--rounds 3] [--max-tokens 64] [--threads 2]
 """
 
 from __future__ import annotations
@@ -163,14 +165,54 @@ async def one(
     return run
 
 
-async def level(url: str, headers: dict[str, str], *, concurrency: int, seconds: float, warmup: float,
+@dataclass
+class Load:
+    """One load (the gateway, or llama-server alone) at one concurrency, summed over its rounds."""
+
+    concurrency: int
+    window_s: float = 0.0
+    in_window: float = 0.0  # completion tokens whose events arrived in a measured window
+    ttft_ms: list[float] = field(default_factory=list)  # of the requests that started in one
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds in the windows, by process
+    requests: int = 0
+    tokens: int = 0
+    events: int = 0
+    elapsed: float = 0.0
+    after_first: tuple[int, float] = (0, 0.0)  # tokens after each answer's first, and their time
+
+    def summary(self) -> dict[str, Any]:
+        ttft = sorted(self.ttft_ms)
+        return {
+            "concurrency": self.concurrency,
+            "window_s": round(self.window_s, 1),
+            "requests_started_in_window": len(ttft),
+            "tokens_per_s": round(self.in_window / self.window_s, 1),
+            # bench_serving.py's measure: tokens after the first over the time after the first
+            "gen_tokens_per_s": round(self.after_first[0] / self.after_first[1], 1),
+            "ttft_ms_p50": round(statistics.median(ttft), 1),
+            "ttft_ms_p95": round(ttft[min(len(ttft) - 1, int(0.95 * len(ttft)))], 1),
+            "cpu_ms_per_token": {
+                name: round(1e3 * s / self.in_window, 2) if self.in_window else None
+                for name, s in self.cpu.items()
+            },
+            "events_per_token": round(self.events / self.tokens, 3) if self.tokens else None,
+            "whole_run": {
+                "requests": self.requests,
+                "tokens": self.tokens,
+                "seconds": round(self.elapsed, 1),
+                "tokens_per_s": round(self.tokens / self.elapsed, 1),
+            },  # fmt: skip
+        }
+
+
+async def level(url: str, headers: dict[str, str], into: Load, *, seconds: float, warmup: float,
                 max_tokens: int, procs: dict[str, list[psutil.Process]], fresh_connections: bool = False,
-                ) -> dict[str, Any]:  # fmt: skip
-    """`concurrency` clients stream back to back for `warmup` + `seconds`; the figures are of the
-    measured window after the warm-up: tokens whose events arrived in it (a request that spans
-    an edge counts its share), TTFT of the requests that started in it, CPU used in it. The
-    clients' own ramp (all start at once; at the end they stop sending) stays out of the window;
-    `whole_run` gives the same tokens over the whole time, ramp included, for comparison."""
+                ) -> Load:  # fmt: skip
+    """`into.concurrency` clients stream back to back for `warmup` + `seconds`; what is added to
+    `into` is of the measured window after the warm-up: tokens whose events arrived in it (a
+    request that spans an edge counts its share), TTFT of the requests that started in it, CPU
+    used in it. The clients' own ramp (all start at once; at the end they stop sending) stays out
+    of the window; `whole_run` has the same tokens over the whole time, ramp included."""
     runs: list[Run] = []
     cpu: dict[str, float] = {}
     timeout = aiohttp.ClientTimeout(total=300)
@@ -192,37 +234,24 @@ async def level(url: str, headers: dict[str, str], *, concurrency: int, seconds:
             await asyncio.sleep(end - time.perf_counter())
             cpu.update({name: sum(_cpu(p) for p in ps) - before[name] for name, ps in procs.items()})
 
-        await asyncio.gather(sample_cpu(), *(client(i) for i in range(concurrency)))
+        await asyncio.gather(sample_cpu(), *(client(i) for i in range(into.concurrency)))
         elapsed = time.perf_counter() - started
-    in_window = 0.0
     for r in runs:
         per_event = r.tokens / len(r.events) if r.events else 0.0
-        in_window += per_event * sum(1 for t in r.events if begin <= t <= end)
-    ttft = sorted(((r.first or r.ended) - r.started) * 1e3 for r in runs if begin <= r.started <= end)
-    tokens = sum(r.tokens for r in runs)
-    events = sum(len(r.events) for r in runs)
-    return {
-        "concurrency": concurrency,
-        "window_s": seconds,
-        "requests_started_in_window": len(ttft),
-        "tokens_per_s": round(in_window / seconds, 1),
-        # bench_serving.py's measure: tokens after the first over the time after the first
-        "gen_tokens_per_s": round(
-            sum(r.tokens - 1 for r in runs) / sum(r.ended - (r.first or r.ended) for r in runs), 1
-        ),
-        "ttft_ms_p50": round(statistics.median(ttft), 1),
-        "ttft_ms_p95": round(ttft[min(len(ttft) - 1, int(0.95 * len(ttft)))], 1),
-        "cpu_ms_per_token": {
-            name: round(1e3 * s / in_window, 2) if in_window else None for name, s in cpu.items()
-        },
-        "events_per_token": round(events / tokens, 3) if tokens else None,
-        "whole_run": {
-            "requests": len(runs),
-            "tokens": tokens,
-            "seconds": round(elapsed, 1),
-            "tokens_per_s": round(tokens / elapsed, 1),
-        },  # fmt: skip
-    }
+        into.in_window += per_event * sum(1 for t in r.events if begin <= t <= end)
+    into.ttft_ms += [((r.first or r.ended) - r.started) * 1e3 for r in runs if begin <= r.started <= end]
+    into.window_s += seconds
+    for name, used in cpu.items():
+        into.cpu[name] = into.cpu.get(name, 0.0) + used
+    into.requests += len(runs)
+    into.tokens += sum(r.tokens for r in runs)
+    into.events += sum(len(r.events) for r in runs)
+    into.elapsed += elapsed
+    into.after_first = (
+        into.after_first[0] + sum(r.tokens - 1 for r in runs),
+        into.after_first[1] + sum(r.ended - (r.first or r.ended) for r in runs),
+    )
+    return into
 
 
 def _cpu(p: psutil.Process) -> float:
@@ -241,9 +270,12 @@ def _tree(pid: int) -> list[psutil.Process]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--seconds", type=float, default=20.0, help="each concurrency level's measured window"
+        "--seconds", type=float, default=21.0, help="each load's measured windows at one level, all rounds"
     )
-    parser.add_argument("--warmup", type=float, default=5.0, help="seconds of load before each window opens")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="turns of the loads and batched-bench per level"
+    )
+    parser.add_argument("--warmup", type=float, default=4.0, help="seconds of load before each window opens")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads (the replica's CPU grant)")
     args = parser.parse_args()
@@ -273,19 +305,22 @@ def main() -> None:
         engine_url = f"http://127.0.0.1:{engine_port}/v1/chat/completions"
         engine_headers = {"Authorization": f"Bearer {engine.environ()['LLAMA_API_KEY']}"}
         for c in LEVELS:
-            # This machine's speed drifts by tens of percent within minutes: batched-bench runs
-            # right before and right after each level, and the reference is their mean.
-            before = reference(str(model), threads=args.threads, max_tokens=args.max_tokens, batch=c)
-            run = {"concurrency": c}
-            run["gateway"] = asyncio.run(level(f"{target.base}/v1/chat/completions", target.headers, concurrency=c,
-                                               seconds=args.seconds, warmup=args.warmup,
-                                               max_tokens=args.max_tokens, procs=procs))  # fmt: skip
-            run["engine_alone"] = asyncio.run(level(engine_url, engine_headers, concurrency=c, seconds=args.seconds,
-                                                    warmup=args.warmup, max_tokens=args.max_tokens, procs=procs,
-                                                    fresh_connections=True))  # fmt: skip
-            after = reference(str(model), threads=args.threads, max_tokens=args.max_tokens, batch=c)
-            run["batched_bench"] = {"before": before, "after": after,
-                                    "speed_tg": round((before["speed_tg"] + after["speed_tg"]) / 2, 1)}  # fmt: skip
+            # This machine's speed drifts by tens of percent within minutes: the loads run in
+            # turns with batched-bench, which runs before, between and after them; the reference
+            # is the mean of those runs.
+            refs = [reference(str(model), threads=args.threads, max_tokens=args.max_tokens, batch=c)]
+            gateway, alone = Load(c), Load(c)
+            for _ in range(args.rounds):
+                asyncio.run(level(f"{target.base}/v1/chat/completions", target.headers, gateway,
+                                  seconds=args.seconds / args.rounds, warmup=args.warmup,
+                                  max_tokens=args.max_tokens, procs=procs))  # fmt: skip
+                asyncio.run(level(engine_url, engine_headers, alone, seconds=args.seconds / args.rounds,
+                                  warmup=args.warmup, max_tokens=args.max_tokens, procs=procs,
+                                  fresh_connections=True))  # fmt: skip
+                refs.append(reference(str(model), threads=args.threads, max_tokens=args.max_tokens, batch=c))
+            run = {"concurrency": c, "gateway": gateway.summary(), "engine_alone": alone.summary()}
+            run["batched_bench"] = {"runs": refs,
+                                    "speed_tg": round(statistics.mean(r["speed_tg"] for r in refs), 1)}  # fmt: skip
             out["levels"][f"c{c}"] = run
             log(f"c{c}: {run}")
         out["replica_stats_after"] = httpx.get(f"{replica_url}/converge/stats").json()
