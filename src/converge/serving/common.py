@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import FrameType
@@ -169,7 +169,8 @@ class ModelHost:
     """Serves one model's ASGI app behind Converge's health and stats routes.
 
     `load` runs once, off the event loop, and returns the ASGI app that serves the loaded
-    model. Until it returns, inference routes answer 503 and `/health/ready` says so.
+    model. Until it returns, inference routes answer 503 and `/health/ready` says so. `close`,
+    when given, is awaited on the event loop as the server shuts down (the clients it opened).
     """
 
     def __init__(
@@ -181,8 +182,10 @@ class ModelHost:
         inference_paths: Iterable[str],
         max_concurrency: int = 1,
         live_stats: Callable[[], Any] | None = None,
+        close: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.kind = kind
+        self._close = close
         self.live_stats = live_stats
         self.model_name = model_name
         self.stats = RequestStats(max_concurrency=max_concurrency)
@@ -215,6 +218,8 @@ class ModelHost:
             yield
         finally:
             await cancel(task)
+            if self._close is not None:
+                await self._close()
 
     def _lifespan(self, _app: Any) -> contextlib.AbstractAsyncContextManager[None]:
         return self.lifespan()

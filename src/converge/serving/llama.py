@@ -251,4 +251,5 @@ def build_host(args: argparse.Namespace) -> ModelHost:
         inference_paths=INFERENCE_PATHS,
         max_concurrency=engine.options.parallel,
         live_stats=stats,
+        close=engine.engine.aclose,
     )

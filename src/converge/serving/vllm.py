@@ -217,4 +217,5 @@ def build_host(args: argparse.Namespace) -> ModelHost:
         inference_paths=INFERENCE_PATHS,
         max_concurrency=options.max_num_seqs,
         live_stats=engine.live_stats,
+        close=engine.engine.aclose,
     )
