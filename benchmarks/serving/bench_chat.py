@@ -178,7 +178,8 @@ class Load:
     tokens: int = 0
     events: int = 0
     elapsed: float = 0.0
-    after_first: tuple[int, float] = (0, 0.0)  # tokens after each answer's first, and their time
+    tokens_after_first: int = 0  # each answer's tokens after its first,
+    seconds_after_first: float = 0.0  # and the time they took
 
     def summary(self) -> dict[str, Any]:
         ttft = sorted(self.ttft_ms)
@@ -188,7 +189,7 @@ class Load:
             "requests_started_in_window": len(ttft),
             "tokens_per_s": round(self.in_window / self.window_s, 1),
             # bench_serving.py's measure: tokens after the first over the time after the first
-            "gen_tokens_per_s": round(self.after_first[0] / self.after_first[1], 1),
+            "gen_tokens_per_s": round(self.tokens_after_first / self.seconds_after_first, 1),
             "ttft_ms_p50": round(statistics.median(ttft), 1),
             "ttft_ms_p95": round(ttft[min(len(ttft) - 1, int(0.95 * len(ttft)))], 1),
             "cpu_ms_per_token": {
@@ -247,10 +248,8 @@ async def level(url: str, headers: dict[str, str], into: Load, *, seconds: float
     into.tokens += sum(r.tokens for r in runs)
     into.events += sum(len(r.events) for r in runs)
     into.elapsed += elapsed
-    into.after_first = (
-        into.after_first[0] + sum(r.tokens - 1 for r in runs),
-        into.after_first[1] + sum(r.ended - (r.first or r.ended) for r in runs),
-    )
+    into.tokens_after_first += sum(r.tokens - 1 for r in runs)
+    into.seconds_after_first += sum(r.ended - (r.first or r.ended) for r in runs)
     return into
 
 

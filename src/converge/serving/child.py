@@ -31,7 +31,7 @@ import aiohttp
 import httpx
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from converge.serving.common import openai_error
+from converge.serving.common import engine_session, openai_error
 
 log = logging.getLogger("converge.serving.child")
 logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per forwarded request
@@ -220,18 +220,10 @@ class ChildEngine:
     # -- serving (on the event loop) ------------------------------------------------------------------
 
     def session(self) -> aiohttp.ClientSession:
-        """The data path's client, made on the event loop at first use: aiohttp, as the gateway's
-        and the V2 proxy's (httpx cost twice the CPU a streamed token here)."""
+        """The data path's client (httpx's cost twice the CPU a streamed token here)."""
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                self.base_url,
-                # A connection per request (see the module's docstring).
-                connector=aiohttp.TCPConnector(limit=0, force_close=True),
-                # A generation may take as long as it takes; connecting to a local socket may not.
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
-                auto_decompress=False,  # bytes pass through as the engine encoded them
-                skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
-            )
+            # A connection per request (see the module's docstring).
+            self._session = engine_session(self.base_url, headers=self.auth, force_close=True)
         return self._session
 
     async def aclose(self) -> None:
@@ -242,7 +234,7 @@ class ChildEngine:
         """The child's answer to GET `path` (its stats routes), None when it gives none."""
         with contextlib.suppress(aiohttp.ClientError, TimeoutError):
             timeout = aiohttp.ClientTimeout(total=timeout_s)
-            async with self.session().get(path, headers=self.auth, timeout=timeout) as response:
+            async with self.session().get(path, timeout=timeout) as response:
                 if response.status == 200:
                     return await response.text()
         return None
@@ -271,7 +263,7 @@ class ChildEngine:
             target += "?" + query
         try:
             response = await self.session().request(
-                scope["method"], target, data=bytes(body), headers=[*headers, *self.auth.items()]
+                scope["method"], target, data=bytes(body), headers=headers
             )
         except aiohttp.ClientConnectionError as exc:
             await openai_error(503, f"the model server is not answering: {exc}", type_="service_unavailable")(

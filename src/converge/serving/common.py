@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from starlette.requests import Request
@@ -33,6 +33,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from converge.kit.context import request_id_var
 from converge.kit.service import cancel
 from converge.observability import tracing
+
+if TYPE_CHECKING:
+    import aiohttp
 
 log = logging.getLogger("converge.serving")
 
@@ -158,6 +161,26 @@ def _access(scope: Scope, started: float) -> None:
     if log.isEnabledFor(logging.DEBUG):
         ms = (time.perf_counter() - started) * 1000
         log.debug("request %s %s done in %.2f ms", scope["method"], scope["path"], ms)
+
+
+def engine_session(
+    base_url: str | None = None, *, headers: dict[str, str] | None = None, force_close: bool = False
+) -> aiohttp.ClientSession:
+    """The client a replica forwards with to the engine it runs beside it (MLServer, llama-server,
+    vLLM): aiohttp, as the gateway's, since it sits on the data path of every inference. No limit
+    on connections, no deadline on an answer (a generation takes as long as it takes) but 5 s to
+    connect to a local socket, and bytes passed through as the engine encoded them. Made on the
+    event loop, at first use."""
+    import aiohttp  # noqa: PLC0415 - only the proxying replicas pay for the import
+
+    return aiohttp.ClientSession(
+        base_url,
+        headers=headers,
+        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, force_close=force_close),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+    )
 
 
 def openai_error(status_code: int, message: str, *, type_: str, param: str | None = None) -> JSONResponse:

@@ -72,7 +72,8 @@ def render(vector: np.ndarray, encoding_format: str) -> np.ndarray | str:
 
 def invalid_body(exc: ValidationError) -> JSONResponse:
     """A body that is not JSON, or not an embeddings request: 400 in OpenAI's envelope."""
-    first: dict[str, Any] = dict(exc.errors()[0]) if exc.errors() else {}
+    errors = exc.errors()
+    first: dict[str, Any] = dict(errors[0]) if errors else {}
     if first.get("type") == "json_invalid":
         return openai_error(400, "The request body is not valid JSON", type_="invalid_request_error")
     loc = [str(part) for part in first.get("loc", ())]

@@ -11,6 +11,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
+from converge.serving.common import engine_session
 from converge.serving.v2.protocol import (
     V2Error,
     check_inputs,
@@ -49,15 +50,8 @@ class MLServerProxy:
         self._session: Any = None  # aiohttp.ClientSession, made on the event loop at first use
 
     def session(self) -> Any:
-        import aiohttp
-
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None),
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
-                auto_decompress=False,  # bytes pass through as MLServer encoded them
-                skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
-            )
+            self._session = engine_session()
         return self._session
 
     async def close(self) -> None:
