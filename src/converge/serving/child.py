@@ -14,6 +14,7 @@ that exits while serving ends the replica at once, so the supervisor restarts bo
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import logging
@@ -148,6 +149,13 @@ class Child:
             process.wait()
 
 
+async def _disconnected(receive: Receive) -> None:
+    """Returns when the client has gone away (after the request's body, `receive` has nothing else
+    to say, and says it once the response is complete too)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 class ChildEngine:
     """The child, a client on its port, and the ASGI app that forwards to it.
 
@@ -261,10 +269,30 @@ class ChildEngine:
         target = scope["path"]
         if query := scope.get("query_string", b"").decode("latin-1"):
             target += "?" + query
+        # A client that goes away ends the forwarding at once, whether its answer is streaming or
+        # not yet begun: the engine sees its connection close and frees the sequence's slot. (The
+        # ASGI server only drops what is sent to a gone client, so sending cannot notice it.)
+        forwarding = asyncio.ensure_future(self._forward(scope, receive, send, target, bytes(body), headers))
+        gone = asyncio.ensure_future(_disconnected(receive))
         try:
-            response = await self.session().request(
-                scope["method"], target, data=bytes(body), headers=headers
-            )
+            await asyncio.wait((forwarding, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            forwarding.cancel()  # nothing, if it has ended
+            with contextlib.suppress(asyncio.CancelledError):
+                await forwarding  # raises what it raised; cancelled, it has closed the engine's answer
+
+    async def _forward(  # noqa: PLR0913, PLR0917 - the ASGI triple and the request read from it
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        target: str,
+        body: bytes,
+        headers: list[tuple[str, str]],
+    ) -> None:
+        try:
+            response = await self.session().request(scope["method"], target, data=body, headers=headers)
         except aiohttp.ClientConnectionError as exc:
             await openai_error(503, f"the model server is not answering: {exc}", type_="service_unavailable")(
                 scope, receive, send
@@ -286,5 +314,5 @@ class ChildEngine:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            # A client that went away closes its stream here; the engine frees its sequence.
+            # Also when cancelled, as a client went away: the engine frees the sequence.
             response.close()
