@@ -29,6 +29,7 @@ from converge.gateway.limits import Limiter, Rejection, Reservation
 from converge.gateway.metering import Meter
 from converge.gateway.metrics import GatewayMetrics
 from converge.gateway.routing import Pool, QueueFull, QueueTimeout, Replica
+from converge.kit.asgi import client_gone
 from converge.observability import tracing
 
 if TYPE_CHECKING:
@@ -393,8 +394,7 @@ class Forwarder:
 
         async def watch() -> None:
             nonlocal gone
-            while (await receive())["type"] != "http.disconnect":
-                pass
+            await client_gone(receive)
             gone = True
             task.cancel()
 

@@ -32,6 +32,7 @@ import aiohttp
 import httpx
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from converge.kit.asgi import client_gone
 from converge.serving.common import engine_session, openai_error
 
 log = logging.getLogger("converge.serving.child")
@@ -149,13 +150,6 @@ class Child:
             process.wait()
 
 
-async def _disconnected(receive: Receive) -> None:
-    """Returns when the client has gone away (after the request's body, `receive` has nothing else
-    to say, and says it once the response is complete too)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
 class ChildEngine:
     """The child, a client on its port, and the ASGI app that forwards to it.
 
@@ -270,10 +264,9 @@ class ChildEngine:
         if query := scope.get("query_string", b"").decode("latin-1"):
             target += "?" + query
         # A client that goes away ends the forwarding at once, whether its answer is streaming or
-        # not yet begun: the engine sees its connection close and frees the sequence's slot. (The
-        # ASGI server only drops what is sent to a gone client, so sending cannot notice it.)
+        # not yet begun: the engine sees its connection close and frees the sequence's slot.
         forwarding = asyncio.ensure_future(self._forward(scope, receive, send, target, bytes(body), headers))
-        gone = asyncio.ensure_future(_disconnected(receive))
+        gone = asyncio.ensure_future(client_gone(receive))
         try:
             await asyncio.wait((forwarding, gone), return_when=asyncio.FIRST_COMPLETED)
         finally:
