@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
@@ -335,6 +335,10 @@ class Replica:
     ready_codes: list[int] = field(default_factory=list)  # every /health/ready answer, in order
     problem: str | None = None
     watcher: threading.Thread | None = None
+    # Starts it again on another port: the OS's free port can be taken (by another process's
+    # outgoing connection) before the replica binds it, and then, as the supervisor does, the
+    # replica is started again rather than the test failing.
+    relaunch: Callable[[], tuple[subprocess.Popen[bytes], str]] | None = None
 
     def logs(self) -> str:
         return self.log.read_text(errors="replace")[-4000:]
@@ -344,6 +348,15 @@ class Replica:
         self.watcher.start()
 
     def _poll_until_ready(self, timeout: float) -> None:
+        for _ in range(3):
+            self._poll(timeout)
+            lost_port = self.problem and "address already in use" in self.logs()
+            if not lost_port or self.relaunch is None:
+                return
+            self.problem, self.ready_codes = None, []
+            self.proc, self.url = self.relaunch()
+
+    def _poll(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         with httpx.Client(base_url=self.url, timeout=5) as client:
             for path in ("/health/live", "/health/ready"):
@@ -395,12 +408,16 @@ def have_llama_server() -> bool:
 
 
 def launch(kind: str, model_path: Path, name: str, log: Path, *extra: str) -> Replica:
-    port = free_port()
-    command = [sys.executable, "-m", "converge.serving", kind, "--model-path", str(model_path)]
-    command += ["--model-name", name, "--host", "127.0.0.1", "--port", str(port), *extra]
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
-    replica = Replica(proc=proc, url=f"http://127.0.0.1:{port}", log=log)
+    def start() -> tuple[subprocess.Popen[bytes], str]:
+        port = free_port()
+        command = [sys.executable, "-m", "converge.serving", kind, "--model-path", str(model_path)]
+        command += ["--model-name", name, "--host", "127.0.0.1", "--port", str(port), *extra]
+        with log.open("wb") as sink:
+            proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)  # noqa: S603
+        return proc, f"http://127.0.0.1:{port}"
+
+    proc, url = start()
+    replica = Replica(proc=proc, url=url, log=log, relaunch=start)
     replica.watch()
     return replica
 
